@@ -1,0 +1,388 @@
+"""The engine's configuration: one declarative table, one frozen config object.
+
+Sources, lowest to highest precedence:
+  defaults < YAML file (``--config`` / ``LMCACHE_CONFIG_FILE`` / ``OPTION_LMCACHE_CONFIG_FILE``)
+  < ``LMCACHE_<KEY>`` env < ``OPTION_LMCACHE_<KEY>`` env (the LMI convention) < explicit overrides.
+
+Key names follow LMCache's, so an existing ``lmcache_config.yaml`` loads unchanged. Every value is
+validated once, here; a bad value is a ``ConfigError`` that names the key, the value, where it came
+from and what is allowed. Nothing falls back silently. This is the only module that reads YAML or
+the environment for engine settings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+GIB = 1024**3
+ENV_PREFIXES = ("LMCACHE_", "OPTION_LMCACHE_")  # lowest precedence first
+CONFIG_FILE_ENVS = ("OPTION_LMCACHE_CONFIG_FILE", "LMCACHE_CONFIG_FILE")  # first set wins
+# Env names under our prefixes that are not engine keys: read by other parts, never an error.
+RESERVED_ENV_SUFFIXES = frozenset(
+    {"CONFIG_FILE", "AUTO_CONFIG", "LOG_LEVEL", "USE_EXPERIMENTAL", "TRACK_USAGE"}
+)
+REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
+HASH_ALGORITHMS = ("sha256", "xxh3_128")
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; ``problems`` holds one message per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid lmcache-ext configuration:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One row of the table. ``check`` returns an error text for a typed value, or None."""
+
+    name: str
+    type: type
+    default: Any
+    description: str
+    unit: str = ""
+    choices: tuple = ()
+    nullable: bool = False
+    check: Callable[[Any], str | None] | None = None
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _chunk_multiple(value: int) -> str | None:
+    return None if value > 0 and value % 16 == 0 else "must be a positive multiple of 16"
+
+
+def _remote_scheme(url: str) -> str | None:
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in REMOTE_SCHEMES:
+        return None
+    return f"scheme must be one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}"
+
+
+def _disk_location(value: str) -> str | None:
+    if "://" in value and not value.startswith("file://"):
+        return "must be a directory path or a file:// URL"
+    return None if value.strip() else "must not be empty (use null to turn the disk tier off)"
+
+
+# The extra_config mapping's own keys (LMCache keeps use_odirect there; the seed does too).
+EXTRA_KEYS: tuple[ConfigKey, ...] = (
+    ConfigKey("use_odirect", bool, False, "Read and write the disk tier with O_DIRECT."),
+)
+
+TABLE: tuple[ConfigKey, ...] = (
+    ConfigKey("chunk_size", int, 256, "Tokens per KV chunk.", "tokens", check=_chunk_multiple),
+    ConfigKey("local_cpu", bool, True, "Keep a CPU RAM tier."),
+    ConfigKey("max_local_cpu_size", float, 5.0, "CPU tier budget.", "GiB", check=_positive),
+    ConfigKey("local_disk", str, None, "Disk tier directory (path or file:// URL); null = off.",
+              nullable=True, check=_disk_location),
+    ConfigKey("max_local_disk_size", float, 0.0, "Disk tier budget; required with local_disk.",
+              "GiB", check=_non_negative),
+    ConfigKey("remote_url", str, None, "Shared store, e.g. redis://host:6379; null = off.",
+              nullable=True, check=_remote_scheme),
+    ConfigKey("remote_serde", str, "naive", "Wire format of remote values (raw chunk bytes).",
+              choices=("naive",)),
+    ConfigKey("save_unfull_chunk", bool, False, "Also store the last, partial chunk."),
+    ConfigKey("extra_config", dict, {}, "Backend options; known: use_odirect (bool)."),
+    ConfigKey("pre_caching_hash_algorithm", str, "sha256",
+              "Chunk key hash; sha256 resists poisoning of a shared store.",
+              choices=HASH_ALGORITHMS),
+    ConfigKey("model_name", str, None, "Model identity in the key namespace (adapters fill it).",
+              nullable=True),
+    ConfigKey("cache_salt", str, None, "Extra salt in the key namespace (isolates tenants).",
+              nullable=True),
+    ConfigKey("write_behind_queue_chunks", int, 64,
+              "Chunks queued per slower tier before new write-behinds are dropped.", "chunks",
+              check=_positive),
+    ConfigKey("save_decode_cache", bool, False, "LMCache key; only false is supported.",
+              choices=(False,)),
+    ConfigKey("use_layerwise", bool, False, "LMCache key; only false is supported.",
+              choices=(False,)),
+)
+
+_BY_NAME = {k.name: k for k in TABLE}
+_EXTRA_BY_NAME = {k.name: k for k in EXTRA_KEYS}
+# Values some LMCache files carry that we read as another allowed value, said in the log.
+ALIASES = {("pre_caching_hash_algorithm", "builtin"): "sha256"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The effective, validated configuration. Build it with ``load_config``."""
+
+    chunk_size: int = 256
+    local_cpu: bool = True
+    max_local_cpu_size: float = 5.0
+    local_disk: str | None = None
+    max_local_disk_size: float = 0.0
+    remote_url: str | None = None
+    remote_serde: str = "naive"
+    save_unfull_chunk: bool = False
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+    pre_caching_hash_algorithm: str = "sha256"
+    model_name: str | None = None
+    cache_salt: str | None = None
+    write_behind_queue_chunks: int = 64
+    save_decode_cache: bool = False
+    use_layerwise: bool = False
+    # Where each key's value came from ("default", "file /x.yaml", "env LMCACHE_X", "override").
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # Derived once at construction.
+    cpu_budget_bytes: int = field(init=False)
+    disk_budget_bytes: int = field(init=False)
+    disk_dir: str | None = field(init=False)
+    use_odirect: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        derived = {
+            "cpu_budget_bytes": int(self.max_local_cpu_size * GIB) if self.local_cpu else 0,
+            "disk_budget_bytes": int(self.max_local_disk_size * GIB) if self.local_disk else 0,
+            "disk_dir": resolve_disk_dir(self.local_disk) if self.local_disk else None,
+            "use_odirect": bool(self.extra_config.get("use_odirect", False)),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+
+    def source_of(self, key: str) -> str:
+        return self.sources.get(key, "default")
+
+
+_KEY_FIELDS = {f.name for f in fields(EngineConfig) if f.init and f.name != "sources"}
+assert _KEY_FIELDS == set(_BY_NAME), "EngineConfig fields and TABLE disagree"
+
+
+def resolve_disk_dir(local_disk: str) -> str:
+    """``file:///tmp/cache/``, ``/tmp/cache/``, the seed's ``file://tmp/cache/`` -> ``/tmp/cache``.
+
+    A ``file://`` URL is always absolute (the seed's two-slash form names /tmp/cache, as LMI
+    documents); a plain relative path is taken relative to the working directory.
+    """
+    if local_disk.startswith("file://"):
+        path = "/" + local_disk[len("file://"):].lstrip("/")
+    else:
+        path = os.path.abspath(local_disk)
+    return os.path.normpath(path)
+
+
+# ---------------------------------------------------------------- parsing and checking values
+
+
+def parse_env_value(key: ConfigKey, text: str) -> Any:
+    """Turn an env var's text into the key's type; raises ValueError with a short reason."""
+    stripped = text.strip()
+    if key.nullable and stripped.lower() in ("", "null", "none"):
+        return None
+    if key.type is bool:
+        lowered = stripped.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError("expected a boolean (true/false/1/0)")
+    if key.type is int:
+        return int(stripped)
+    if key.type is float:
+        return float(stripped)
+    if key.type is dict:
+        # JSON, or the YAML flow style the seed uses ({'use_odirect': True}); both are data.
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError:
+            value = yaml.safe_load(stripped)
+        return value
+    return text
+
+
+def _type_error(key: ConfigKey, value: Any) -> str | None:
+    if value is None:
+        return None if key.nullable else "must not be null"
+    expected = key.type
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return None
+    if expected is int and isinstance(value, bool):
+        return "expected an integer, got a boolean"
+    if not isinstance(value, expected):
+        return f"expected {expected.__name__}, got {type(value).__name__}"
+    return None
+
+
+def check_value(key: ConfigKey, value: Any) -> tuple[Any, str | None]:
+    """Return (normalised value, error text or None)."""
+    error = _type_error(key, value)
+    if error or value is None:
+        return value, error
+    if key.type is float:
+        value = float(value)
+    if key.type is str and (key.name, value) in ALIASES:
+        log.info("%s: %r is read as %r", key.name, value, ALIASES[key.name, value])
+        value = ALIASES[key.name, value]
+    if key.choices and value not in key.choices:
+        shown = ", ".join(json.dumps(c) for c in key.choices)
+        return value, f"allowed: {shown}"
+    if key.check:
+        return value, key.check(value)
+    if key.type is dict:
+        return value, _check_extra(value)
+    return value, None
+
+
+def _check_extra(extra: Mapping[str, Any]) -> str | None:
+    for name, value in extra.items():
+        sub = _EXTRA_BY_NAME.get(name)
+        if sub is None:
+            return f"unknown key {name!r} in extra_config{_did_you_mean(name, _EXTRA_BY_NAME)}"
+        error = _type_error(sub, value)
+        if error:
+            return f"extra_config.{name}: {error}"
+    return None
+
+
+def _did_you_mean(name: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------- reading the sources
+
+
+def read_yaml_file(path: str) -> dict[str, Any]:
+    """Read a YAML mapping; raises ConfigError naming the file (and the line for bad YAML)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError([f"config file {path!r} cannot be read: {exc.strerror}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"config file {path!r} is not valid YAML{where}: {problem}"]) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {path!r} must hold a mapping of keys, got "
+                           f"{type(data).__name__}"])
+    return data
+
+
+def config_file_from_env(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """(path, env var name) of the config file named by the environment, if any."""
+    for name in CONFIG_FILE_ENVS:
+        if env.get(name):
+            return env[name], name
+    return None
+
+
+def _env_candidates(env: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(key name, env var name, text) for every engine key set in env, lowest precedence first."""
+    found = []
+    for prefix in ENV_PREFIXES:
+        for var in sorted(env):
+            suffix = var[len(prefix):]
+            if var.startswith(prefix) and suffix not in RESERVED_ENV_SUFFIXES:
+                found.append((suffix.lower(), var, env[var]))
+    return found
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> EngineConfig:
+    """Build the effective config from all sources; raises ConfigError listing every problem.
+
+    ``path`` wins over a file named in the environment. ``env`` defaults to ``os.environ``.
+    """
+    env = os.environ if env is None else env
+    layers: list[tuple[str, Mapping[str, Any], bool]] = []  # (source, values, values_are_text)
+    if path is None and (named := config_file_from_env(env)):
+        path = named[0]
+    if path is not None:
+        layers.append((f"file {path}", read_yaml_file(path), False))
+    for key_name, var, text in _env_candidates(env):
+        layers.append((f"env {var}", {key_name: text}, True))
+    if overrides:
+        layers.append(("override", dict(overrides), False))
+    return _build(layers)
+
+
+def _build(layers: list[tuple[str, Mapping[str, Any], bool]]) -> EngineConfig:
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    problems: list[str] = []
+    for source, mapping, is_text in layers:
+        for name, raw in mapping.items():
+            key = _BY_NAME.get(str(name))
+            if key is None:
+                shown = f"env {source.split()[-1]}" if is_text else f"key {name!r}"
+                problems.append(f"{shown} ({source}): unknown key"
+                                f"{_did_you_mean(str(name), _BY_NAME)}")
+                continue
+            try:
+                typed = parse_env_value(key, raw) if is_text else raw
+            except (ValueError, yaml.YAMLError) as exc:
+                problems.append(f"{key.name}: {raw!r} ({source}) is invalid: {exc}")
+                continue
+            typed, error = check_value(key, typed)
+            if error:
+                problems.append(f"{key.name}: {raw!r} ({source}) is invalid: {error}")
+                continue
+            values[key.name] = typed
+            sources[key.name] = source
+    problems += _cross_checks(values, sources)
+    if problems:
+        raise ConfigError(problems)
+    return EngineConfig(**values, sources=sources)
+
+
+def _cross_checks(values: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
+    """Rules that involve more than one key."""
+    problems = []
+    disk = values.get("local_disk")
+    disk_size = values.get("max_local_disk_size", 0.0)
+    if disk and disk_size <= 0:
+        problems.append(
+            f"max_local_disk_size: {disk_size!r} ({sources.get('max_local_disk_size', 'default')}) "
+            f"is invalid: the disk tier local_disk={disk!r} needs a size > 0 (GiB)")
+    if values.get("extra_config", {}).get("use_odirect") and not disk:
+        problems.append("extra_config.use_odirect: true is invalid without local_disk "
+                        "(O_DIRECT applies to the disk tier)")
+    no_tier = not values.get("local_cpu", True) and not disk and not values.get("remote_url")
+    if no_tier:
+        problems.append("local_cpu: false leaves no tier: set local_cpu, local_disk or remote_url")
+    return problems
+
+
+def describe(config: EngineConfig) -> list[str]:
+    """One line per key: ``name = value  (source)``, for logs and ``config show``."""
+    lines = []
+    for key in TABLE:
+        value = getattr(config, key.name)
+        unit = f" {key.unit}" if key.unit and value is not None else ""
+        lines.append(f"{key.name} = {json.dumps(value)}{unit}  ({config.source_of(key.name)})")
+    if config.disk_dir:
+        lines.append(f"(disk tier directory resolves to {config.disk_dir})")
+    return lines
+
+
+def as_dict(config: EngineConfig) -> dict[str, Any]:
+    """Plain mapping of every key (for JSON output)."""
+    return {key.name: getattr(config, key.name) for key in TABLE}

@@ -1,0 +1,221 @@
+"""Config: the seed files, every source and its precedence, and every error naming its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmcache_ext.config import GIB, TABLE, ConfigError, EngineConfig, load_config, resolve_disk_dir
+
+DATA = Path(__file__).parent / "data"
+SEED_CPU = DATA / "seed_cpu_lmcache_config.yaml"
+SEED_NVME = DATA / "seed_nvme_lmcache_config.yaml"
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "lmcache_config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def problems_of(**kwargs) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(**kwargs)
+    return info.value.problems
+
+
+def only_problem(**kwargs) -> str:
+    problems = problems_of(**kwargs)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+# ------------------------------------------------------------------ the seed's two files
+
+
+def test_seed_cpu_file_means_what_it_says():
+    config = load_config(path=str(SEED_CPU), env={})
+    assert config.chunk_size == 256
+    assert config.local_cpu is True
+    assert config.cpu_budget_bytes == 5 * GIB
+    assert config.local_disk is None and config.disk_budget_bytes == 0
+    assert config.source_of("chunk_size") == f"file {SEED_CPU}"
+    assert config.source_of("local_cpu") == "default"
+
+
+def test_seed_nvme_file_means_what_it_says():
+    config = load_config(path=str(SEED_NVME), env={})
+    assert config.disk_dir == "/tmp/cache"  # the seed's file://tmp/cache/ is absolute
+    assert config.disk_budget_bytes == 5 * GIB
+    assert config.use_odirect is True
+    assert config.cpu_budget_bytes == 5 * GIB
+
+
+def test_seed_env_var_names_the_file():
+    env = {"OPTION_LMCACHE_CONFIG_FILE": str(SEED_NVME)}
+    assert load_config(env=env).use_odirect is True
+    assert load_config(env={"LMCACHE_CONFIG_FILE": str(SEED_CPU)}).local_disk is None
+
+
+@pytest.mark.parametrize("value", ["file:///tmp/cache/", "/tmp/cache/", "file://tmp/cache/",
+                                   "/tmp/cache"])
+def test_disk_locations_resolve_to_one_absolute_dir(value):
+    assert resolve_disk_dir(value) == "/tmp/cache"
+
+
+def test_relative_disk_path_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(env={}, overrides={"local_disk": "cache", "max_local_disk_size": 1})
+    assert config.disk_dir == str(tmp_path / "cache")
+
+
+# ------------------------------------------------------------------ sources and precedence
+
+
+def test_defaults_match_the_table():
+    config = load_config(env={})
+    for key in TABLE:
+        assert getattr(config, key.name) == key.default, key.name
+        assert config.source_of(key.name) == "default"
+
+
+def test_precedence_file_then_lmcache_env_then_option_env_then_override(tmp_path):
+    path = write(tmp_path, "chunk_size: 32\nmax_local_cpu_size: 1.0\nsave_unfull_chunk: false\n")
+    env = {"LMCACHE_MAX_LOCAL_CPU_SIZE": "2.5", "LMCACHE_SAVE_UNFULL_CHUNK": "TRUE",
+           "OPTION_LMCACHE_SAVE_UNFULL_CHUNK": "0", "LMCACHE_CHUNK_SIZE": "64"}
+    config = load_config(path=path, env=env, overrides={"chunk_size": 128})
+    assert config.max_local_cpu_size == 2.5
+    assert config.source_of("max_local_cpu_size") == "env LMCACHE_MAX_LOCAL_CPU_SIZE"
+    assert config.save_unfull_chunk is False
+    assert config.source_of("save_unfull_chunk") == "env OPTION_LMCACHE_SAVE_UNFULL_CHUNK"
+    assert config.chunk_size == 128 and config.source_of("chunk_size") == "override"
+
+
+def test_explicit_path_wins_over_file_named_in_env(tmp_path):
+    path = write(tmp_path, "chunk_size: 512\n")
+    config = load_config(path=path, env={"LMCACHE_CONFIG_FILE": str(SEED_CPU)})
+    assert config.chunk_size == 512
+
+
+def test_every_key_can_be_set_from_env():
+    texts = {int: "32", float: "1.5", bool: "true", str: "x", dict: "{}"}
+    for key in TABLE:
+        if key.choices or key.check or key.type is dict:
+            continue
+        config = load_config(env={f"OPTION_LMCACHE_{key.name.upper()}": texts[key.type]})
+        assert config.source_of(key.name) == f"env OPTION_LMCACHE_{key.name.upper()}"
+
+
+@pytest.mark.parametrize("text,expected", [("True", True), ("false", False), ("1", True),
+                                           ("0", False), ("FALSE", False)])
+def test_env_bools_in_any_case(text, expected):
+    assert load_config(env={"LMCACHE_SAVE_UNFULL_CHUNK": text}).save_unfull_chunk is expected
+
+
+@pytest.mark.parametrize("text", ['{"use_odirect": true}', "{'use_odirect': True}"])
+def test_extra_config_from_env_as_json_or_seed_style(text):
+    env = {"OPTION_LMCACHE_EXTRA_CONFIG": text, "OPTION_LMCACHE_LOCAL_DISK": "/tmp/x",
+           "OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE": "1"}
+    assert load_config(env=env).use_odirect is True
+
+
+def test_env_null_turns_a_tier_off(tmp_path):
+    path = write(tmp_path, "local_disk: /tmp/c\nmax_local_disk_size: 1\n")
+    config = load_config(path=path, env={"OPTION_LMCACHE_LOCAL_DISK": "null"})
+    assert config.local_disk is None and config.disk_dir is None
+
+
+def test_reserved_env_names_are_not_keys():
+    config = load_config(env={"LMCACHE_LOG_LEVEL": "debug", "OPTION_LMCACHE_AUTO_CONFIG": "true"})
+    assert isinstance(config, EngineConfig)
+
+
+def test_lmcache_builtin_hash_reads_as_sha256():
+    config = load_config(env={}, overrides={"pre_caching_hash_algorithm": "builtin"})
+    assert config.pre_caching_hash_algorithm == "sha256"
+
+
+# ------------------------------------------------------------------ errors name the key
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    message = only_problem(path=write(tmp_path, "chunk_sise: 256\n"), env={})
+    assert "chunk_sise" in message and "did you mean 'chunk_size'" in message
+    assert "lmcache_config.yaml" in message
+
+
+def test_unknown_env_key_names_the_variable():
+    message = only_problem(env={"OPTION_LMCACHE_MAX_LOCAL_CPU_SIZ": "1"})
+    assert "OPTION_LMCACHE_MAX_LOCAL_CPU_SIZ" in message and "max_local_cpu_size" in message
+
+
+@pytest.mark.parametrize("yaml_text,key,needle", [
+    ("chunk_size: '256'\n", "chunk_size", "expected int, got str"),
+    ("chunk_size: true\n", "chunk_size", "boolean"),
+    ("chunk_size: 100\n", "chunk_size", "multiple of 16"),
+    ("chunk_size: 0\n", "chunk_size", "multiple of 16"),
+    ("max_local_cpu_size: -1\n", "max_local_cpu_size", "must be > 0"),
+    ("max_local_cpu_size: 0\n", "max_local_cpu_size", "must be > 0"),
+    ("local_cpu: 'yes'\n", "local_cpu", "expected bool"),
+    ("remote_url: http://cache:6379\n", "remote_url", "redis://"),
+    ("remote_serde: cachegen\n", "remote_serde", '"naive"'),
+    ("local_disk: s3://bucket/x\nmax_local_disk_size: 1\n", "local_disk", "file:// URL"),
+    ("extra_config: {use_odirekt: true}\n", "extra_config", "did you mean 'use_odirect'"),
+    ("extra_config: {use_odirect: 'yes'}\n", "extra_config", "expected bool"),
+    ("use_layerwise: true\n", "use_layerwise", "allowed: false"),
+    ("pre_caching_hash_algorithm: md5\n", "pre_caching_hash_algorithm", "sha256"),
+])
+def test_bad_values_name_key_value_and_source(tmp_path, yaml_text, key, needle):
+    path = write(tmp_path, yaml_text)
+    message = only_problem(path=path, env={})
+    assert message.startswith(f"{key}:"), message
+    assert needle in message and f"file {path}" in message
+
+
+def test_bad_env_value_names_the_variable():
+    message = only_problem(env={"LMCACHE_CHUNK_SIZE": "big"})
+    assert message.startswith("chunk_size:") and "env LMCACHE_CHUNK_SIZE" in message
+
+
+def test_bad_env_bool_is_an_error():
+    assert "expected a boolean" in only_problem(env={"LMCACHE_LOCAL_CPU": "maybe"})
+
+
+def test_disk_tier_without_size_is_an_error(tmp_path):
+    message = only_problem(path=write(tmp_path, "local_disk: /tmp/c\n"), env={})
+    assert message.startswith("max_local_disk_size:") and "local_disk" in message
+
+
+def test_odirect_without_disk_is_an_error():
+    message = only_problem(env={"LMCACHE_EXTRA_CONFIG": '{"use_odirect": true}'})
+    assert "use_odirect" in message and "local_disk" in message
+
+
+def test_no_tier_at_all_is_an_error():
+    assert "no tier" in only_problem(env={"LMCACHE_LOCAL_CPU": "false"})
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    path = write(tmp_path, "chunk_size: 7\nmax_local_cpu_size: -2\nbogus: 1\n")
+    assert len(problems_of(path=path, env={})) == 3
+
+
+def test_missing_file_is_an_error_naming_it(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    message = only_problem(path=missing, env={})
+    assert missing in message and "cannot be read" in message
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "chunk_size: 256\nlocal_disk: [unclosed\nmax_local_cpu_size: 1\n")
+    message = only_problem(path=path, env={})
+    assert "not valid YAML" in message and "line 3" in message
+
+
+def test_yaml_that_is_not_a_mapping_is_an_error(tmp_path):
+    assert "mapping" in only_problem(path=write(tmp_path, "- 1\n- 2\n"), env={})
+
+
+def test_empty_file_means_defaults(tmp_path):
+    assert load_config(path=write(tmp_path, ""), env={}) == EngineConfig()
