@@ -1,0 +1,185 @@
+"""The cache engine: ``lookup``, ``store``, ``retrieve`` and prefix pins over the tiered store.
+
+It knows token ids, chunks and tiers, and nothing about any serving engine: adapters hand it KV
+in the ``[layers, 2 (K, V), tokens, kv_heads, head_dim]`` layout and take KV back in it.
+Thread-safe: any number of threads may call any method.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmcache_ext.config import EngineConfig, describe
+from lmcache_ext.keys import ChunkSpan, KeyNamespace, PrefixHasher
+from lmcache_ext.metrics import EngineMetrics
+from lmcache_ext.storage import Chunk, ChunkLease, StorageTier, TieredStore, build_tiers
+
+log = logging.getLogger(__name__)
+Tokens = Sequence[int] | np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of one model's KV, as the adapter sees it (per tensor-parallel rank)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
+
+
+class PrefixPin:
+    """Holds a prefix's chunks in the fast tier until ``release()`` (or the ``with`` block ends).
+
+    Pinned chunks cannot be evicted and count against the budget: release pins you no longer need
+    (a pin never released makes the cache stop storing once pins fill the budget).
+    """
+
+    def __init__(self, leases: list[ChunkLease], num_tokens: int):
+        self._leases = leases
+        self.num_tokens = num_tokens
+
+    def release(self) -> None:
+        leases, self._leases = self._leases, []
+        for lease in leases:
+            lease.release()
+
+    def __enter__(self) -> PrefixPin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _as_numpy_tokens(tokens: Tokens) -> np.ndarray:
+    if isinstance(tokens, torch.Tensor):
+        return tokens.detach().cpu().numpy()
+    return np.asarray(tokens)
+
+
+class CacheEngine:
+    """KV cache for token prefixes across the configured tiers."""
+
+    def __init__(self, config: EngineConfig, layout: KVLayout, model_name: str | None = None,
+                 tp_rank: int = 0, tp_world_size: int = 1,
+                 tiers: Sequence[StorageTier] | None = None,
+                 metrics: EngineMetrics | None = None):
+        """``model_name`` identifies the model in the key namespace (``config.model_name``
+        overrides it). ``tiers`` replaces the configured ones (tests, benchmarks)."""
+        model = config.model_name or model_name
+        if not model:
+            raise ValueError("a model name is needed for the key namespace (set model_name)")
+        self.config = config
+        self.layout = layout
+        self.namespace = KeyNamespace(
+            model_name=model, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+            head_dim=layout.head_dim, dtype=str(layout.dtype).removeprefix("torch."),
+            chunk_size=config.chunk_size, tp_rank=tp_rank, tp_world_size=tp_world_size,
+            salt=config.cache_salt or "", hash_algorithm=config.pre_caching_hash_algorithm)
+        self.hasher = PrefixHasher(self.namespace, config.save_unfull_chunk)
+        self.metrics = metrics or EngineMetrics()
+        tiers = list(tiers) if tiers is not None else build_tiers(config, self.metrics,
+                                                                 self.namespace.id)
+        self.storage = TieredStore(tiers, self.metrics, config.write_behind_queue_chunks)
+        for tier in tiers:
+            usage = tier.usage()
+            self.metrics.watch_usage(tier.name, lambda t=tier: t.usage().used_bytes,
+                                     usage.capacity_bytes)
+        self._log_start()
+
+    def _log_start(self) -> None:
+        log.info("lmcache-ext engine for %s, namespace %s (layout %s)", self.namespace.model_name,
+                 self.namespace.id, self.layout)
+        for line in describe(self.config):
+            log.info("  %s", line)
+        for tier in self.storage.tiers:
+            log.info("  tier %s: %.2f GiB", tier.name, tier.usage().capacity_bytes / 1024**3)
+
+    # ------------------------------------------------------------------ the API
+
+    def spans(self, tokens: Tokens) -> list[ChunkSpan]:
+        """The chunk spans (keys and token ranges) of a prompt."""
+        return self.hasher.spans(_as_numpy_tokens(tokens))
+
+    def lookup(self, tokens: Tokens) -> int:
+        """How many leading tokens of ``tokens`` the cache holds (a multiple of chunks)."""
+        spans = self.spans(tokens)
+        found = self.storage.prefix_length([s.key for s in spans])
+        hit = spans[found - 1].end if found else 0
+        self.metrics.lookups.inc()
+        self.metrics.requested_tokens.inc(len(tokens))
+        self.metrics.hit_tokens.inc(hit)
+        return hit
+
+    def retrieve(self, tokens: Tokens, dest: torch.Tensor) -> int:
+        """Copy the cached prefix of ``tokens`` into ``dest[:, :, :n]``; return ``n``.
+
+        ``dest`` is ``layout.shape(T)`` with T >= the tokens wanted; chunks past T are not read.
+        Stops at the first chunk missing or corrupt in every tier (later chunks are useless
+        without it); what was copied up to there is valid.
+        """
+        self._check_kv(dest, "dest")
+        with self.metrics.retrieve_seconds.time():
+            spans = [s for s in self.spans(tokens) if s.end <= dest.shape[2]]
+            done = 0
+            for span in spans:
+                lease = self.storage.get(span.key)
+                if lease is None:
+                    break
+                with lease:
+                    dest[:, :, span.start:span.end].copy_(lease.chunk.kv)
+                done = span.end
+            self.storage.touch([s.key for s in spans if s.end <= done])
+        self.metrics.retrieved_tokens.inc(done)
+        return done
+
+    def store(self, tokens: Tokens, kv: torch.Tensor) -> int:
+        """Store the chunks of ``tokens`` whose KV is in ``kv`` (``layout.shape(T)``) and that the
+        cache does not already hold. Returns the tokens newly stored. Never raises for a full
+        cache: chunks that find no room are skipped and counted."""
+        self._check_kv(kv, "kv")
+        with self.metrics.store_seconds.time():
+            spans = [s for s in self.spans(tokens) if s.end <= kv.shape[2]]
+            keys = [s.key for s in spans]
+            present = self.storage.prefix_length(keys)
+            stored = 0
+            for span in spans[present:]:
+                if self.storage.put(span.key, Chunk(kv[:, :, span.start:span.end])):
+                    stored += span.num_tokens
+            self.storage.touch(keys)
+        self.metrics.stored_tokens.inc(stored)
+        return stored
+
+    def pin(self, tokens: Tokens) -> PrefixPin:
+        """Hold the cached prefix of ``tokens`` in the fast tier (see ``PrefixPin``)."""
+        leases = []
+        end = 0
+        for span in self.spans(tokens):
+            lease = self.storage.get(span.key)
+            if lease is None:
+                break
+            leases.append(lease)
+            end = span.end
+        return PrefixPin(leases, end)
+
+    def flush(self) -> None:
+        """Wait for write-behinds to reach the slower tiers."""
+        self.storage.flush()
+
+    def close(self) -> None:
+        self.storage.close()
+
+    def _check_kv(self, kv: torch.Tensor, name: str) -> None:
+        want = self.layout.shape(kv.shape[2] if kv.dim() == 5 else -1)
+        if tuple(kv.shape) != want or kv.dtype != self.layout.dtype:
+            raise ValueError(f"{name} must be {self.layout.dtype} of shape {want} "
+                             f"[layers, 2, tokens, kv_heads, head_dim], got {kv.dtype} "
+                             f"{tuple(kv.shape)}")

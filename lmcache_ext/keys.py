@@ -1,0 +1,115 @@
+"""Token ids -> fixed-size chunks -> chained prefix hashes -> ``ChunkKey``s. Pure functions.
+
+A chunk's key hashes the previous chunk's key together with this chunk's token ids, so one key
+names a whole prefix. The chain starts from the namespace's digest: everything that makes KV differ
+for the same tokens (model, KV layout, dtype, chunk size, tensor-parallel rank) is in it, and
+nothing random per process is (no ``hash()``, no PYTHONHASHSEED): two processes or two machines
+computing keys for the same prompt get the same keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import xxhash
+
+NAMESPACE_ID_HEX = 16  # characters of the namespace digest used as its short id
+
+
+@dataclass(frozen=True)
+class KeyNamespace:
+    """What makes keys safe to share: equal namespaces mean interchangeable KV."""
+
+    model_name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # e.g. "bfloat16"
+    chunk_size: int
+    tp_rank: int = 0
+    tp_world_size: int = 1
+    salt: str = ""
+    hash_algorithm: str = "sha256"
+
+    def digest(self) -> bytes:
+        """32 bytes that seed every chain in this namespace (sha256 of canonical JSON)."""
+        text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).digest()
+
+    @property
+    def id(self) -> str:
+        return self.digest().hex()[:NAMESPACE_ID_HEX]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkKey:
+    """Names one chunk of one prefix in one namespace."""
+
+    namespace: str  # KeyNamespace.id
+    digest: bytes  # chained prefix hash (32 bytes for sha256, 16 for xxh3_128)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}-{self.digest.hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """A key and the token range [start, end) of the prompt it covers."""
+
+    key: ChunkKey
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+def _sha256(parent: bytes, data: bytes) -> bytes:
+    return hashlib.sha256(parent + data).digest()
+
+
+def _xxh3_128(parent: bytes, data: bytes) -> bytes:
+    return xxhash.xxh3_128_digest(parent + data)
+
+
+_HASHERS = {"sha256": _sha256, "xxh3_128": _xxh3_128}
+
+
+def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Token ids as little-endian int64 bytes: the same on every machine."""
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise ValueError(f"token ids must be one-dimensional, got shape {array.shape}")
+    return array.astype("<i8", copy=False).tobytes()
+
+
+class PrefixHasher:
+    """Splits token ids into chunks and names each one. Immutable, so thread-safe."""
+
+    def __init__(self, namespace: KeyNamespace, save_unfull_chunk: bool = False):
+        if namespace.hash_algorithm not in _HASHERS:
+            raise ValueError(f"unknown hash algorithm {namespace.hash_algorithm!r}")
+        self.namespace = namespace
+        self.chunk_size = namespace.chunk_size
+        self.save_unfull_chunk = save_unfull_chunk
+        self._hash = _HASHERS[namespace.hash_algorithm]
+        self._root = namespace.digest()
+        self._ns_id = namespace.id
+
+    def spans(self, tokens: Sequence[int] | np.ndarray) -> list[ChunkSpan]:
+        """One span per full chunk, plus the last partial chunk when ``save_unfull_chunk``."""
+        data = token_bytes(tokens)
+        num_tokens = len(data) // 8
+        limit = num_tokens if self.save_unfull_chunk else num_tokens - num_tokens % self.chunk_size
+        spans = []
+        parent = self._root
+        for start in range(0, limit, self.chunk_size):
+            end = min(start + self.chunk_size, limit)
+            parent = self._hash(parent, data[start * 8:end * 8])
+            spans.append(ChunkSpan(ChunkKey(self._ns_id, parent), start, end))
+        return spans

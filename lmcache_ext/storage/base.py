@@ -1,0 +1,98 @@
+"""The one storage interface every tier implements, and the types that cross it.
+
+Contract for every ``StorageTier``:
+- Every method is thread-safe and may be called from any thread.
+- Failures never escape as exceptions to the caller: a corrupt chunk, an I/O error or a store that
+  went away make ``get`` return None (a miss) and ``put`` return False; the tier counts them.
+- ``put`` copies the chunk's bytes; the caller may reuse its tensor as soon as ``put`` returns.
+- ``get`` returns a ``ChunkLease``: the chunk cannot be evicted until the lease is released, so
+  release it (``with`` does) as soon as the bytes are copied out. Leases are cheap.
+- ``contains``/``prefix_length`` answer from the tier's index; a later ``get`` may still miss
+  (eviction, corruption found on read): callers treat ``get``'s answer as the truth.
+- ``put``/``get`` of the CPU tier never block on I/O; slower tiers may block for their I/O but
+  bound it with timeouts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmcache_ext.chunk import ChunkMeta
+from lmcache_ext.keys import ChunkKey
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """KV of one chunk: ``kv`` is ``[layers, 2, tokens, kv_heads, head_dim]`` (may be strided)."""
+
+    kv: torch.Tensor
+
+    @property
+    def meta(self) -> ChunkMeta:
+        return ChunkMeta.of(self.kv)
+
+
+class ChunkLease:
+    """A chunk held in place until ``release()``; a context manager. Releasing twice is a no-op."""
+
+    __slots__ = ("chunk", "_release")
+
+    def __init__(self, chunk: Chunk, release: Callable[[], None] | None = None):
+        self.chunk = chunk
+        self._release = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> ChunkLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    used_bytes: int  # bytes of chunks held (for the CPU tier: buffers in use and pooled)
+    capacity_bytes: int
+    num_chunks: int
+
+
+class StorageTier(ABC):
+    """One tier of the cache (CPU RAM, local disk, a remote store). See the module contract."""
+
+    name: str
+
+    @abstractmethod
+    def contains(self, key: ChunkKey) -> bool: ...
+
+    @abstractmethod
+    def get(self, key: ChunkKey) -> ChunkLease | None: ...
+
+    @abstractmethod
+    def put(self, key: ChunkKey, chunk: Chunk) -> bool: ...
+
+    @abstractmethod
+    def remove(self, key: ChunkKey) -> bool: ...
+
+    @abstractmethod
+    def usage(self) -> TierUsage: ...
+
+    def prefix_length(self, keys: Sequence[ChunkKey]) -> int:
+        """How many of ``keys``, from the first, the tier holds with no gap."""
+        for index, key in enumerate(keys):
+            if not self.contains(key):
+                return index
+        return len(keys)
+
+    def touch(self, keys: Sequence[ChunkKey]) -> None:
+        """Recency hint: ``keys`` were just used as one prefix, the first needed longest."""
+
+    def close(self) -> None:
+        """Release the tier's resources (threads, connections, files). Idempotent."""

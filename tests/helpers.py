@@ -1,0 +1,27 @@
+"""Shared test helpers: small integers become keys, chunks and prompts."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from lmcache_ext.keys import ChunkKey
+from lmcache_ext.storage import Chunk
+
+SHAPE = (2, 2, 16, 2, 8)  # [layers, 2, tokens, kv_heads, head_dim]
+CHUNK_BYTES = 2 * 2 * 16 * 2 * 8 * 2  # float16
+
+
+def key(n: int, namespace: str = "test000000000000") -> ChunkKey:
+    return ChunkKey(namespace, hashlib.sha256(n.to_bytes(8, "little")).digest())
+
+
+def chunk(n: int) -> Chunk:
+    """A chunk whose values encode ``n``, so a wrong chunk is told apart from the right one."""
+    generator = torch.Generator().manual_seed(n)
+    return Chunk(torch.randn(SHAPE, generator=generator).to(torch.float16))
+
+
+def verify_chunk(got: Chunk, n: int) -> None:
+    assert torch.equal(got.kv, chunk(n).kv), f"chunk {n} holds the wrong bytes"
