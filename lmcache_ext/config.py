@@ -96,6 +96,18 @@ TABLE: tuple[ConfigKey, ...] = (
               "GiB", check=_non_negative),
     ConfigKey("remote_url", str, None, "Shared store, e.g. redis://host:6379; null = off.",
               nullable=True, check=_remote_scheme),
+    ConfigKey("remote_key_prefix", str, "lmcache-ext",
+              "Prefix of every key in the shared store (before the namespace id)."),
+    ConfigKey("remote_password_env", str, None,
+              "Name of an env var holding the shared store's password (keeps it out of files).",
+              nullable=True),
+    ConfigKey("remote_timeout_s", float, 1.0, "Timeout of every call to the shared store.", "s",
+              check=_positive),
+    ConfigKey("remote_backoff_s", float, 5.0,
+              "After repeated shared-store errors, stop trying for this long.", "s",
+              check=_non_negative),
+    ConfigKey("remote_ttl_s", float, 0.0, "Expiry of stored values; 0 = none (the server's "
+              "maxmemory policy evicts).", "s", check=_non_negative),
     ConfigKey("remote_serde", str, "naive", "Wire format of remote values (raw chunk bytes).",
               choices=("naive",)),
     ConfigKey("save_unfull_chunk", bool, False, "Also store the last, partial chunk."),
@@ -132,6 +144,11 @@ class EngineConfig:
     local_disk: str | None = None
     max_local_disk_size: float = 0.0
     remote_url: str | None = None
+    remote_key_prefix: str = "lmcache-ext"
+    remote_password_env: str | None = None
+    remote_timeout_s: float = 1.0
+    remote_backoff_s: float = 5.0
+    remote_ttl_s: float = 0.0
     remote_serde: str = "naive"
     save_unfull_chunk: bool = False
     extra_config: Mapping[str, Any] = field(default_factory=dict)
