@@ -10,7 +10,9 @@ between, so the next hit is fast.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics, TierCounters
@@ -24,7 +26,8 @@ class TieredStore:
     """Thread-safe. ``tiers`` fastest first; the store closes them on ``close()``."""
 
     def __init__(self, tiers: Sequence[StorageTier], metrics: EngineMetrics,
-                 write_behind_queue_chunks: int = 64):
+                 write_behind_queue_chunks: int = 64, read_threads: int = 4):
+        """``read_threads``: chunks of one ``get_prefix`` read from slower tiers at once."""
         if not tiers:
             raise ValueError("a tiered store needs at least one tier")
         self.tiers = list(tiers)
@@ -33,6 +36,11 @@ class TieredStore:
             WriteBehind(tier, self._counters[tier.name], write_behind_queue_chunks)
             for tier in self.tiers[1:]
         ]
+        # Slower tiers block on I/O: one request's chunks are read on these threads so the reads
+        # overlap (a disk serves several reads in flight faster than one after another).
+        self._readers = (ThreadPoolExecutor(read_threads, thread_name_prefix="tier-read")
+                         if len(self.tiers) > 1 and read_threads > 1 else None)
+        self._read_ahead = max(1, read_threads)
 
     def prefix_length(self, keys: Sequence[ChunkKey]) -> int:
         """Longest run of ``keys`` from the first that some tier holds (tiers may alternate)."""
@@ -50,7 +58,47 @@ class TieredStore:
 
     def get(self, key: ChunkKey) -> ChunkLease | None:
         """A lease on the chunk from the fastest tier that has it; promotes slower hits."""
-        for level, tier in enumerate(self.tiers):
+        return self._get_from(key, 0)
+
+    def get_prefix(self, keys: Sequence[ChunkKey]) -> Iterator[ChunkLease]:
+        """Leases on ``keys`` in order, stopping at the first miss; the caller releases each.
+
+        Chunks not in the first tier are read up to ``read_threads`` at a time, ahead of the
+        caller, so one request's disk reads overlap. Close the iterator (``contextlib.closing``)
+        when stopping early: leases read ahead are then released.
+        """
+        pending: deque[Future[ChunkLease | None]] = deque()
+        ahead = iter(keys)
+        try:
+            self._read_ahead_into(pending, ahead)
+            while pending:
+                lease = pending.popleft().result()
+                if lease is None:
+                    return
+                self._read_ahead_into(pending, ahead)
+                yield lease
+        finally:
+            for future in pending:
+                if not future.cancel() and (lease := future.result()) is not None:
+                    lease.release()
+
+    def _read_ahead_into(self, pending: deque, keys: Iterator[ChunkKey]) -> None:
+        """Start gets until ``read_ahead`` are pending (bounding the leases held ahead of the
+        caller); first-tier hits are taken inline, the rest go to the reader threads."""
+        while len(pending) < self._read_ahead and (key := next(keys, None)) is not None:
+            lease = self._get_from(key, 0, last=0)
+            if lease is None and self._readers is not None:
+                pending.append(self._readers.submit(self._get_from, key, 1))
+                continue
+            future: Future[ChunkLease | None] = Future()
+            future.set_result(lease if lease is not None else self._get_from(key, 1))
+            pending.append(future)
+
+    def _get_from(self, key: ChunkKey, first: int, last: int | None = None) -> ChunkLease | None:
+        """``get`` looking only in tiers ``first`` to ``last`` (all the rest when None)."""
+        stop = len(self.tiers) if last is None else last + 1
+        for level in range(first, stop):
+            tier = self.tiers[level]
             lease = tier.get(key)
             if lease is None:
                 continue
@@ -94,6 +142,8 @@ class TieredStore:
             behind.flush()
 
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
         for behind in self._behind:
             behind.close()
         for tier in self.tiers:
