@@ -8,9 +8,10 @@ from lmcache_ext.config import ConfigError, EngineConfig
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier, TierUsage
 from lmcache_ext.storage.cpu import CPUTier
+from lmcache_ext.storage.disk import DiskTier
 from lmcache_ext.storage.manager import TieredStore
 
-__all__ = ["Chunk", "ChunkLease", "CPUTier", "StorageTier", "TierUsage", "TieredStore",
+__all__ = ["Chunk", "ChunkLease", "CPUTier", "DiskTier", "StorageTier", "TierUsage", "TieredStore",
            "build_tiers"]
 
 TierBuilder = Callable[[EngineConfig, EngineMetrics, str], StorageTier]
@@ -20,18 +21,26 @@ def _cpu(config: EngineConfig, metrics: EngineMetrics, namespace: str) -> Storag
     return CPUTier(config.cpu_budget_bytes, metrics.for_tier("cpu"))
 
 
-def _not_built(key: str, what: str) -> TierBuilder:
-    def build(config: EngineConfig, metrics: EngineMetrics, namespace: str) -> StorageTier:
-        raise ConfigError([f"{key}: {getattr(config, key)!r} asks for the {what}, which this "
-                           f"build of lmcache-ext does not have yet"])
-    return build
+def _disk(config: EngineConfig, metrics: EngineMetrics, namespace: str) -> StorageTier:
+    try:
+        return DiskTier(config.disk_dir, config.disk_budget_bytes, namespace, config.use_odirect,
+                        metrics.for_tier("disk"))
+    except OSError as exc:
+        raise ConfigError([f"local_disk: {config.local_disk!r} (directory {config.disk_dir}) "
+                           f"cannot be used for the disk tier: {exc}"]) from exc
+
+
+def _remote(config: EngineConfig, metrics: EngineMetrics, namespace: str) -> StorageTier:
+    # Imported here: redis-py is an optional extra, needed only when remote_url is set.
+    from lmcache_ext.storage.remote import build_remote_tier
+    return build_remote_tier(config, metrics, namespace)
 
 
 # (enabled?, builder), fastest tier first.
 TIER_REGISTRY: list[tuple[Callable[[EngineConfig], bool], TierBuilder]] = [
     (lambda c: c.local_cpu, _cpu),
-    (lambda c: bool(c.local_disk), _not_built("local_disk", "disk tier")),
-    (lambda c: bool(c.remote_url), _not_built("remote_url", "remote tier")),
+    (lambda c: bool(c.local_disk), _disk),
+    (lambda c: bool(c.remote_url), _remote),
 ]
 
 
