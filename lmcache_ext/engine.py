@@ -7,7 +7,10 @@ Thread-safe: any number of threads may call any method.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import time
 from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from lmcache_ext.config import EngineConfig, describe
-from lmcache_ext.keys import ChunkSpan, KeyNamespace, PrefixHasher
+from lmcache_ext.keys import ChunkKey, ChunkSpan, KeyNamespace, PrefixHasher
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import Chunk, ChunkLease, StorageTier, TieredStore, build_tiers
 
@@ -141,22 +144,58 @@ class CacheEngine:
         self.metrics.retrieved_tokens.inc(done)
         return done
 
-    def store(self, tokens: Tokens, kv: torch.Tensor) -> int:
-        """Store the chunks of ``tokens`` whose KV is in ``kv`` (``layout.shape(T)``) and that the
-        cache does not already hold. Returns the tokens newly stored. Never raises for a full
-        cache: chunks that find no room are skipped and counted."""
+    def store(self, tokens: Tokens, kv: torch.Tensor, start: int = 0) -> int:
+        """Store the chunks of ``tokens`` whose KV is in ``kv`` and that the cache does not hold.
+
+        ``kv`` is ``layout.shape(T)`` and holds tokens [start, start + T) (``start`` lets a caller
+        that loaded a prefix pass only the KV it computed). Returns the tokens newly stored.
+        Never raises for a full cache: chunks that find no room are skipped and counted."""
         self._check_kv(kv, "kv")
         with self.metrics.store_seconds.time():
-            spans = [s for s in self.spans(tokens) if s.end <= kv.shape[2]]
+            end = start + kv.shape[2]
+            spans = [s for s in self.spans(tokens) if s.start >= start and s.end <= end]
             keys = [s.key for s in spans]
             present = self.storage.prefix_length(keys)
             stored = 0
             for span in spans[present:]:
-                if self.storage.put(span.key, Chunk(kv[:, :, span.start:span.end])):
+                piece = kv[:, :, span.start - start:span.end - start]
+                if self.storage.put(span.key, Chunk(piece)):
                     stored += span.num_tokens
             self.storage.touch(keys)
         self.metrics.stored_tokens.inc(stored)
         return stored
+
+    def locate(self, tokens: Tokens) -> list[str]:
+        """For each chunk of the cached prefix of ``tokens``, the fastest tier holding it."""
+        return self.storage.locate([s.key for s in self.spans(tokens)])
+
+    def read_speeds(self) -> dict[str, float]:
+        """Each tier's measured read speed in bytes/s (see ``probe_read_speeds``)."""
+        return self.storage.read_speeds()
+
+    def probe_read_speeds(self) -> dict[str, float]:
+        """Time a write and a read of one full chunk in every tier, to seed ``read_speeds``.
+
+        The CPU tier's figure is the copy out; slower tiers' include promotion to CPU, as a real
+        read does. The probe chunk is removed afterwards.
+        """
+        kv = torch.randn(self.layout.shape(self.config.chunk_size)).to(self.layout.dtype)
+        key = ChunkKey(self.namespace.id, hashlib.sha256(f"probe-{os.getpid()}".encode()).digest())
+        dest = torch.empty_like(kv)
+        for tier in self.storage.tiers:
+            if not tier.put(key, Chunk(kv)):
+                continue
+            began = time.perf_counter()
+            lease = tier.get(key)
+            if lease is not None:
+                with lease:
+                    dest.copy_(lease.chunk.kv)
+                self.storage.observe_read(tier.name, dest.nbytes, time.perf_counter() - began)
+            tier.remove(key)
+        speeds = self.read_speeds()
+        for name, speed in speeds.items():
+            log.info("  tier %s reads at %.2f GB/s (probe)", name, speed / 1e9)
+        return speeds
 
     def pin(self, tokens: Tokens) -> PrefixPin:
         """Hold the cached prefix of ``tokens`` in the fast tier (see ``PrefixPin``)."""

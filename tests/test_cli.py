@@ -50,6 +50,8 @@ def test_config_check_lists_every_problem_and_exits_2(tmp_path):
         assert needle in result.stderr
 
 
-def test_run_says_what_it_does_for_now():
-    result = cli("run")
-    assert result.returncode == 0 and "chunk_size = 256" in result.stdout
+def test_serve_with_a_bad_config_exits_2_before_loading_a_model(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_local_cpu_size: -1\n")
+    result = cli("serve", "--config", str(bad))
+    assert result.returncode == 2 and "max_local_cpu_size" in result.stderr

@@ -10,7 +10,7 @@ import torch
 from lmcache_ext.config import load_config
 from lmcache_ext.engine import CacheEngine, KVLayout
 from lmcache_ext.metrics import EngineMetrics
-from lmcache_ext.storage import CPUTier
+from lmcache_ext.storage import Chunk, CPUTier
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)
 CHUNK = 16
@@ -177,3 +177,37 @@ def test_concurrent_requests_never_read_wrong_kv():
         thread.join()
     assert not errors, errors[:3]
     assert engine.storage.tiers[0].peak_allocated_bytes <= 12 * CHUNK_BYTES
+
+
+def test_store_with_a_start_offset_takes_kv_for_the_later_tokens_only():
+    """Scenario: a caller that loaded a prefix passes only the KV it computed after it."""
+    engine = engine_with()
+    tokens = list(range(64))
+    kv = kv_for(64)
+    engine.store(tokens[:32], kv[:, :, :32])
+    assert engine.store(tokens, kv[:, :, 32:].clone(), start=32) == 32
+    dest = torch.zeros(LAYOUT.shape(64), dtype=LAYOUT.dtype)
+    assert engine.retrieve(tokens, dest) == 64 and torch.equal(dest, kv)
+
+
+def test_locate_names_the_tier_of_each_cached_chunk():
+    config = load_config(env={}, overrides={"chunk_size": CHUNK})
+    fast, slow = CPUTier(64 * CHUNK_BYTES), CPUTier(64 * CHUNK_BYTES)
+    slow.name = "slow"
+    engine = CacheEngine(config, LAYOUT, model_name="m", tiers=[fast, slow])
+    tokens = list(range(64))
+    spans = engine.spans(tokens)
+    kv = kv_for(64)
+    fast.put(spans[0].key, Chunk(kv[:, :, :16]))
+    slow.put(spans[1].key, Chunk(kv[:, :, 16:32]))
+    fast.put(spans[3].key, Chunk(kv[:, :, 48:64]))
+    assert engine.locate(tokens) == ["cpu", "slow"]
+    assert engine.lookup(tokens) == 32
+    engine.close()
+
+
+def test_probe_measures_every_tier_and_leaves_nothing_behind():
+    engine = engine_with()
+    speeds = engine.probe_read_speeds()
+    assert set(speeds) == {"cpu"} and speeds["cpu"] > 0
+    assert engine.storage.tiers[0].usage().num_chunks == 0

@@ -10,6 +10,8 @@ between, so the next hit is fast.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +22,7 @@ from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier
 from lmcache_ext.storage.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
+SPEED_EWMA_WEIGHT = 0.2  # weight of the newest read in a tier's running speed
 
 
 class TieredStore:
@@ -41,20 +44,40 @@ class TieredStore:
         self._readers = (ThreadPoolExecutor(read_threads, thread_name_prefix="tier-read")
                          if len(self.tiers) > 1 and read_threads > 1 else None)
         self._read_ahead = max(1, read_threads)
+        self._read_bytes_per_s: dict[str, float] = {}
+        self._speed_lock = threading.Lock()
 
     def prefix_length(self, keys: Sequence[ChunkKey]) -> int:
         """Longest run of ``keys`` from the first that some tier holds (tiers may alternate)."""
-        found = 0
-        while found < len(keys):
-            step = 0
+        return len(self.locate(keys))
+
+    def locate(self, keys: Sequence[ChunkKey]) -> list[str]:
+        """The name of the fastest tier holding each key of the longest held run of ``keys``."""
+        names: list[str] = []
+        while len(names) < len(keys):
             for tier in self.tiers:
-                step = tier.prefix_length(keys[found:])
+                step = tier.prefix_length(keys[len(names):])
                 if step:
+                    names += [tier.name] * step
                     break
-            if not step:
+            else:
                 break
-            found += step
-        return found
+        return names
+
+    def read_speeds(self) -> dict[str, float]:
+        """Measured read speed of each tier in bytes/s (probe, then a running average of real
+        reads of slower tiers, promotion included); tiers not measured yet are absent."""
+        with self._speed_lock:
+            return dict(self._read_bytes_per_s)
+
+    def observe_read(self, tier: str, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        speed = nbytes / seconds
+        with self._speed_lock:
+            old = self._read_bytes_per_s.get(tier)
+            self._read_bytes_per_s[tier] = speed if old is None else \
+                (1 - SPEED_EWMA_WEIGHT) * old + SPEED_EWMA_WEIGHT * speed
 
     def get(self, key: ChunkKey) -> ChunkLease | None:
         """A lease on the chunk from the fastest tier that has it; promotes slower hits."""
@@ -99,14 +122,17 @@ class TieredStore:
         stop = len(self.tiers) if last is None else last + 1
         for level in range(first, stop):
             tier = self.tiers[level]
+            began = time.perf_counter()
             lease = tier.get(key)
             if lease is None:
                 continue
+            nbytes = lease.chunk.meta.nbytes
             counters = self._counters[tier.name]
             counters.hits.inc()
-            counters.retrieved_bytes.inc(lease.chunk.meta.nbytes)
+            counters.retrieved_bytes.inc(nbytes)
             if level > 0:
                 promoted = self._promote(key, lease.chunk, level)
+                self.observe_read(tier.name, nbytes, time.perf_counter() - began)
                 if promoted is not None:  # serve from (and pin) the fast copy
                     lease.release()
                     return promoted

@@ -1,0 +1,44 @@
+"""Moves KV between the engine's chunk layout and a transformers ``DynamicCache``.
+
+The engine's layout is ``[layers, 2 (K, V), tokens, kv_heads, head_dim]``; a ``DynamicCache``
+layer holds keys and values as ``[batch=1, kv_heads, tokens, head_dim]``. Only batch 1 is used
+(the built-in engine serves one sequence at a time).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PretrainedConfig
+
+from lmcache_ext.engine import KVLayout
+
+
+def layout_of(config: PretrainedConfig, dtype: torch.dtype) -> KVLayout:
+    """The KV layout of a decoder-only transformers model."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return KVLayout(num_layers=text.num_hidden_layers,
+                    num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                    head_dim=head_dim, dtype=dtype)
+
+
+def cache_to_kv(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
+    """Tokens [start, end) of ``cache`` as one contiguous ``[layers, 2, tokens, heads, dim]``."""
+    planes = []
+    for layer in cache.layers:
+        keys = layer.keys[0, :, start:end].transpose(0, 1)  # [tokens, heads, dim]
+        values = layer.values[0, :, start:end].transpose(0, 1)
+        planes.append(torch.stack((keys, values)))
+    return torch.stack(planes)
+
+
+def kv_to_cache(kv: torch.Tensor, num_tokens: int, config: PretrainedConfig) -> DynamicCache:
+    """A ``DynamicCache`` holding tokens [0, num_tokens) of ``kv`` (copied: the cache grows by
+    concatenation and must own contiguous tensors)."""
+    layers = [
+        (kv[i, 0, :num_tokens].transpose(0, 1).unsqueeze(0).contiguous(),  # [1, heads, T, dim]
+         kv[i, 1, :num_tokens].transpose(0, 1).unsqueeze(0).contiguous())
+        for i in range(kv.shape[0])
+    ]
+    return DynamicCache(ddp_cache_data=layers, config=config)

@@ -1,0 +1,237 @@
+"""The SageMaker container contract over HTTP: ``/ping``, ``/invocations``, ``/metrics``, and the
+OpenAI-style ``/v1/completions`` and ``/v1/chat/completions``.
+
+A thread per connection (the standard library's ``ThreadingHTTPServer``): ``/ping`` and
+``/metrics`` answer at once while another thread generates, since torch releases the GIL inside
+its kernels. Streaming: ``/invocations`` writes JSON lines (``application/jsonlines``) as LMI
+does; the ``/v1`` routes write server-sent events as OpenAI clients expect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from lmcache_ext.serving.generator import GenerationStats, Generator, TokenEvent
+from lmcache_ext.serving.protocol import (
+    MAX_BODY_BYTES,
+    GenerateRequest,
+    RequestError,
+    decode_body,
+    parse_chat,
+    parse_completions,
+    parse_invocation,
+)
+
+log = logging.getLogger(__name__)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.requests = Counter("lmcache_ext_http_requests", "HTTP requests by route and status.",
+                                ["route", "status"], registry=registry)
+        self.ttft = Histogram("lmcache_ext_time_to_first_token_seconds",
+                              "Time from request to first token.", buckets=_TTFT_BUCKETS,
+                              registry=registry)
+
+
+class Service:
+    """What the HTTP layer calls: prompt building, generation, response shaping."""
+
+    def __init__(self, generator: Generator, registry: CollectorRegistry):
+        self.generator = generator
+        self.metrics = ServerMetrics(registry)
+        self.model_name = generator.loaded.name
+
+    def prompt_ids(self, request: GenerateRequest) -> list[int]:
+        tokenizer = self.generator.loaded.tokenizer
+        if request.messages:
+            text = tokenizer.apply_chat_template(list(request.messages), tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(request.prompt)["input_ids"]
+        field = "messages" if request.messages else "inputs" if request.style == "lmi" else \
+            "prompt"
+        if len(ids) >= self.generator.loaded.max_context:
+            raise RequestError(f"{field}: {len(ids)} tokens does not fit the model's context of "
+                               f"{self.generator.loaded.max_context}")
+        return ids
+
+    def run(self, request: GenerateRequest) -> tuple[Iterator[TokenEvent], GenerationStats]:
+        stats = GenerationStats()
+        ids = self.prompt_ids(request)
+        events = self.generator.generate(ids, request.params, stats)
+        return events, stats
+
+
+def _usage(stats: GenerationStats) -> dict[str, Any]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.loaded_tokens}}
+
+
+def _finish(reason: str | None) -> str | None:
+    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", None)
+
+
+def format_full(request: GenerateRequest, stats: GenerationStats, model: str) -> dict[str, Any]:
+    """The non-streaming response body."""
+    if request.style == "lmi":
+        return {"generated_text": stats.text,
+                "details": {"finish_reason": _finish(stats.finish_reason),
+                            "generated_tokens": stats.generated_tokens,
+                            "prompt_tokens": stats.prompt_tokens,
+                            "cached_tokens": stats.loaded_tokens}}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(stats.finish_reason)}
+    if request.style == "chat":
+        choice["message"] = {"role": "assistant", "content": stats.text}
+        kind = "chat.completion"
+    else:
+        choice["text"] = stats.text
+        kind = "text_completion"
+    return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": kind, "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": _usage(stats)}
+
+
+def format_event(request: GenerateRequest, event: TokenEvent, stats: GenerationStats,
+                 model: str) -> dict[str, Any]:
+    """One streamed object."""
+    done = event.finish_reason is not None
+    if request.style == "lmi":
+        return {"token": {"id": event.token_id, "text": event.text},
+                "generated_text": stats.text if done else None,
+                **({"details": format_full(request, stats, model)["details"]} if done else {})}
+    finish = _finish(event.finish_reason)
+    if request.style == "chat":
+        choice = {"index": 0, "delta": {"content": event.text}, "finish_reason": finish}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": event.text, "finish_reason": finish}
+        kind = "text_completion"
+    body = {"object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+    if done:
+        body["usage"] = _usage(stats)
+    return body
+
+
+ROUTES: dict[str, Callable[[dict[str, Any]], GenerateRequest]] = {
+    "/invocations": parse_invocation,
+    "/v1/completions": parse_completions,
+    "/v1/chat/completions": parse_chat,
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    service: Service  # set on the subclass made by make_server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        if self.path == "/ping":
+            self._send_json(200, {"status": "healthy"})
+        elif self.path == "/metrics":
+            self._send(200, generate_latest(self.service.metrics.registry),
+                       "text/plain; version=0.0.4")
+        else:
+            self._send_json(404, {"error": f"no route {self.path}"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        parse = ROUTES.get(self.path)
+        if parse is None:
+            self._send_json(404, {"error": f"no route {self.path}"})
+            return
+        try:
+            request = parse(decode_body(self._read_body()))
+            events, stats = self.service.run(request)
+            if request.stream:
+                self._stream(request, events, stats)
+            else:
+                for _ in events:
+                    pass
+                self._observe_ttft(stats)
+                self._send_json(200, format_full(request, stats, self.service.model_name))
+        except RequestError as exc:
+            self._send_json(exc.status, {"error": str(exc)})
+        except Exception as exc:  # the request fails; the server keeps serving
+            log.exception("request to %s failed", self.path)
+            self._send_json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise RequestError("Content-Length: required", status=411)
+        if int(length) > MAX_BODY_BYTES:
+            # Read a moderately large body so the client, still sending, gets the 413 instead of
+            # a broken pipe; a huge one is not read at all. Either way the connection closes.
+            if int(length) <= 4 * MAX_BODY_BYTES:
+                self.rfile.read(int(length))
+            self.close_connection = True
+            raise RequestError(f"body of {length} bytes is over {MAX_BODY_BYTES}", status=413)
+        return self.rfile.read(int(length))
+
+    def _stream(self, request: GenerateRequest, events: Iterator[TokenEvent],
+                stats: GenerationStats) -> None:
+        sse = self.path.startswith("/v1/")  # OpenAI routes: SSE; /invocations: JSON lines
+        first = next(events)  # errors before the first token still get a proper status
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream" if sse else "application/jsonlines")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._observe_ttft(stats)
+        model = self.service.model_name
+        try:
+            for event in _chain(first, events):
+                line = json.dumps(format_event(request, event, stats, model))
+                self._chunk(f"data: {line}\n\n" if sse else line + "\n")
+        except Exception as exc:  # headers are out: end the stream with the error, then close
+            log.exception("stream to %s failed", self.path)
+            line = json.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
+            self._chunk(f"data: {line}\n\n" if sse else line + "\n")
+        if sse:
+            self._chunk("data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.service.metrics.requests.labels(self.path, "200").inc()
+
+    def _chunk(self, text: str) -> None:
+        data = text.encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _observe_ttft(self, stats: GenerationStats) -> None:
+        self.service.metrics.ttft.observe(stats.ttft_s)
+
+    def _send_json(self, status: int, body: dict[str, Any]) -> None:
+        self._send(status, json.dumps(body).encode(), "application/json")
+        self.service.metrics.requests.labels(self.path, str(status)).inc()
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _chain(first: TokenEvent, rest: Iterator[TokenEvent]) -> Iterator[TokenEvent]:
+    yield first
+    yield from rest
+
+
+def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
+    handler = type("BoundHandler", (Handler,), {"service": service})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
