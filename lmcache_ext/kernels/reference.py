@@ -1,0 +1,60 @@
+"""Plain torch gather/scatter between paged KV views and chunk buffers: the definition of right.
+
+Runs on any device; the CPU path of the connector and the oracle of the Triton kernel's tests.
+A negative slot means "skip this token" (vLLM pads slot mappings with -1): gather leaves that row
+of the chunk untouched and scatter writes nothing for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lmcache_ext.kernels.layouts import PagedKV, check_chunk
+
+
+def _valid(slots: torch.Tensor, block_size: int, device: torch.device):
+    slots = slots.to(device=device, dtype=torch.int64)
+    rows = torch.nonzero(slots >= 0).squeeze(1)
+    kept = slots[rows]
+    return rows, kept // block_size, kept % block_size
+
+
+def _slot_rows(part: torch.Tensor) -> torch.Tensor | None:
+    """``[blocks, block_size, H, D]`` as ``[slots, H, D]`` when that is a view (block stride =
+    block_size x position stride, as in vLLM's LBNHC layout), else None."""
+    if part.stride(0) != part.shape[1] * part.stride(1):
+        return None
+    return part.flatten(0, 1)
+
+
+def gather(views: Sequence[PagedKV], slots: torch.Tensor, chunk: torch.Tensor) -> None:
+    """Copy the KV at ``slots`` of every layer into ``chunk`` ``[layers, 2, tokens, H, D]``."""
+    check_chunk(views, chunk, slots)
+    rows, blocks, offsets = _valid(slots, views[0].block_size, views[0].k.device)
+    kept = blocks * views[0].block_size + offsets
+    every_row = rows.numel() == slots.numel()
+    for layer, view in enumerate(views):
+        for kv, part in enumerate((view.k, view.v)):
+            flat, dest = _slot_rows(part), chunk[layer, kv]
+            if flat is not None and every_row and dest.is_contiguous():
+                torch.index_select(flat, 0, kept, out=dest)  # one copy, straight into place
+                continue
+            picked = flat.index_select(0, kept) if flat is not None else part[blocks, offsets]
+            dest.index_copy_(0, rows, picked)
+
+
+def scatter(chunk: torch.Tensor, views: Sequence[PagedKV], slots: torch.Tensor) -> None:
+    """Copy ``chunk`` ``[layers, 2, tokens, H, D]`` into the KV at ``slots`` of every layer."""
+    check_chunk(views, chunk, slots)
+    rows, blocks, offsets = _valid(slots, views[0].block_size, views[0].k.device)
+    kept = blocks * views[0].block_size + offsets
+    for layer, view in enumerate(views):
+        for kv, part in enumerate((view.k, view.v)):
+            flat = _slot_rows(part)
+            # Both write through the view into the engine's blocks, whatever the strides.
+            if flat is not None:
+                flat.index_copy_(0, kept, chunk[layer, kv, rows])
+            else:
+                part[blocks, offsets] = chunk[layer, kv, rows]

@@ -1,0 +1,277 @@
+"""The vLLM V1 connector through vLLM's real Scheduler, request objects and KV cache allocation,
+on CPU tensors: saves, chunk-aligned hits, bit-exact loads, pins, load errors, salts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lmcache_ext.adapters import vllm_compat
+from tests.adapters.vllm_setup import (
+    BLOCK_SIZE,
+    CHUNK,
+    HEAD_DIM,
+    LAYER_NAMES,
+    Rig,
+    make_request,
+    make_rig,
+    step,
+    vllm_config,
+)
+
+# (vLLM KVCacheLayout, attention backend whose reading of the packed view we emulate)
+LAYOUTS = [("LBNHC", "FLASH_ATTN"), ("BLNHC", "FLASH_ATTN"), ("LBHNC", "CPU_ATTN")]
+if vllm_compat.VLLM_VERSION < vllm_compat.PACKED_SINCE:
+    # 0.23: per-layer tensors in the CPU and the FlashAttention backend's own shapes
+    LAYOUTS = [("legacy", "CPU_ATTN"), ("legacy", "FLASH_ATTN")]
+SHARED = list(range(1000, 1080))  # 80 tokens: 2 whole chunks of 32 + 16
+PROMPT_A = SHARED + list(range(2000, 2020))  # 100 tokens
+PROMPT_B = SHARED + list(range(3000, 3040))  # 120 tokens, shares 64 chunk-aligned tokens
+
+
+def split_kv(cache: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V as [blocks, block_size, heads, head_dim], by the backend's own expressions."""
+    if cache.dim() == 5:  # vllm/v1/attention/backends/flash_attn.py (0.23)
+        k, v = cache.unbind(1)
+        return k, v
+    if cache.dim() == 4 and backend == "CPU_ATTN":  # vllm/v1/attention/backends/cpu_attn.py
+        blocks, heads, size, _ = cache.shape
+        k, v = cache.view(blocks, heads, size * 2, -1).chunk(2, dim=2)
+        return k.transpose(1, 2), v.transpose(1, 2)
+    # vllm/v1/attention/backends/flash_attn.py (0.33)
+    k, v = cache.transpose(1, 2).split(HEAD_DIM, dim=-1)
+    return k, v
+
+
+def token_kv(token: int, position: int) -> torch.Tensor:
+    """Deterministic KV bits of one token [layers, 2, heads, head_dim] (a stand-in model)."""
+    generator = torch.Generator().manual_seed(token * 4099 + position)
+    shape = (len(LAYER_NAMES), 2, 2, HEAD_DIM)
+    return torch.randint(-2**15, 2**15, shape, generator=generator,
+                         dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+class FakeForward:
+    """Writes each scheduled token's KV into its slot like the attention layer would."""
+
+    def __init__(self, rig: Rig, backend: str, prompts: dict[str, list[int]]):
+        self.rig, self.backend, self.prompts = rig, backend, prompts
+        self.blocks: dict[str, list[int]] = {}
+
+    def __call__(self, output) -> None:
+        for new in output.scheduled_new_reqs:
+            self.blocks[new.req_id] = list(new.block_ids[0])
+            self._write(new.req_id, new.num_computed_tokens,
+                        output.num_scheduled_tokens[new.req_id])
+
+    def _write(self, req_id: str, start: int, count: int) -> None:
+        prompt = self.prompts[req_id]
+        for pos in range(start, min(start + count, len(prompt))):
+            block, off = self.blocks[req_id][pos // BLOCK_SIZE], pos % BLOCK_SIZE
+            kv = token_kv(prompt[pos], pos)
+            for layer, name in enumerate(LAYER_NAMES):
+                k, v = split_kv(self.rig.kv_caches[name], self.backend)
+                k[block, off] = kv[layer, 0]
+                v[block, off] = kv[layer, 1]
+
+
+def read_kv(rig: Rig, backend: str, block_ids: list[int], positions: range) -> torch.Tensor:
+    rows = []
+    for pos in positions:
+        block, off = block_ids[pos // BLOCK_SIZE], pos % BLOCK_SIZE
+        per_layer = [torch.stack([part[block, off] for part in split_kv(rig.kv_caches[n],
+                                                                            backend)])
+                     for n in LAYER_NAMES]
+        rows.append(torch.stack(per_layer))
+    return torch.stack(rows)
+
+
+def expected_kv(prompt: list[int], positions: range) -> torch.Tensor:
+    return torch.stack([token_kv(prompt[p], p) for p in positions])
+
+
+def zero_caches(rig: Rig) -> None:
+    for cache in rig.kv_caches.values():
+        cache.zero_()
+
+
+def preemption_only(template, req_id: str):
+    """A SchedulerOutput of a step that preempted ``req_id`` and scheduled nothing (vLLM's own
+    empty output, with the preemption set as the scheduler sets it)."""
+    from vllm.v1.core.sched.output import CachedRequestData
+    return dataclasses.replace(template, scheduled_new_reqs=[],
+                               scheduled_cached_reqs=CachedRequestData.make_empty(),
+                               num_scheduled_tokens={}, preempted_req_ids={req_id})
+
+
+def pinned_chunks(rig: Rig) -> int:
+    return sum(entry.pins for tier in rig.connector.engine.storage.tiers
+               for entry in getattr(tier, "_index", {}).values())
+
+
+def rig_for(tmp_path, layout: str, backend: str, prefix_caching: bool = False, **extra) -> Rig:
+    config = vllm_config(tmp_path, layout, prefix_caching, **extra)
+    legacy = vllm_compat.VLLM_VERSION < vllm_compat.PACKED_SINCE
+    if backend != "CPU_ATTN" and not legacy:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        config.attention_config.backend = AttentionBackendEnum[backend]
+    return make_rig(config, backend)
+
+
+def save_prompt_a(rig: Rig, backend: str) -> FakeForward:
+    forward = FakeForward(rig, backend, {"a": PROMPT_A, "b": PROMPT_B})
+    rig.scheduler.add_request(make_request("a", PROMPT_A))
+    step(rig, forward)  # prefill + one token: finished (max_tokens=1)
+    engine = rig.connector.engine
+    assert engine.lookup(PROMPT_A) == 96
+    # What the engine holds is the model's KV in [layers, 2, tokens, heads, head_dim], not
+    # some permutation of it that would only round-trip into the same kind of block.
+    stored = torch.zeros(engine.layout.shape(96), dtype=engine.layout.dtype)
+    assert engine.retrieve(PROMPT_A, stored) == 96
+    want = expected_kv(PROMPT_A, range(96)).permute(1, 2, 0, 3, 4)
+    assert torch.equal(stored.view(torch.int16), want.view(torch.int16))
+    return forward
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS)
+def test_second_request_loads_the_shared_prefix_bit_exactly(tmp_path, layout, backend):
+    """Scenario: A is saved from vLLM's paged views; B shares 80 tokens; B's matched count is
+    the chunk-aligned 64 and its fresh blocks then hold A's KV for them, bit for bit."""
+    rig = rig_for(tmp_path, layout, backend)
+    forward = save_prompt_a(rig, backend)
+    b = make_request("b", PROMPT_B)
+    assert rig.connector.get_num_new_matched_tokens(b, 0) == (64, False)
+    assert rig.connector.get_num_new_matched_tokens(b, 0) == (64, False)  # no side effects
+    assert rig.connector.get_num_new_matched_tokens(b, 32) == (32, False)
+    zero_caches(rig)  # whatever was in the blocks before, only the load can put KV back
+    rig.scheduler.add_request(b)
+    output = rig.scheduler.schedule()
+    (new,) = output.scheduled_new_reqs
+    assert new.num_computed_tokens == 64
+    assert rig.connector.num_pinned_requests() == 1
+    rig.worker.bind_connector_metadata(output.kv_connector_metadata)
+    rig.worker.start_load_kv(None)
+    assert rig.worker.get_block_ids_with_load_errors() == set()
+    blocks = list(new.block_ids[0])
+    got = read_kv(rig, backend, blocks, range(64))
+    assert torch.equal(got.view(torch.int16), expected_kv(PROMPT_B, range(64)).view(torch.int16))
+    untouched = read_kv(rig, backend, blocks, range(64, len(PROMPT_B)))
+    assert torch.count_nonzero(untouched.view(torch.int16)) == 0  # never past the load
+    del forward
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_full_hit_recomputes_the_last_token_and_vllm_own_hits_come_first(tmp_path, layout,
+                                                                          backend):
+    rig = rig_for(tmp_path, layout, backend, prefix_caching=True)
+    save_prompt_a(rig, backend)
+    exact = make_request("c", PROMPT_A[:96])  # 96 tokens, all three chunks cached
+    assert rig.connector.get_num_new_matched_tokens(exact, 0) == (95, False)
+    # vLLM's own prefix cache already holds 80 tokens of B: we add nothing below that.
+    assert rig.connector.get_num_new_matched_tokens(make_request("b", PROMPT_B), 80) == (0,
+                                                                                          False)
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_finished_aborted_and_preempted_requests_leave_nothing_pinned(tmp_path, layout,
+                                                                      backend):
+    from vllm.v1.request import RequestStatus
+    rig = rig_for(tmp_path, layout, backend)
+    save_prompt_a(rig, backend)
+    # Aborted while its load is scheduled.
+    rig.scheduler.add_request(make_request("abort", PROMPT_B))
+    rig.scheduler.schedule()
+    assert rig.connector.num_pinned_requests() == 1 and pinned_chunks(rig) == 2
+    rig.scheduler.finish_requests("abort", RequestStatus.FINISHED_ABORTED)
+    assert rig.connector.num_pinned_requests() == 0 and pinned_chunks(rig) == 0
+    # Preempted (vLLM's own preemption path) while running.
+    rig.scheduler.add_request(make_request("preempt", PROMPT_B, max_tokens=4))
+    step(rig)
+    assert rig.connector.num_pinned_requests() == 1
+    assert pinned_chunks(rig) == 2
+    rig.scheduler.reset_prefix_cache(reset_running_requests=True)  # preempts every running one
+    output = rig.scheduler.schedule()  # resumed at once: its own saved prompt is now a hit
+    assert [op.req_id for op in output.kv_connector_metadata.loads] == ["preempt"]
+    assert pinned_chunks(rig) == 3  # the resumed load's pin (3 chunks) only, not also the old 2
+    rig.scheduler.finish_requests("preempt", RequestStatus.FINISHED_ABORTED)
+    assert rig.connector.num_pinned_requests() == 0 and pinned_chunks(rig) == 0
+    # Preempted and left waiting (no blocks for it): the preemption alone drops the pin.
+    rig.scheduler.add_request(make_request("waits", PROMPT_B, max_tokens=4))
+    step(rig)
+    assert rig.connector.num_pinned_requests() == 1
+    rig.scheduler.reset_prefix_cache(reset_running_requests=True)
+    rig.connector.build_connector_meta(preemption_only(output, "waits"))
+    assert rig.connector.num_pinned_requests() == 0 and pinned_chunks(rig) == 0
+    rig.scheduler.finish_requests("waits", RequestStatus.FINISHED_ABORTED)
+    assert rig.connector.num_pinned_requests() == 0 and pinned_chunks(rig) == 0
+    # Finished normally.
+    rig.scheduler.add_request(make_request("done", PROMPT_B))
+    step(rig)
+    assert rig.connector.num_pinned_requests() == 0 and pinned_chunks(rig) == 0
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_a_load_that_finds_its_chunks_gone_is_reported_never_used(tmp_path, layout, backend):
+    """Scenario: a chunk vanishes between the scheduler's decision and the load (here removed
+    from the tier by hand): its blocks come back from get_block_ids_with_load_errors."""
+    rig = rig_for(tmp_path, layout, backend)
+    save_prompt_a(rig, backend)
+    rig.scheduler.add_request(make_request("b", PROMPT_B))
+    output = rig.scheduler.schedule()
+    blocks = list(output.scheduled_new_reqs[0].block_ids[0])
+    engine = rig.connector.engine
+    spans = engine.spans(PROMPT_B)
+    tier = engine.storage.tiers[0]
+    tier._index[spans[1].key].pins = 0  # drop our pin's hold so the chunk can go
+    assert tier.remove(spans[1].key)
+    rig.worker.bind_connector_metadata(output.kv_connector_metadata)
+    rig.worker.start_load_kv(None)
+    # Tokens 32..63 (blocks 2 and 3) are missing: both reported, the first chunk was loaded.
+    assert rig.worker.get_block_ids_with_load_errors() == {blocks[2], blocks[3]}
+    assert rig.worker.get_block_ids_with_load_errors() == set()  # reported once
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_lora_and_cache_salt_separate_the_keys(tmp_path, layout, backend):
+    from vllm.lora.request import LoRARequest
+    rig = rig_for(tmp_path, layout, backend)
+    save_prompt_a(rig, backend)
+    plain = make_request("p", PROMPT_B)
+    salted = make_request("s", PROMPT_B, cache_salt="tenant-1")
+    lora = make_request("l", PROMPT_B, lora_request=LoRARequest("adapter", 1, "/nonexistent"))
+    assert rig.connector.get_num_new_matched_tokens(plain, 0) == (64, False)
+    assert rig.connector.get_num_new_matched_tokens(salted, 0) == (0, False)
+    assert rig.connector.get_num_new_matched_tokens(lora, 0) == (0, False)
+
+
+def test_bad_engine_config_in_extra_config_is_a_clear_error(tmp_path):
+    with pytest.raises(Exception, match="chunk_size"):
+        rig_for(tmp_path, LAYOUTS[0][0], LAYOUTS[0][1], chunk_size=100)
+
+
+def test_requires_no_kv_delivery(tmp_path):
+    rig = rig_for(tmp_path, *LAYOUTS[0])
+    assert rig.connector.requires_kv_delivery is False
+    assert CHUNK % BLOCK_SIZE == 0
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[-1:])
+def test_a_partial_block_load_fills_only_the_positions_asked_for(tmp_path, layout, backend):
+    """Scenario: a full hit loads all but the last prompt token; that token's slot, in the
+    middle of the last block, stays as vLLM left it."""
+    rig = rig_for(tmp_path, layout, backend)
+    save_prompt_a(rig, backend)
+    zero_caches(rig)
+    rig.scheduler.add_request(make_request("exact", PROMPT_A[:96]))
+    output = rig.scheduler.schedule()
+    (new,) = output.scheduled_new_reqs
+    assert new.num_computed_tokens == 95
+    rig.worker.bind_connector_metadata(output.kv_connector_metadata)
+    rig.worker.start_load_kv(None)
+    blocks = list(new.block_ids[0])
+    got = read_kv(rig, backend, blocks, range(96))
+    assert torch.equal(got[:95].view(torch.int16),
+                       expected_kv(PROMPT_A, range(95)).view(torch.int16))
+    assert torch.count_nonzero(got[95].view(torch.int16)) == 0

@@ -1,0 +1,180 @@
+"""Real vLLM objects on the CPU for the connector tests: a VllmConfig for a tiny Llama (only its
+config.json), a Scheduler that builds our connector through KVConnectorFactory, the worker-side
+connector, and KV caches allocated by vLLM's own code (so the layout is vLLM's, not a guess).
+tests/adapters/__init__.py sets VLLM_TARGET_DEVICE and fails clearly without vLLM."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from vllm import SamplingParams
+from vllm.config import (
+    CacheConfig,
+    DeviceConfig,
+    KVTransferConfig,
+    ModelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+from lmcache_ext.adapters import vllm_compat, vllm_connector
+
+BLOCK_SIZE, CHUNK, LAYERS, KV_HEADS, HEAD_DIM = 16, 32, 2, 2, 16
+DTYPE = torch.bfloat16
+NUM_BLOCKS = 40
+CONNECTOR = "LMCacheExtConnector"
+MODULE = "lmcache_ext.adapters.vllm_connector"
+LAYER_NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+    "num_attention_heads": 4, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
+    "num_hidden_layers": LAYERS, "intermediate_size": 128, "vocab_size": 1000,
+    "max_position_embeddings": 2048, "torch_dtype": "bfloat16",
+}
+
+
+@dataclass
+class Rig:
+    """One vLLM 'engine': scheduler, worker-side connector and the KV caches it was given."""
+
+    scheduler: Scheduler
+    worker: vllm_connector.LMCacheExtConnector
+    kv_caches: dict[str, torch.Tensor]
+
+    @property
+    def connector(self) -> vllm_connector.LMCacheExtConnector:
+        return self.scheduler.connector
+
+
+def vllm_config(tmp_path: Path, layout: str, prefix_caching: bool, **extra) -> VllmConfig:
+    model_dir = tmp_path / "tiny-llama"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
+    model = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, dtype="bfloat16",
+                        max_model_len=1024, seed=0)
+    cache = CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=prefix_caching)
+    if hasattr(cache, "kv_cache_layout"):
+        cache.kv_cache_layout = layout  # resolved by the engine core in a real run
+    scheduler = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024,
+                                enable_chunked_prefill=True, is_encoder_decoder=False)
+    transfer = KVTransferConfig(
+        kv_connector=CONNECTOR, kv_connector_module_path=MODULE, kv_role="kv_both",
+        kv_connector_extra_config={"chunk_size": CHUNK, "max_local_cpu_size": 0.01, **extra})
+    return VllmConfig(model_config=model, cache_config=cache, scheduler_config=scheduler,
+                      kv_transfer_config=transfer, device_config=DeviceConfig("cpu"))
+
+
+def kv_cache_groups() -> list[KVCacheGroupSpec]:
+    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=KV_HEADS, head_size=HEAD_DIM,
+                             dtype=DTYPE)
+    return [KVCacheGroupSpec(list(LAYER_NAMES), spec)]
+
+
+def allocate(config: VllmConfig, backend: str):
+    """vLLM's KVCacheConfig and per-layer caches, through vLLM's own planning/allocation."""
+    groups = kv_cache_groups()
+    spec = groups[0].kv_cache_spec
+    if vllm_compat.VLLM_VERSION >= vllm_compat.PACKED_SINCE:
+        from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups
+        from vllm.v1.worker.utils import allocate_kv_cache
+        memory = NUM_BLOCKS * LAYERS * spec.page_size_bytes
+        kv_config = get_kv_cache_config_from_groups(config, groups, memory)
+        layout = config.cache_config.get_resolved_kv_cache_layout()
+        return kv_config, allocate_kv_cache(kv_config, torch.device("cpu"), layout)
+    return _allocate_legacy(config, groups, backend)
+
+
+def _allocate_legacy(config: VllmConfig, groups, backend_name: str):
+    """vLLM < 0.26: one tensor per layer in the attention backend's shape and stride order, as
+    its GPU model runner makes it (``_reshape_kv_cache_tensors``)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
+    spec = groups[0].kv_cache_spec
+    kv_config = get_kv_cache_config_from_groups(config, groups,
+                                                NUM_BLOCKS * LAYERS * spec.page_size_bytes)
+    backend = _legacy_backend(backend_name)
+    shape = backend.get_kv_cache_shape(kv_config.num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    with set_current_vllm_config(config):
+        try:
+            order = tuple(backend.get_kv_cache_stride_order())
+        except (AttributeError, NotImplementedError):
+            order = tuple(range(len(shape)))
+    physical = tuple(shape[i] for i in order)
+    inverse = [order.index(i) for i in range(len(order))]
+    caches = {}
+    for tensor in kv_config.kv_cache_tensors:
+        raw = torch.zeros(tensor.size, dtype=torch.int8)
+        for name in tensor.shared_by:
+            caches[name] = raw.view(DTYPE).view(physical).permute(*inverse)
+    return kv_config, caches
+
+
+def _legacy_backend(name: str):
+    if name == "FLASH_ATTN":
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+        return FlashAttentionBackend
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    return CPUAttentionBackend
+
+
+def make_rig(config: VllmConfig, backend: str) -> Rig:
+    kv_config, caches = allocate(config, backend)
+    config.cache_config.num_gpu_blocks = kv_config.num_blocks
+    scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_config, log_stats=False,
+                          structured_output_manager=StructuredOutputManager(config),
+                          block_size=BLOCK_SIZE)
+    worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, kv_config)
+    worker.register_kv_caches(caches)
+    return Rig(scheduler, worker, caches)
+
+
+def make_request(req_id: str, prompt: list[int], max_tokens: int = 1, **kwargs) -> Request:
+    """A request as the engine core makes it, with vLLM's own block hasher (its prefix cache
+    needs one; our keys never use it)."""
+    init_none_hash(sha256)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Request(request_id=req_id, prompt_token_ids=list(prompt), sampling_params=params,
+                   pooling_params=None,
+                   block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256), **kwargs)
+
+
+def run_worker(rig: Rig, scheduler_output, forward=None) -> set[int]:
+    """What a model runner does with the connector for one step; ``forward`` stands in for the
+    model writing this step's KV. Returns the block ids reported as failed loads."""
+    rig.worker.bind_connector_metadata(scheduler_output.kv_connector_metadata)
+    rig.worker.start_load_kv(None)
+    if forward is not None:
+        forward(scheduler_output)
+    rig.worker.wait_for_save()
+    rig.worker.clear_connector_metadata()
+    return rig.worker.get_block_ids_with_load_errors()
+
+
+def step(rig: Rig, forward=None, token: int = 7):
+    """schedule -> worker -> update_from_output, one token sampled per scheduled request."""
+    output = rig.scheduler.schedule()
+    errors = run_worker(rig, output, forward)
+    req_ids = [r.req_id for r in output.scheduled_new_reqs] + list(
+        output.scheduled_cached_reqs.req_ids)
+    runner = ModelRunnerOutput(req_ids=req_ids,
+                               req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                               sampled_token_ids=[[token] for _ in req_ids], logprobs=None,
+                               prompt_logprobs_dict={}, pooler_output=[])
+    if errors:
+        from vllm.v1.outputs import KVConnectorOutput
+        runner.kv_connector_output = KVConnectorOutput(invalid_block_ids=errors)
+    rig.scheduler.update_from_output(output, runner)
+    return output, errors
+
