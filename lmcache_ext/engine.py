@@ -109,13 +109,15 @@ class CacheEngine:
 
     # ------------------------------------------------------------------ the API
 
-    def spans(self, tokens: Tokens) -> list[ChunkSpan]:
-        """The chunk spans (keys and token ranges) of a prompt."""
-        return self.hasher.spans(_as_numpy_tokens(tokens))
+    def spans(self, tokens: Tokens, salt: str = "") -> list[ChunkSpan]:
+        """The chunk spans (keys and token ranges) of a prompt. Every method takes ``salt``:
+        requests whose KV differs for the same tokens (LoRA, per-request cache salt) pass
+        different salts and never share chunks."""
+        return self.hasher.spans(_as_numpy_tokens(tokens), salt)
 
-    def lookup(self, tokens: Tokens) -> int:
+    def lookup(self, tokens: Tokens, salt: str = "") -> int:
         """How many leading tokens of ``tokens`` the cache holds (a multiple of chunks)."""
-        spans = self.spans(tokens)
+        spans = self.spans(tokens, salt)
         found = self.storage.prefix_length([s.key for s in spans])
         hit = spans[found - 1].end if found else 0
         self.metrics.lookups.inc()
@@ -123,7 +125,7 @@ class CacheEngine:
         self.metrics.hit_tokens.inc(hit)
         return hit
 
-    def retrieve(self, tokens: Tokens, dest: torch.Tensor) -> int:
+    def retrieve(self, tokens: Tokens, dest: torch.Tensor, salt: str = "") -> int:
         """Copy the cached prefix of ``tokens`` into ``dest[:, :, :n]``; return ``n``.
 
         ``dest`` is ``layout.shape(T)`` with T >= the tokens wanted; chunks past T are not read.
@@ -132,7 +134,7 @@ class CacheEngine:
         """
         self._check_kv(dest, "dest")
         with self.metrics.retrieve_seconds.time():
-            spans = [s for s in self.spans(tokens) if s.end <= dest.shape[2]]
+            spans = [s for s in self.spans(tokens, salt) if s.end <= dest.shape[2]]
             done = 0
             # Chunks in slower tiers are read ahead in parallel; copies stay in order.
             with closing(self.storage.get_prefix([s.key for s in spans])) as leases:
@@ -144,7 +146,7 @@ class CacheEngine:
         self.metrics.retrieved_tokens.inc(done)
         return done
 
-    def store(self, tokens: Tokens, kv: torch.Tensor, start: int = 0) -> int:
+    def store(self, tokens: Tokens, kv: torch.Tensor, start: int = 0, salt: str = "") -> int:
         """Store the chunks of ``tokens`` whose KV is in ``kv`` and that the cache does not hold.
 
         ``kv`` is ``layout.shape(T)`` and holds tokens [start, start + T) (``start`` lets a caller
@@ -153,7 +155,7 @@ class CacheEngine:
         self._check_kv(kv, "kv")
         with self.metrics.store_seconds.time():
             end = start + kv.shape[2]
-            spans = [s for s in self.spans(tokens) if s.start >= start and s.end <= end]
+            spans = [s for s in self.spans(tokens, salt) if s.start >= start and s.end <= end]
             keys = [s.key for s in spans]
             present = self.storage.prefix_length(keys)
             stored = 0
@@ -165,9 +167,9 @@ class CacheEngine:
         self.metrics.stored_tokens.inc(stored)
         return stored
 
-    def locate(self, tokens: Tokens) -> list[str]:
+    def locate(self, tokens: Tokens, salt: str = "") -> list[str]:
         """For each chunk of the cached prefix of ``tokens``, the fastest tier holding it."""
-        return self.storage.locate([s.key for s in self.spans(tokens)])
+        return self.storage.locate([s.key for s in self.spans(tokens, salt)])
 
     def read_speeds(self) -> dict[str, float]:
         """Each tier's measured read speed in bytes/s (see ``probe_read_speeds``)."""
@@ -197,11 +199,11 @@ class CacheEngine:
             log.info("  tier %s reads at %.2f GB/s (probe)", name, speed / 1e9)
         return speeds
 
-    def pin(self, tokens: Tokens) -> PrefixPin:
+    def pin(self, tokens: Tokens, salt: str = "") -> PrefixPin:
         """Hold the cached prefix of ``tokens`` in the fast tier (see ``PrefixPin``)."""
         leases = []
         end = 0
-        for span in self.spans(tokens):
+        for span in self.spans(tokens, salt):
             lease = self.storage.get(span.key)
             if lease is None:
                 break

@@ -101,13 +101,17 @@ class PrefixHasher:
         self._root = namespace.digest()
         self._ns_id = namespace.id
 
-    def spans(self, tokens: Sequence[int] | np.ndarray) -> list[ChunkSpan]:
-        """One span per full chunk, plus the last partial chunk when ``save_unfull_chunk``."""
+    def spans(self, tokens: Sequence[int] | np.ndarray, salt: str = "") -> list[ChunkSpan]:
+        """One span per full chunk, plus the last partial chunk when ``save_unfull_chunk``.
+
+        ``salt`` names what makes one request's KV differ from another's for the same tokens
+        inside one namespace (a LoRA adapter, a per-request cache salt): it re-roots the chain.
+        """
         data = token_bytes(tokens)
         num_tokens = len(data) // 8
         limit = num_tokens if self.save_unfull_chunk else num_tokens - num_tokens % self.chunk_size
         spans = []
-        parent = self._root
+        parent = self._hash(self._root, b"salt:" + salt.encode()) if salt else self._root
         for start in range(0, limit, self.chunk_size):
             end = min(start + self.chunk_size, limit)
             parent = self._hash(parent, data[start * 8:end * 8])

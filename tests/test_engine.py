@@ -211,3 +211,13 @@ def test_probe_measures_every_tier_and_leaves_nothing_behind():
     speeds = engine.probe_read_speeds()
     assert set(speeds) == {"cpu"} and speeds["cpu"] > 0
     assert engine.storage.tiers[0].usage().num_chunks == 0
+
+
+def test_salted_requests_share_tiers_but_never_chunks():
+    engine = engine_with()
+    tokens = list(range(32))
+    engine.store(tokens, kv_for(32), salt="lora=a")
+    assert engine.lookup(tokens) == 0 and engine.lookup(tokens, salt="lora=b") == 0
+    dest = torch.zeros(LAYOUT.shape(32), dtype=LAYOUT.dtype)
+    assert engine.retrieve(tokens, dest, salt="lora=a") == 32
+    assert torch.equal(dest, kv_for(32))

@@ -81,3 +81,13 @@ def test_keys_are_the_same_in_other_processes_with_other_hash_seeds():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env=env, check=True, timeout=60).stdout
         assert json.loads(out) == mine
+
+
+def test_a_salt_re_roots_the_chain_and_the_same_salt_agrees():
+    """Scenario: a LoRA adapter or a per-request cache salt must never share another's KV."""
+    hasher = PrefixHasher(NS)
+    tokens = list(range(32))
+    plain, salted = hasher.spans(tokens), hasher.spans(tokens, salt="lora=a")
+    assert all(p.key != s.key for p, s in zip(plain, salted, strict=True))
+    assert salted == hasher.spans(tokens, salt="lora=a")
+    assert salted[0].key != hasher.spans(tokens, salt="lora=b")[0].key

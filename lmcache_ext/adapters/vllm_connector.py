@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -90,21 +90,13 @@ _ENGINES: dict[tuple, CacheEngine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def shared_engine(config: EngineConfig, layout: KVLayout, model: str, rank: int, world: int,
-                  salt: str = "") -> CacheEngine:
-    """The process's engine for this namespace; a salted one shares the unsalted one's tiers
-    (one CPU budget), its keys differing through ``cache_salt``."""
-    key = (repr(config), layout, model, rank, world, salt)
+def shared_engine(config: EngineConfig, layout: KVLayout, model: str, rank: int,
+                  world: int) -> CacheEngine:
+    """The process's engine for this namespace (scheduler and worker roles share it)."""
+    key = (repr(config), layout, model, rank, world)
     with _ENGINES_LOCK:
         if key not in _ENGINES:
-            base = _ENGINES.get(key[:-1] + ("",)) if salt else None
-            if salt and base is None:
-                base = _ENGINES[key[:-1] + ("",)] = CacheEngine(config, layout, model, rank,
-                                                                world)
-            salted = replace(config, cache_salt=f"{config.cache_salt or ''}|{salt}") \
-                if salt else config
-            _ENGINES[key] = CacheEngine(salted, layout, model, rank, world,
-                                        tiers=base.storage.tiers if base else None)
+            _ENGINES[key] = CacheEngine(config, layout, model, rank, world)
         return _ENGINES[key]
 
 
@@ -157,15 +149,12 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         self._views: list[kernels.PagedKV] = []
         self._load_errors: set[int] = set()
         self.save_failures = 0  # saves that raised: logged, counted, never passed on
-        self.engine = self._engine("")
+        self.engine = shared_engine(self.config, self.layout, self._model, self._rank,
+                                    self._world)
 
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a dropped save is a future miss, never a failed request
-
-    def _engine(self, salt: str) -> CacheEngine:
-        return shared_engine(self.config, self.layout, self._model, self._rank, self._world,
-                             salt)
 
     # -------------------------------------------------------------- scheduler side
 
@@ -175,7 +164,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         prompt = request.prompt_token_ids
         if not prompt or request.mm_features:
             return 0, False  # multimodal items are not in our keys: never cached
-        hit = self._engine(request_salt(request)).lookup(prompt)
+        hit = self.engine.lookup(prompt, salt=request_salt(request))
         hit = min(hit, len(prompt) - 1)  # vLLM must compute at least the last prompt token
         return max(hit - num_computed_tokens, 0), False
 
@@ -191,7 +180,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         if num_external_tokens > 0:
             # Held until the request ends or is preempted, so the chunks cannot be evicted
             # between this decision and the worker's load.
-            state.pin = self._engine(state.salt).pin(state.prompt)
+            state.pin = self.engine.pin(state.prompt, salt=state.salt)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LMCacheExtMetadata:
         meta = LMCacheExtMetadata()
@@ -285,13 +274,13 @@ class LMCacheExtConnector(KVConnectorBase_V1):
             self._load(op)
 
     def _load(self, op: TransferOp) -> None:
-        engine = self._engine(op.salt)
+        engine = self.engine
         chunk = engine.config.chunk_size
         aligned = min(-(-op.end // chunk) * chunk, len(op.token_ids))
         loaded = 0
         try:
             buf = torch.empty(self.layout.shape(aligned), dtype=self.layout.dtype)
-            loaded = min(engine.retrieve(op.token_ids[:aligned], buf), op.end)
+            loaded = min(engine.retrieve(op.token_ids[:aligned], buf, salt=op.salt), op.end)
             if loaded > op.start:
                 device = self._views[0].k.device
                 slots = self._slots(op.block_ids, op.start, loaded, aligned)
@@ -331,17 +320,19 @@ class LMCacheExtConnector(KVConnectorBase_V1):
                 log.exception("lmcache-ext: save of request %s failed (skipped)", op.req_id)
 
     def _save(self, op: TransferOp) -> None:
-        engine = self._engine(op.salt)
-        spans = engine.spans(op.token_ids)
-        present = engine.storage.prefix_length([s.key for s in spans])
+        spans = self.engine.spans(op.token_ids, op.salt)
+        present = self.engine.storage.prefix_length([s.key for s in spans])
         start = spans[present - 1].end if present else 0
         if start >= op.end:
             return  # the engine has every chunk already: copy nothing
+        # Gather only [start, end) and store it as such: a chunk before ``start`` that is
+        # evicted meanwhile is then skipped, never stored from memory nobody wrote.
         device = self._views[0].k.device
-        buf = torch.empty(self.layout.shape(op.end), dtype=self.layout.dtype, device=device)
-        kernels.gather(self._views, self._slots(op.block_ids, start, op.end, op.end).to(device),
-                       buf)
-        engine.store(op.token_ids, buf.cpu())
+        buf = torch.empty(self.layout.shape(op.end - start), dtype=self.layout.dtype,
+                          device=device)
+        slots = self._slots(op.block_ids, start, op.end, op.end)[start:]
+        kernels.gather(self._views, slots.to(device), buf)
+        self.engine.store(op.token_ids, buf.cpu(), start=start, salt=op.salt)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
