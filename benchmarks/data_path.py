@@ -7,7 +7,10 @@ throughput, and lookup time per query with 1K, 100K (and 1M, without --quick) ch
 Rounds of memcpy, store and retrieve are interleaved so machine noise hits all of them alike;
 each figure is the median over rounds. Buffers are warm (timed after a warm-up pass).
 
-    python benchmarks/data_path.py [--quick] [--json PATH] [--disk-dir DIR | --no-disk]
+    python benchmarks/data_path.py [--quick] [--json PATH] [--disk-dir DIR | --no-disk] [--no-redis]
+
+It also runs, in the same process, the kernel gather/scatter (kernel_bench.py), Redis tier vs
+raw redis-py (redis_bench.py) and disk tier vs fio (disk_bench.py) measurements.
 """
 
 from __future__ import annotations
@@ -165,7 +168,7 @@ def bench_lookup(known_keys: int, queries: int = 2000) -> float:
 # ---------------------------------------------------------------------------- report
 
 
-def run(quick: bool, disk_dir: str | None) -> dict:
+def run(quick: bool, disk_dir: str | None, redis: bool = True) -> dict:
     num_chunks, rounds = (8, 5) if quick else (32, 9)
     report: dict = {"machine": f"{platform.node()} {os.cpu_count()} cpus, torch threads "
                                f"{torch.get_num_threads()}", "quick": quick, "shapes": {}}
@@ -187,10 +190,23 @@ def run(quick: bool, disk_dir: str | None) -> dict:
     report["hash_tokens_per_s"] = bench_hashing(1 << 20)
     counts = (1_000, 100_000) if quick else (1_000, 100_000, 1_000_000)
     report["lookup_us_by_keys"] = {str(n): bench_lookup(n) for n in counts}
-    if disk_dir:
-        from disk_bench import measure_disk  # noqa: PLC0415 - optional part, its own module
+    # The other data paths live in their own modules (each also runs alone).
+    from kernel_bench import measure_gather_scatter
+    from redis_bench import measure_redis
 
-        report.update(measure_disk(disk_dir, quick))
+    report["kernels"] = measure_gather_scatter(quick)
+    report.update({k: report["kernels"][k] for k in ("gather_gbps", "scatter_gbps",
+                                                     "gather_vs_memcpy")})
+    if redis:
+        report["redis"] = measure_redis(quick)
+        report.update({k: v for k, v in report["redis"].items() if k.startswith(("redis_",
+                                                                                "raw_redis_"))})
+    if disk_dir:
+        from disk_bench import measure_disk
+
+        report["disk"] = measure_disk(disk_dir, quick)
+        report.update({k: v for k, v in report["disk"].items() if k.startswith(("disk_", "fio_"))
+                       and not isinstance(v, dict | list)})
     return report
 
 
@@ -208,8 +224,10 @@ def print_table(report: dict) -> None:
     lookups = ", ".join(f"{int(n):,} keys: {us:.1f} us" for n, us in
                         report["lookup_us_by_keys"].items())
     print(f"lookup of a 4K-token prompt: {lookups}")
-    for key in ("disk_read_gbps", "disk_write_gbps", "fio_read_gbps", "disk_read_vs_fio",
-                "disk_startup_s_10k"):
+    for key in ("gather_gbps", "scatter_gbps", "gather_vs_memcpy",
+                "redis_get_gbps", "raw_redis_get_gbps", "redis_get_vs_raw", "redis_put_gbps",
+                "raw_redis_put_gbps", "disk_read_gbps", "disk_write_gbps", "fio_read_gbps",
+                "disk_read_vs_fio", "disk_startup_s_10k"):
         if key in report:
             value = report[key]
             print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
@@ -222,9 +240,10 @@ def main() -> int:
     parser.add_argument("--disk-dir", default=os.path.join(os.getcwd(), ".bench-disk"),
                         help="directory on the disk to measure (default ./.bench-disk)")
     parser.add_argument("--no-disk", action="store_true", help="skip the disk tier")
+    parser.add_argument("--no-redis", action="store_true", help="skip the Redis tier")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    report = run(args.quick, None if args.no_disk else args.disk_dir)
+    report = run(args.quick, None if args.no_disk else args.disk_dir, not args.no_redis)
     print_table(report)
     if args.json:
         with open(args.json, "w") as handle:

@@ -28,10 +28,20 @@ def config_show(args: argparse.Namespace) -> int:
 
 
 def config_check(args: argparse.Namespace) -> int:
+    """Validate the config and, for a disk tier, its directory (writable, room, O_DIRECT)."""
     config = _load(args)
     tiers = ["cpu"] if config.local_cpu else []
     tiers += ["disk"] if config.disk_dir else []
     tiers += ["remote"] if config.remote_url else []
+    if config.disk_dir:
+        from lmcache_ext.storage.direct_io import check_directory  # imports torch: only here
+
+        found = check_directory(config.disk_dir, config.disk_budget_bytes, config.use_odirect)
+        for note in found.notes:
+            print(f"local_disk: {note}")
+        if found.problems:
+            raise ConfigError([f"local_disk: {config.local_disk!r} "
+                               f"({config.source_of('local_disk')}): {p}" for p in found.problems])
     print(f"config OK: tiers {', '.join(tiers)}")
     return 0
 

@@ -55,3 +55,21 @@ def test_serve_with_a_bad_config_exits_2_before_loading_a_model(tmp_path):
     bad.write_text("max_local_cpu_size: -1\n")
     result = cli("serve", "--config", str(bad))
     assert result.returncode == 2 and "max_local_cpu_size" in result.stderr
+
+
+def test_config_check_reports_odirect_on_the_disk_directory(tmp_path):
+    env = {"LMCACHE_LOCAL_DISK": str(tmp_path / "kv"), "LMCACHE_MAX_LOCAL_DISK_SIZE": "0.01",
+           "LMCACHE_EXTRA_CONFIG": '{"use_odirect": true}'}
+    result = cli("config", "check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "O_DIRECT works in" in result.stdout and "tiers cpu, disk" in result.stdout
+    assert (tmp_path / "kv").is_dir()
+
+
+def test_config_check_fails_on_a_disk_directory_that_cannot_be_made(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    env = {"LMCACHE_LOCAL_DISK": str(blocker / "kv"), "LMCACHE_MAX_LOCAL_DISK_SIZE": "1"}
+    result = cli("config", "check", env=env)
+    assert result.returncode == 2
+    assert "local_disk" in result.stderr and "env LMCACHE_LOCAL_DISK" in result.stderr

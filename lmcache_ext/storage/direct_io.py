@@ -14,6 +14,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -223,3 +224,32 @@ def check_writable(directory: str) -> None:
     path = temp_name(directory, "write-check")
     write_file(path, AlignedBuffer(ALIGN).view, odirect=False)
     unlink_quietly(path)
+
+
+@dataclass(frozen=True)
+class DirectoryCheck:
+    """What a disk tier directory allows: ``problems`` stop a start; ``notes`` (O_DIRECT, free
+    space) are said once and do not."""
+
+    problems: tuple[str, ...]
+    notes: tuple[str, ...]
+    odirect: bool
+
+
+def check_directory(directory: str, budget_bytes: int, use_odirect: bool) -> DirectoryCheck:
+    """Create ``directory`` if missing, then check it is writable, has room for the budget and
+    (when asked for) honours O_DIRECT. Nothing is left behind but the directory."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        odirect, reason = probe_odirect(directory)
+    except OSError as exc:
+        return DirectoryCheck((f"{directory} cannot be created or written: {exc}",), (), False)
+    stats = os.statvfs(directory)
+    free = stats.f_bavail * stats.f_frsize
+    notes = [reason] if use_odirect else []
+    if free < budget_bytes:
+        notes.append(f"{directory} has {free / 2**30:.2f} GiB free, less than the disk budget of "
+                     f"{budget_bytes / 2**30:.2f} GiB: chunks that find no room are not stored")
+    if use_odirect and not odirect:
+        notes[0] = f"WARNING: use_odirect is on but {reason}; the tier will use buffered I/O"
+    return DirectoryCheck((), tuple(notes), odirect)
