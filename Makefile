@@ -36,7 +36,7 @@ test: setup
 	$(VLLM_VENV_OLD)/bin/python -m pytest -q tests/adapters tests/kernels
 
 lint: setup
-	$(VENV)/bin/ruff check lmcache_ext tests benchmarks
+	$(VENV)/bin/ruff check lmcache_ext tests benchmarks sagemaker_tests
 
 # Without CONFIG, the env vars below give the default job its tiers (any LMCACHE_* already set
 # wins); with CONFIG=file, the file alone decides (env vars would override it).
@@ -54,3 +54,14 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV_OLD) *.egg-info .pytest_cache .ruff_cache
+
+# The image, built with buildah on a local stand-in for the LMI base (LMI's images cannot be
+# pulled here), then its entrypoint run inside it with a mounted config: see
+# container/image_test.sh. Needs root, buildah and debootstrap; about 2 min the first time (the
+# stand-in base is kept), so it is not part of `make test`.
+.PHONY: image-test hadolint
+image-test:
+	container/image_test.sh
+
+hadolint: setup
+	$(VENV)/bin/hadolint Dockerfile

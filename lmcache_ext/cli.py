@@ -1,4 +1,4 @@
-"""The ``lmcache-ext`` command: ``config show``, ``config check`` and ``serve``."""
+"""The ``lmcache-ext`` command: ``config show``, ``config check``, ``serve`` and ``advise``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 
 from lmcache_ext.config import ConfigError, EngineConfig, as_dict, describe, load_config
+from lmcache_ext.container.advise_cli import add_advise_parser
 
 EXIT_CONFIG_ERROR = 2
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "or 8080)")
     serve_parser.add_argument("--no-cache", action="store_true", help="serve without the cache")
     serve_parser.set_defaults(handler=serve)
+    add_advise_parser(commands)
     for sub in (show, check, serve_parser):
         sub.add_argument("--config", help="YAML config file (else LMCACHE_CONFIG_FILE / "
                                           "OPTION_LMCACHE_CONFIG_FILE)")

@@ -1,0 +1,40 @@
+# lmcache-ext layered on the SageMaker LMI image (DJL Serving + vLLM).
+# Build: docker build -t lmcache-ext-lmi .   (another LMI: --build-arg BASE_IMAGE=...)
+# The base's torch, vLLM and CUDA are kept as they are: the package goes in with --no-deps, then
+# only the small pure-Python packages it needs that the base may lack.
+ARG BASE_IMAGE=763104351884.dkr.ecr.us-west-2.amazonaws.com/djl-inference:0.36.0-lmi27.0.0-cu130
+FROM ${BASE_IMAGE}
+
+# The interpreter that LMI runs vLLM with (the package must be importable by it).
+ARG PYTHON=python3
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Fail the build, with the reason, when the base's vLLM is one our connector does not support
+# (keep in step with lmcache_ext/adapters/vllm_compat.py SUPPORTED).
+RUN vllm_version="$(${PYTHON} -c 'import vllm; print(vllm.__version__)')" \
+    && case "${vllm_version}" in \
+         0.23.*|0.33.*) echo "base image vLLM ${vllm_version}: supported by lmcache-ext" ;; \
+         *) echo "ERROR: the base image's vLLM is ${vllm_version}; lmcache-ext supports" \
+                 "vLLM 0.23.x and 0.33.x: choose another BASE_IMAGE" >&2; exit 1 ;; \
+       esac
+
+# PIP_BREAK_SYSTEM_PACKAGES: a base whose Python is the distribution's (PEP 668) still takes the
+# package; older pips ignore it.
+ENV PIP_BREAK_SYSTEM_PACKAGES=1
+COPY pyproject.toml README.md /opt/lmcache-ext/src/
+COPY lmcache_ext /opt/lmcache-ext/src/lmcache_ext
+RUN ${PYTHON} -m pip install --no-cache-dir --no-deps /opt/lmcache-ext/src \
+    && ${PYTHON} -m pip install --no-cache-dir "pyyaml>=6.0" "xxhash>=3.4" \
+         "prometheus-client>=0.20" "redis>=5.0" "hiredis>=3.0" \
+    && ${PYTHON} -c "import lmcache_ext.container.entrypoint"
+
+COPY container/ /opt/lmcache-ext/container/
+RUN chmod 0755 /opt/lmcache-ext/container/entrypoint.sh
+
+# LMI_ENTRYPOINT: the stage our entrypoint execs after its checks (LMI's own entrypoint).
+ENV LMI_ENTRYPOINT=/usr/local/bin/dockerd-entrypoint.sh \
+    LMI_PYTHON=${PYTHON}
+
+EXPOSE 8080
+ENTRYPOINT ["/opt/lmcache-ext/container/entrypoint.sh"]
+CMD ["serve"]

@@ -1,0 +1,110 @@
+"""Every check the entrypoint makes before LMI starts: a failure exits 2, names the env var the
+value came from, and LMI (the stand-in) never runs. And OPTION_LMCACHE_AUTO_CONFIG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.container.entry_helpers import SEED_CPU, SEED_KV, run_entrypoint
+
+
+def _bad_yaml(tmp):
+    path = tmp / "bad.yaml"
+    path.write_text("chunk_size: [256\n")
+    return str(path)
+
+
+def _under_a_file(tmp):
+    blocker = tmp / "a-file"
+    blocker.write_text("not a directory")
+    return str(blocker / "cache")
+
+
+# (case, env builder, the env var the message must name, more text it must hold)
+KV = "OPTION_KV_TRANSFER_CONFIG"
+FAILURES = [
+    ("kv not json", lambda t: {"OPTION_KV_TRANSFER_CONFIG": "{kv_connector: LMCacheConnectorV1}"},
+     "OPTION_KV_TRANSFER_CONFIG", "not valid JSON"),
+    ("kv without role", lambda t: {KV: '{"kv_connector":"LMCacheConnectorV1"}'},
+     "OPTION_KV_TRANSFER_CONFIG", "kv_role"),
+    ("kv bad role", lambda t: {KV: '{"kv_connector":"x","kv_role":"both"}'},
+     "OPTION_KV_TRANSFER_CONFIG", "kv_both"),
+    ("kv not an object", lambda t: {"OPTION_KV_TRANSFER_CONFIG": '["kv_both"]'},
+     "OPTION_KV_TRANSFER_CONFIG", "JSON object"),
+    ("cache vars without kv", lambda t: {"OPTION_LMCACHE_CONFIG_FILE": str(SEED_CPU),
+                                         "OPTION_KV_TRANSFER_CONFIG": None},
+     "OPTION_LMCACHE_CONFIG_FILE", "OPTION_KV_TRANSFER_CONFIG is not"),
+    ("bad value", lambda t: {"OPTION_LMCACHE_CHUNK_SIZE": "100"},
+     "OPTION_LMCACHE_CHUNK_SIZE", "multiple of 16"),
+    ("unknown key", lambda t: {"OPTION_LMCACHE_CHUNK_SIZ": "256"},
+     "OPTION_LMCACHE_CHUNK_SIZ", "did you mean 'chunk_size'"),
+    ("missing file", lambda t: {"OPTION_LMCACHE_CONFIG_FILE": str(t / "nope.yaml")},
+     "OPTION_LMCACHE_CONFIG_FILE", "no such file"),
+    ("bad yaml", lambda t: {"OPTION_LMCACHE_CONFIG_FILE": _bad_yaml(t)},
+     "OPTION_LMCACHE_CONFIG_FILE", "not valid YAML"),
+    ("disk dir cannot be made", lambda t: {"OPTION_LMCACHE_LOCAL_DISK": _under_a_file(t),
+                                           "OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE": "1"},
+     "OPTION_LMCACHE_LOCAL_DISK", "not usable"),
+    ("disk too small", lambda t: {"OPTION_LMCACHE_LOCAL_DISK": str(t / "c"),
+                                  "OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE": "1000000"},
+     "OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE", "does not fit"),
+    ("disk without size", lambda t: {"OPTION_LMCACHE_LOCAL_DISK": str(t / "c")},
+     "max_local_disk_size", "needs a size"),
+    ("auto not a boolean", lambda t: {"OPTION_LMCACHE_AUTO_CONFIG": "maybe"},
+     "OPTION_LMCACHE_AUTO_CONFIG", "boolean"),
+    ("no next stage", lambda t: {"LMI_ENTRYPOINT": str(t / "missing.sh")},
+     "LMI_ENTRYPOINT", "not an executable"),
+]
+
+
+@pytest.mark.parametrize("build, var, text", [f[1:] for f in FAILURES],
+                         ids=[f[0] for f in FAILURES])
+def test_each_failure_exits_2_naming_the_env_var_before_lmi_starts(tmp_path, build, var, text):
+    # Every case but one has the seed's KV config; None removes a variable.
+    env = {"OPTION_KV_TRANSFER_CONFIG": SEED_KV, **build(tmp_path)}
+    env = {name: value for name, value in env.items() if value is not None}
+    run = run_entrypoint(tmp_path, env)
+    assert run.returncode == 2, run.log
+    assert run.record is None, "LMI must not start"
+    assert var in run.log and text in run.log, run.log
+    assert "not starting the model server" in run.log
+
+
+LLAMA_LIKE = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "hidden_size": 4096, "intermediate_size": 14336, "vocab_size": 128256,
+              "torch_dtype": "bfloat16"}
+
+
+def test_auto_config_sizes_both_tiers_from_the_machine(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_LIKE))
+    cache = tmp_path / "cache"
+    run = run_entrypoint(tmp_path, {
+        "OPTION_KV_TRANSFER_CONFIG": SEED_KV, "OPTION_LMCACHE_AUTO_CONFIG": "true",
+        "OPTION_MODEL_ID": str(model), "OPTION_TENSOR_PARALLEL_DEGREE": "1",
+        "OPTION_LMCACHE_LOCAL_DISK": str(cache), "OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE": "0.1"})
+    assert run.returncode == 0, run.log
+    cpu = float(run.env["OPTION_LMCACHE_MAX_LOCAL_CPU_SIZE"])
+    assert cpu > 0
+    assert "131072 B of KV per token" in run.log  # 2 x 32 layers x 8 heads x 128 x 2 B
+    assert f"max_local_cpu_size = {cpu} GiB  (env OPTION_LMCACHE_MAX_LOCAL_CPU_SIZE)" in run.log
+    # A disk size the user set by env is kept: auto-config only fills what is not set.
+    assert run.env["OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE"] == "0.1"
+    assert "OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE kept as 0.1" in run.log
+
+
+def test_auto_config_overrides_the_files_sizes_and_fills_the_disk(tmp_path):
+    config = tmp_path / "lmcache_config.yaml"
+    config.write_text(f"local_disk: file://{tmp_path}/nvme/\nmax_local_disk_size: 5.0\n"
+                      "max_local_cpu_size: 5.0\n")
+    run = run_entrypoint(tmp_path, {
+        "OPTION_KV_TRANSFER_CONFIG": SEED_KV, "OPTION_LMCACHE_AUTO_CONFIG": "1",
+        "OPTION_LMCACHE_CONFIG_FILE": str(config), "OPTION_TENSOR_PARALLEL_DEGREE": "2"})
+    assert run.returncode == 0, run.log
+    assert float(run.env["OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE"]) > 0
+    assert "workers: 2 (OPTION_TENSOR_PARALLEL_DEGREE=2)" in run.log
+    assert "model config.json not found" in run.log
+    assert "(env OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE)" in run.log
