@@ -204,6 +204,7 @@ def run(quick: bool, disk_dir: str | None, redis: bool = True) -> dict:
     if disk_dir:
         from disk_bench import measure_disk
 
+        os.makedirs(disk_dir, exist_ok=True)
         report["disk"] = measure_disk(disk_dir, quick)
         report.update({k: v for k, v in report["disk"].items() if k.startswith(("disk_", "fio_"))
                        and not isinstance(v, dict | list)})

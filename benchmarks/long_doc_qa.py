@@ -218,6 +218,7 @@ def print_tables(report: dict) -> None:
 
 def plot(report: dict, path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -233,6 +234,7 @@ def plot(report: dict, path: str) -> None:
     axes.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="TTFT (s)",
              title=f"TTFT vs context, {report['model']} on {report['machine']}")
     axes.set_xticks(lengths, [str(n) for n in lengths])
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
