@@ -117,13 +117,17 @@ class CacheEngine:
 
     def lookup(self, tokens: Tokens, salt: str = "") -> int:
         """How many leading tokens of ``tokens`` the cache holds (a multiple of chunks)."""
+        spans, tiers = self._find(tokens, salt)
+        return spans[len(tiers) - 1].end if tiers else 0
+
+    def _find(self, tokens: Tokens, salt: str) -> tuple[list[ChunkSpan], list[str]]:
+        """The spans of ``tokens`` and the tier of each cached leading one; counts the lookup."""
         spans = self.spans(tokens, salt)
-        found = self.storage.prefix_length([s.key for s in spans])
-        hit = spans[found - 1].end if found else 0
+        tiers = self.storage.locate([s.key for s in spans])
         self.metrics.lookups.inc()
         self.metrics.requested_tokens.inc(len(tokens))
-        self.metrics.hit_tokens.inc(hit)
-        return hit
+        self.metrics.hit_tokens.inc(spans[len(tiers) - 1].end if tiers else 0)
+        return spans, tiers
 
     def retrieve(self, tokens: Tokens, dest: torch.Tensor, salt: str = "") -> int:
         """Copy the cached prefix of ``tokens`` into ``dest[:, :, :n]``; return ``n``.
@@ -168,8 +172,9 @@ class CacheEngine:
         return stored
 
     def locate(self, tokens: Tokens, salt: str = "") -> list[str]:
-        """For each chunk of the cached prefix of ``tokens``, the fastest tier holding it."""
-        return self.storage.locate([s.key for s in self.spans(tokens, salt)])
+        """For each chunk of the cached prefix of ``tokens``, the fastest tier holding it (a
+        lookup that also says where: counted as one)."""
+        return self._find(tokens, salt)[1]
 
     def read_speeds(self) -> dict[str, float]:
         """Each tier's measured read speed in bytes/s (see ``probe_read_speeds``)."""

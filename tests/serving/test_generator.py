@@ -139,3 +139,13 @@ def test_real_model_greedy_output_is_identical_across_cpu_and_disk_hits(smollm2,
     tokens, stats = run(cached, ids)
     assert stats.loaded_tokens >= 64 and tokens == expected
     engine.close()
+
+
+def test_served_requests_count_as_lookups_in_the_metrics(tiny_model):
+    engine = engine_for(tiny_model)
+    generator = Generator(tiny_model, engine, CHUNK)
+    ids = prompt(tiny_model, DOC + "Q?")
+    run(generator, ids)
+    run(generator, ids)
+    assert engine.metrics.value("lookups_total") == 2
+    assert engine.metrics.value("lookup_hit_tokens_total") > 0
