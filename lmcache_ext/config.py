@@ -127,8 +127,9 @@ TABLE: tuple[ConfigKey, ...] = (
     ConfigKey("min_retrieve_tokens", int, 0,
               "Recompute instead of loading hits shorter than this.", "tokens",
               check=_non_negative),
-    ConfigKey("save_decode_cache", bool, False, "LMCache key; only false is supported.",
-              choices=(False,)),
+    ConfigKey("save_decode_cache", bool, False,
+              "vLLM connector: also store whole chunks completed during decode (prompt + "
+              "output) when a request finishes."),
     ConfigKey("use_layerwise", bool, False, "LMCache key; only false is supported.",
               choices=(False,)),
 )

@@ -8,7 +8,10 @@ output fields we read and the request fields. They differ in:
   buffer; 0.23 gives the attention backend's own shape (FlashAttention and FlashInfer
   ``[blocks, 2, block_size, heads, head]``, the CPU backend ``[blocks, heads, block_size, 2 *
   head]`` read block-wise, see ``PagedLayout.CPU_BLOCKED``);
-- ``SchedulerOutput.preempted_req_ids`` (present in both, but optional: read defensively).
+- ``SchedulerOutput.preempted_req_ids`` (present in both, but optional: read defensively);
+- a step without a forward (nothing scheduled, e.g. only finished requests to clean up): 0.23
+  skips ``wait_for_save`` there, 0.33 calls it. Both call ``get_finished`` in every step with the
+  metadata still bound, so the connector's decode saves of finished requests run there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from lmcache_ext.kernels import PagedLayout, UnsupportedLayout
 VLLM_VERSION = tuple(int(p) for p in re.findall(r"\d+", vllm.__version__)[:2])
 SUPPORTED = ((0, 23), (0, 33))
 PACKED_SINCE = (0, 26)  # vLLM changed every attention backend to the packed view here
+# Whether a step without a forward calls wait_for_save (0.23: no; 0.33: yes). The connector
+# does not depend on it; the tests mirror the model runner with it.
+WAIT_FOR_SAVE_WITHOUT_FORWARD = VLLM_VERSION >= (0, 33)
 
 
 def check_version() -> None:

@@ -9,6 +9,11 @@ Scheduler side (plain bookkeeping, no tensors): the matched-token count is the e
 chunk-aligned hit beyond vLLM's own computed tokens (one token short on a full hit, so the last
 prompt token is recomputed); a load pins its chunks until the request finishes, is aborted or
 preempted; a prompt's new whole chunks are saved once, in the step that finishes its prefill.
+With ``save_decode_cache``, a finished request's whole chunks of prompt + output whose KV was
+computed are saved too: ``request_finished`` keeps its blocks (delay_free_blocks=True), the next
+step's metadata carries the save, and the worker saves it in ``get_finished`` (called every step,
+with or without a forward, in both vLLM versions) and reports it there as finished sending, so
+vLLM frees the blocks only after the copy.
 Worker side (synchronous, in the step): ``start_load_kv`` retrieves and scatters into the
 request's blocks, only positions vLLM asked for (never slots it already owns); a short or failed
 load is reported by ``get_block_ids_with_load_errors`` so vLLM recomputes those blocks.
@@ -69,6 +74,8 @@ class LMCacheExtMetadata(KVConnectorMetadata):
 
     loads: list[TransferOp] = field(default_factory=list)
     saves: list[TransferOp] = field(default_factory=list)
+    # Saves of finished requests whose blocks vLLM holds until get_finished reports them.
+    finishing: list[TransferOp] = field(default_factory=list)
 
 
 @dataclass
@@ -146,6 +153,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         self._world = vllm_config.parallel_config.tensor_parallel_size
         self._rank = 0 if role == KVConnectorRole.SCHEDULER else vllm_compat.tp_rank(self._world)
         self._requests: dict[str, _RequestState] = {}
+        self._finishing: list[TransferOp] = []  # for the next metadata (scheduler side)
         self._views: list[kernels.PagedKV] = []
         self._load_errors: set[int] = set()
         self.save_failures = 0  # saves that raised: logged, counted, never passed on
@@ -183,7 +191,8 @@ class LMCacheExtConnector(KVConnectorBase_V1):
             state.pin = self.engine.pin(state.prompt, salt=state.salt)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LMCacheExtMetadata:
-        meta = LMCacheExtMetadata()
+        meta = LMCacheExtMetadata(finishing=self._finishing)
+        self._finishing = []
         cached = scheduler_output.scheduled_cached_reqs
         # A request preempted and resumed in the same step was re-planned at its allocation.
         scheduled = {r.req_id for r in scheduler_output.scheduled_new_reqs} | set(cached.req_ids)
@@ -236,11 +245,34 @@ class LMCacheExtConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Finished or aborted: drop the request's pin and state. Blocks are freed at once."""
+        """Finished or aborted: drop the request's pin and state. Blocks are freed at once,
+        unless a decode save is planned: then vLLM keeps them until ``get_finished`` reports
+        the request (the next step)."""
         state = self._requests.pop(request.request_id, None)
-        if state is not None:
-            self._release(state)
-        return False, None
+        if state is None:
+            return False, None
+        self._release(state)
+        op = self._decode_save(request, state, block_ids) if self.config.save_decode_cache \
+            else None
+        if op is None:
+            return False, None
+        self._finishing.append(op)
+        return True, None
+
+    def _decode_save(self, request: Request, state: _RequestState,
+                     block_ids: list[int]) -> TransferOp | None:
+        """The save of the request's whole chunks past its prompt, or None if there are none.
+        Only positions whose KV was computed: every one before the last known token (the last
+        sampled token has no KV yet; a step still in flight computes only later positions)."""
+        if not state.cacheable:
+            return None
+        tokens = list(request.all_token_ids)
+        computed = min(request.num_computed_tokens, len(tokens) - 1)
+        end = computed - computed % self.config.chunk_size
+        if end <= len(state.prompt) or len(block_ids) * self.block_size < end:
+            return None  # no chunk holds output tokens (the prompt's are saved after prefill)
+        return TransferOp(request.request_id, tokens[:end], list(block_ids), 0, end,
+                          state.salt)
 
     @staticmethod
     def _release(state: _RequestState) -> None:
@@ -310,9 +342,22 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         return  # saved whole in wait_for_save, after the forward wrote every layer
 
     def wait_for_save(self) -> None:
+        if self.has_connector_metadata():
+            self._save_all(getattr(self._get_connector_metadata(), "saves", ()))
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
+        """Saves the finished requests' decode chunks, then reports them as finished sending
+        so vLLM frees their blocks. Their ids are in this step's ``finished_req_ids`` (the
+        same scheduler output carries the save). Called every step, also without a forward
+        (vLLM 0.23 then skips ``wait_for_save``, so these saves cannot live there)."""
         if not self.has_connector_metadata():
-            return
-        for op in getattr(self._get_connector_metadata(), "saves", ()):
+            return None, None
+        ops = getattr(self._get_connector_metadata(), "finishing", ())
+        self._save_all(ops)  # a failed save is logged and counted; the blocks go back anyway
+        return {op.req_id for op in ops} or None, None
+
+    def _save_all(self, ops) -> None:
+        for op in ops:
             try:
                 self._save(op)
             except Exception:

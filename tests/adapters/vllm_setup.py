@@ -150,31 +150,36 @@ def make_request(req_id: str, prompt: list[int], max_tokens: int = 1, **kwargs) 
                    block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256), **kwargs)
 
 
-def run_worker(rig: Rig, scheduler_output, forward=None) -> set[int]:
+def run_worker(rig: Rig, scheduler_output, forward=None) -> tuple[set[int], set[str]]:
     """What a model runner does with the connector for one step; ``forward`` stands in for the
-    model writing this step's KV. Returns the block ids reported as failed loads."""
+    model writing this step's KV. Returns the block ids reported as failed loads and the
+    requests reported as finished sending (their blocks may now be freed)."""
     rig.worker.bind_connector_metadata(scheduler_output.kv_connector_metadata)
     rig.worker.start_load_kv(None)
-    if forward is not None:
+    ran = scheduler_output.total_num_scheduled_tokens > 0
+    if forward is not None and ran:
         forward(scheduler_output)
-    rig.worker.wait_for_save()
+    if ran or vllm_compat.WAIT_FOR_SAVE_WITHOUT_FORWARD:
+        rig.worker.wait_for_save()
+    sending, _ = rig.worker.get_finished(scheduler_output.finished_req_ids)
+    errors = rig.worker.get_block_ids_with_load_errors()
     rig.worker.clear_connector_metadata()
-    return rig.worker.get_block_ids_with_load_errors()
+    return errors, set(sending or ())
 
 
 def step(rig: Rig, forward=None, token: int = 7):
     """schedule -> worker -> update_from_output, one token sampled per scheduled request."""
     output = rig.scheduler.schedule()
-    errors = run_worker(rig, output, forward)
+    errors, sending = run_worker(rig, output, forward)
     req_ids = [r.req_id for r in output.scheduled_new_reqs] + list(
         output.scheduled_cached_reqs.req_ids)
     runner = ModelRunnerOutput(req_ids=req_ids,
                                req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                sampled_token_ids=[[token] for _ in req_ids], logprobs=None,
                                prompt_logprobs_dict={}, pooler_output=[])
-    if errors:
+    if errors or sending:
         from vllm.v1.outputs import KVConnectorOutput
-        runner.kv_connector_output = KVConnectorOutput(invalid_block_ids=errors)
+        runner.kv_connector_output = KVConnectorOutput(invalid_block_ids=errors,
+                                                       finished_sending=sending or None)
     rig.scheduler.update_from_output(output, runner)
     return output, errors
-
