@@ -6,10 +6,11 @@ load shared by every configuration):
 1. Document QA, like the seed's (46 docs of ~10K tokens there; defaults here fit a few minutes):
    a warm-up pass asks one question per document (cold), then ``--queries`` questions over random
    documents, for each configuration: cache off, CPU tier, disk tier (O_DIRECT; a CPU tier too
-   small to hold a document, so hits come from disk), Redis tier (likewise).
+   small to hold a document, so hits come from disk), Redis tier (likewise). Every request goes
+   to each configuration in turn, so the machine's drift hits them alike.
 2. A context-length sweep: for each length, cold TTFT with the cache off and on (all misses: the
    miss overhead), then warm TTFT from the CPU tier, from disk and from Redis (the faster tiers'
-   copies removed in between).
+   copies removed before each hit; each warm figure the median of 3 hits).
 
 TTFT is measured by an HTTP client from sending the request to the first streamed line. Seeds'
 full sizes: ``--docs 46 --doc-tokens 10000``. ``--url URL`` runs part 1 against an endpoint that
@@ -102,6 +103,11 @@ class Local:
     def url(self) -> str:
         return self.endpoint.url
 
+    def flush(self) -> None:
+        """Wait until this endpoint's write-behinds reached their tiers."""
+        if self.endpoint.engine is not None:
+            self.endpoint.engine.flush()
+
     def drop_from(self, prompt: str, tiers: tuple[str, ...]) -> None:
         """Remove ``prompt``'s chunks from the named tiers (after write-behind finished)."""
         engine = self.endpoint.engine
@@ -142,37 +148,63 @@ def configurations(workdir: str, redis_url: str | None, small_cpu_gib: float) ->
 # ---------------------------------------------------------------- the two parts
 
 
-def doc_qa(url: str, docs: int, doc_tokens: int, queries: int, new_tokens: int,
-           label: str) -> dict:
+def doc_qa(urls: dict[str, str], docs: int, doc_tokens: int, queries: int,
+           new_tokens: int, settle=lambda name: None) -> dict:
+    """Each request goes to every configuration in turn (interleaved), so drift of the machine
+    hits all configurations alike; ``settle(name)`` runs after each request (local endpoints:
+    wait for write-behind, so one configuration's background writes do not slow the next one's
+    request on this 2-CPU machine). Returns figures per configuration name."""
     texts = [document(i, doc_tokens) for i in range(docs)]
     rng = random.Random(0)
-    warm_up = [ask(url, f"{text}\nQuestion: what is item 1?", new_tokens)
-               for text in tqdm(texts, desc=f"{label}: warm-up", leave=False)]
-    asked = [ask(url, f"{texts[rng.randrange(docs)]}\nQuestion: what is item {q + 2}?",
-                 new_tokens) for q in tqdm(range(queries), desc=f"{label}: queries", leave=False)]
-    return {"warmup_ttft_s": statistics.mean(t for t, _ in warm_up),
-            "query_ttft_s": statistics.mean(t for t, _ in asked),
-            "query_total_s": statistics.mean(total for _, total in asked)}
+    asked = [f"{texts[rng.randrange(docs)]}\nQuestion: what is item {q + 2}?"
+             for q in range(queries)]
+    warm_up = {name: [] for name in urls}
+    answers = {name: [] for name in urls}
+    for text in tqdm(texts, desc="document QA: warm-up", leave=False):
+        for name, url in urls.items():
+            warm_up[name].append(ask(url, f"{text}\nQuestion: what is item 1?", new_tokens))
+            settle(name)
+    for prompt in tqdm(asked, desc="document QA: queries", leave=False):
+        for name, url in urls.items():
+            answers[name].append(ask(url, prompt, new_tokens))
+            settle(name)
+    return {name: {"warmup_ttft_s": statistics.mean(t for t, _ in warm_up[name]),
+                   "query_ttft_s": statistics.mean(t for t, _ in answers[name]),
+                   "query_total_s": statistics.mean(total for _, total in answers[name])}
+            for name in urls}
+
+
+WARM_REPEATS = 3  # each warm figure is the median of this many hits (one-off stalls happen here)
+
+
+def warm_ttft(cache: Local, text: str, drop: tuple[str, ...], new_tokens: int) -> float:
+    """Median TTFT of hits on ``text`` (new questions), the ``drop`` tiers' copies removed first."""
+    times = []
+    for repeat in range(WARM_REPEATS):
+        if drop:
+            cache.drop_from(text, drop)
+        times.append(ask(cache.url, f"{text}\nQuestion: item {10 + repeat}?", new_tokens)[0])
+        cache.flush()
+    return statistics.median(times)
 
 
 def sweep(locals_: dict[str, Local], lengths: list[int], new_tokens: int) -> dict:
     results = {}
+    cache = locals_["all"]
+    tiers = [t.name for t in cache.endpoint.engine.storage.tiers]
     for length in tqdm(lengths, desc="context sweep"):
         text = document(10_000 + length, length)
-        cold_q, warm_q = f"{text}\nQuestion: item 3?", f"{text}\nQuestion: item 4?"
+        cold_q = f"{text}\nQuestion: item 3?"
         row = {"ttft_off_s": ask(locals_["off"].url, cold_q, new_tokens)[0]}
-        cache = locals_["all"]
         row["ttft_cold_s"] = ask(cache.url, cold_q, new_tokens)[0]
-        row["ttft_warm_cpu_s"] = ask(cache.url, warm_q, new_tokens)[0]
-        cache.drop_from(text, ("cpu",))
-        row["ttft_warm_disk_s"] = ask(cache.url, warm_q, new_tokens)[0]
-        if "remote" in [t.name for t in cache.endpoint.engine.storage.tiers]:
-            cache.drop_from(text, ("cpu", "disk"))
-            row["ttft_warm_redis_s"] = ask(cache.url, warm_q, new_tokens)[0]
-        row["speedup_cpu"] = row["ttft_cold_s"] / row["ttft_warm_cpu_s"]
-        row["speedup_disk"] = row["ttft_cold_s"] / row["ttft_warm_disk_s"]
-        if "ttft_warm_redis_s" in row:
-            row["speedup_redis"] = row["ttft_cold_s"] / row["ttft_warm_redis_s"]
+        cache.flush()  # measure the hit, not the hit racing its own write-behind for the CPUs
+        row["ttft_warm_cpu_s"] = warm_ttft(cache, text, (), new_tokens)
+        row["ttft_warm_disk_s"] = warm_ttft(cache, text, ("cpu",), new_tokens)
+        if "remote" in tiers:
+            row["ttft_warm_redis_s"] = warm_ttft(cache, text, ("cpu", "disk"), new_tokens)
+        for tier in ("cpu", "disk", "redis"):
+            if f"ttft_warm_{tier}_s" in row:
+                row[f"speedup_{tier}"] = row["ttft_cold_s"] / row[f"ttft_warm_{tier}_s"]
         row["miss_overhead"] = row["ttft_cold_s"] / row["ttft_off_s"] - 1
         results[str(length)] = row
     return results
@@ -185,6 +217,7 @@ def miss_overhead(off: Local, on: Local, length: int, rounds: int, new_tokens: i
         base = document(20_000 + index, length)
         off_ttft = ask(off.url, base + "\nQ: a?", new_tokens)[0]
         on_ttft = ask(on.url, base + "\nQ: b?", new_tokens)[0]  # a new document: all misses
+        on.flush()  # its write-behind must not slow the next pair's cache-off request
         ratios.append(on_ttft / off_ttft)
     return statistics.median(ratios) - 1
 
@@ -275,8 +308,8 @@ def run(args: argparse.Namespace) -> dict:
                     "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "doc_qa": {}}
     if args.url:
         report["model"] = "remote endpoint"
-        report["doc_qa"]["endpoint"] = doc_qa(args.url, args.docs, args.doc_tokens, args.queries,
-                                              args.new_tokens, "endpoint")
+        report["doc_qa"] = doc_qa({"endpoint": args.url}, args.docs, args.doc_tokens,
+                                  args.queries, args.new_tokens)
         return report
     from lmcache_ext.serving.model import load_model
 
@@ -299,16 +332,13 @@ def start_redis(workdir: str):
 
 
 def run_all(args: argparse.Namespace, loaded, workdir: str, redis_url: str | None) -> dict:
-    out: dict = {"doc_qa": {}}
-    # A CPU tier smaller than one document: the disk / Redis configurations hit their own tier.
-    small_cpu = 0.5 * args.doc_tokens * 46_080 / 2**30
-    for name, overrides in configurations(workdir, redis_url, small_cpu).items():
-        local = start_local(name, overrides, loaded)
-        try:
-            out["doc_qa"][name] = doc_qa(local.url, args.docs, args.doc_tokens, args.queries,
-                                         args.new_tokens, name)
-        finally:
-            local.close()
+    out = run_sweep(args, loaded, workdir, redis_url)  # first: long prompts on a fresh process
+    out["doc_qa"] = run_doc_qa(args, loaded, workdir, redis_url)
+    return out
+
+
+def run_sweep(args: argparse.Namespace, loaded, workdir: str, redis_url: str | None) -> dict:
+    out: dict = {}
     lengths = [int(n) for n in args.lengths.split(",") if n]
     all_tiers = {"max_local_cpu_size": 4.0, "local_disk": os.path.join(workdir, "sweep"),
                  "max_local_disk_size": 4.0, "extra_config": {"use_odirect": True}}
@@ -327,6 +357,19 @@ def run_all(args: argparse.Namespace, loaded, workdir: str, redis_url: str | Non
         for local in locals_.values():
             local.close()
     return out
+
+
+def run_doc_qa(args: argparse.Namespace, loaded, workdir: str, redis_url: str | None) -> dict:
+    # A CPU tier smaller than one document: the disk / Redis configurations hit their own tier.
+    small_cpu = 0.5 * args.doc_tokens * 46_080 / 2**30
+    endpoints = {name: start_local(name, overrides, loaded) for name, overrides in
+                 configurations(workdir, redis_url, small_cpu).items()}
+    try:
+        return doc_qa({name: e.url for name, e in endpoints.items()}, args.docs, args.doc_tokens,
+                      args.queries, args.new_tokens, settle=lambda name: endpoints[name].flush())
+    finally:
+        for endpoint in endpoints.values():
+            endpoint.close()
 
 
 if __name__ == "__main__":
