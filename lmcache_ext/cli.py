@@ -37,12 +37,18 @@ def config_check(args: argparse.Namespace) -> int:
     if config.disk_dir:
         from lmcache_ext.storage.direct_io import check_directory  # imports torch: only here
 
-        found = check_directory(config.disk_dir, config.disk_budget_bytes, config.use_odirect)
-        for note in found.notes:
-            print(f"local_disk: {note}")
-        if found.problems:
+        found = check_directory(config.disk_dir)
+        if found.problem:
             raise ConfigError([f"local_disk: {config.local_disk!r} "
-                               f"({config.source_of('local_disk')}): {p}" for p in found.problems])
+                               f"({config.source_of('local_disk')}): {found.problem}"])
+        if config.use_odirect:
+            warning = "" if found.odirect else "WARNING: use_odirect is on but "
+            fallback = "" if found.odirect else "; the tier will use buffered I/O"
+            print(f"local_disk: {warning}{found.odirect_reason}{fallback}")
+        if found.free_bytes < config.disk_budget_bytes:
+            print(f"local_disk: {config.disk_dir} has {found.free_bytes / 2**30:.2f} GiB free, "
+                  f"less than max_local_disk_size ({config.max_local_disk_size} GiB): chunks "
+                  f"that find no room are not stored")
     print(f"config OK: tiers {', '.join(tiers)}")
     return 0
 

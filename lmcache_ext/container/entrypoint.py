@@ -30,6 +30,7 @@ import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lmcache_ext.config import (
     ConfigError,
@@ -38,6 +39,9 @@ from lmcache_ext.config import (
     describe,
     load_config,
 )
+
+if TYPE_CHECKING:  # direct_io imports torch: the entrypoint loads it only for a disk tier
+    from lmcache_ext.storage.direct_io import DirectoryCheck
 
 log = logging.getLogger("lmcache_ext.entrypoint")
 
@@ -115,23 +119,21 @@ def _cache_bytes(directory: str) -> int:
     return total
 
 
-def prepare_disk(config: EngineConfig) -> int:
-    """Create the disk directory and check it is writable; returns the cache's bytes in it."""
-    directory, source = config.disk_dir, config.source_of("local_disk")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, ".lmcache-ext-write-probe")
-        with open(probe, "wb") as handle:
-            handle.write(b"x")
-        os.unlink(probe)
-    except OSError as exc:
-        raise SetupError(f"local_disk {config.local_disk!r} ({source}): directory {directory} "
-                         f"is not usable: {exc.strerror or exc}") from exc
-    return _cache_bytes(directory)
+def prepare_disk(config: EngineConfig) -> tuple[DirectoryCheck, int]:
+    """Create the disk directory, check it is writable and probe O_DIRECT; returns that check
+    and the bytes of the cache already in the directory."""
+    # Imported here: direct_io imports torch, which only a disk tier needs.
+    from lmcache_ext.storage.direct_io import check_directory
+
+    found = check_directory(config.disk_dir)
+    if found.problem:
+        raise SetupError(f"local_disk {config.local_disk!r} ({config.source_of('local_disk')}): "
+                         f"directory {config.disk_dir} is not usable: {found.problem}")
+    return found, _cache_bytes(config.disk_dir)
 
 
-def check_disk_room(config: EngineConfig, existing: int) -> None:
-    free = shutil.disk_usage(config.disk_dir).free + existing
+def check_disk_room(config: EngineConfig, found: DirectoryCheck, existing: int) -> None:
+    free = found.free_bytes + existing
     if config.disk_budget_bytes > free:
         raise SetupError(
             f"max_local_disk_size: {config.max_local_disk_size} GiB "
@@ -140,12 +142,9 @@ def check_disk_room(config: EngineConfig, existing: int) -> None:
             f"OPTION_LMCACHE_AUTO_CONFIG=true to size it")
 
 
-def say_odirect(config: EngineConfig) -> None:
-    # Imported here: direct_io imports torch, which only a disk tier needs.
-    from lmcache_ext.storage.direct_io import probe_odirect
-
-    works, reason = probe_odirect(config.disk_dir)
-    if config.use_odirect and not works:
+def say_odirect(config: EngineConfig, found: DirectoryCheck) -> None:
+    reason = found.odirect_reason
+    if config.use_odirect and not found.odirect:
         log.warning("disk probe: use_odirect is on but %s; the disk tier will run buffered", reason)
     elif config.use_odirect:
         log.info("disk probe: %s; use_odirect is on", reason)
@@ -219,13 +218,13 @@ def prepare(environ: Mapping[str, str]) -> Handover:
         log.info("LMCACHE_CONFIG_FILE=%s (from %s)", named[0], named[1])
         env["LMCACHE_CONFIG_FILE"] = named[0]
     config = _load(env)
-    existing = prepare_disk(config) if config.disk_dir else 0
+    found, existing = prepare_disk(config) if config.disk_dir else (None, 0)
     if _auto_requested(env):
         apply_auto_config(env, config, existing)
         config = _load(env)
-    if config.disk_dir:
-        check_disk_room(config, existing)
-        say_odirect(config)
+    if found is not None:
+        check_disk_room(config, found, existing)
+        say_odirect(config, found)
     for line in describe(config):
         log.info("config: %s", line)
     return Handover(env, cache_on=True)

@@ -13,6 +13,7 @@ import ctypes
 import itertools
 import mmap
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,28 +249,22 @@ def check_writable(directory: str) -> None:
 
 @dataclass(frozen=True)
 class DirectoryCheck:
-    """What a disk tier directory allows: ``problems`` stop a start; ``notes`` (O_DIRECT, free
-    space) are said once and do not."""
+    """A disk tier directory, created if it was missing. Callers decide what to make of it
+    (``config check`` warns about room, the container entrypoint refuses to start)."""
 
-    problems: tuple[str, ...]
-    notes: tuple[str, ...]
+    problem: str | None  # why the directory cannot be used at all; None when it can
+    free_bytes: int
     odirect: bool
+    odirect_reason: str
 
 
-def check_directory(directory: str, budget_bytes: int, use_odirect: bool) -> DirectoryCheck:
-    """Create ``directory`` if missing, then check it is writable, has room for the budget and
-    (when asked for) honours O_DIRECT. Nothing is left behind but the directory."""
+def check_directory(directory: str) -> DirectoryCheck:
+    """Create ``directory`` if missing, prove it writable and probe O_DIRECT there (one real
+    write and read). Nothing is left behind but the directory."""
     try:
         os.makedirs(directory, exist_ok=True)
-        odirect, reason = probe_odirect(directory)
+        odirect, reason = probe_odirect(directory)  # raises OSError when not writable at all
     except OSError as exc:
-        return DirectoryCheck((f"{directory} cannot be created or written: {exc}",), (), False)
-    stats = os.statvfs(directory)
-    free = stats.f_bavail * stats.f_frsize
-    notes = [reason] if use_odirect else []
-    if free < budget_bytes:
-        notes.append(f"{directory} has {free / 2**30:.2f} GiB free, less than the disk budget of "
-                     f"{budget_bytes / 2**30:.2f} GiB: chunks that find no room are not stored")
-    if use_odirect and not odirect:
-        notes[0] = f"WARNING: use_odirect is on but {reason}; the tier will use buffered I/O"
-    return DirectoryCheck((), tuple(notes), odirect)
+        return DirectoryCheck(f"{directory} cannot be created or written: {exc.strerror or exc}",
+                              0, False, "")
+    return DirectoryCheck(None, shutil.disk_usage(directory).free, odirect, reason)
