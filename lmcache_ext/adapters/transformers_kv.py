@@ -33,12 +33,29 @@ def cache_to_kv(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
     return torch.stack(planes)
 
 
+def empty_cache_kv(layout: KVLayout, num_tokens: int) -> torch.Tensor:
+    """An uninitialised KV of ``layout.shape(num_tokens)`` whose memory is laid out as a
+    ``DynamicCache`` holds it (``[layers, 2, heads, tokens, dim]``): retrieving into it and then
+    ``kv_to_cache`` fills the cache with one copy instead of two."""
+    storage = torch.empty((layout.num_layers, 2, layout.num_kv_heads, num_tokens,
+                           layout.head_dim), dtype=layout.dtype)
+    return storage.permute(0, 1, 3, 2, 4)  # a view: [layers, 2, tokens, heads, dim]
+
+
 def kv_to_cache(kv: torch.Tensor, num_tokens: int, config: PretrainedConfig) -> DynamicCache:
-    """A ``DynamicCache`` holding tokens [0, num_tokens) of ``kv`` (copied: the cache grows by
-    concatenation and must own contiguous tensors)."""
-    layers = [
-        (kv[i, 0, :num_tokens].transpose(0, 1).unsqueeze(0).contiguous(),  # [1, heads, T, dim]
-         kv[i, 1, :num_tokens].transpose(0, 1).unsqueeze(0).contiguous())
-        for i in range(kv.shape[0])
-    ]
-    return DynamicCache(ddp_cache_data=layers, config=config)
+    """A ``DynamicCache`` holding tokens [0, num_tokens) of ``kv``: views, no copy, when ``kv``
+    came from ``empty_cache_kv`` and is used whole (else contiguous copies).
+
+    The layers are filled directly: ``DynamicCache(ddp_cache_data=...)`` would concatenate each
+    tensor onto an empty one, a copy of every loaded byte on the path to the first token. Later
+    tokens are appended by concatenation, which never writes into these tensors.
+    """
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != kv.shape[0]:
+        raise ValueError(f"the model has {len(cache.layers)} cache layers, the KV {kv.shape[0]}")
+    for index, layer in enumerate(cache.layers):
+        keys = kv[index, 0, :num_tokens].transpose(0, 1).unsqueeze(0).contiguous()  # [1, H, T, D]
+        values = kv[index, 1, :num_tokens].transpose(0, 1).unsqueeze(0).contiguous()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    return cache

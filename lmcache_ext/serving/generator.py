@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from lmcache_ext.adapters.transformers_kv import cache_to_kv, kv_to_cache
+from lmcache_ext.adapters.transformers_kv import cache_to_kv, empty_cache_kv, kv_to_cache
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.serving.cost import CostModel, RetrievalPlan
 from lmcache_ext.serving.model import LoadedModel
@@ -98,8 +98,7 @@ class Generator:
         stats.plan = plan
         if plan.load_tokens == 0:
             return 0, DynamicCache(config=config)
-        dest = torch.empty(self.loaded.layout.shape(plan.load_tokens),
-                           dtype=self.loaded.layout.dtype)
+        dest = empty_cache_kv(self.loaded.layout, plan.load_tokens)
         got = self.engine.retrieve(prompt_ids[:plan.load_tokens], dest)
         stats.loaded_tokens = got
         if got == 0:
