@@ -11,13 +11,18 @@ PORT ?= 8080
 
 VLLM_VENV_OLD := .venv-vllm023
 
-.PHONY: setup test lint run bench clean
+.PHONY: setup system test lint run bench clean
 
-# vLLM (for the KV-connector tests) goes in with --no-deps by its own idempotent script: 0.33
-# beside everything in .venv, and 0.23 (the vLLM inside LMI) in a venv of its own.
-setup: $(STAMP)
+# System programs first (redis-server, fio, ...: scripts/setup_system.sh installs the missing ones
+# as root, else names them and fails). vLLM (for the KV-connector tests) goes in with --no-deps by
+# its own idempotent script: 0.33 beside everything in .venv, and 0.23 (the vLLM inside LMI) in a
+# venv of its own.
+setup: system $(STAMP)
 	scripts/setup_vllm.sh $(VENV) 0.33.0
 	scripts/setup_vllm.sh $(VLLM_VENV_OLD) 0.23.0
+
+system:
+	scripts/setup_system.sh
 
 # torch goes in first and pinned, so no later install can pull a CUDA build.
 $(STAMP): pyproject.toml Makefile
