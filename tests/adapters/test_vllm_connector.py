@@ -107,24 +107,25 @@ def preemption_only(template, req_id: str):
 
 
 def pinned_chunks(rig: Rig) -> int:
-    return sum(entry.pins for tier in rig.connector.engine.storage.tiers
+    return sum(entry.pins for tier in rig.worker.engine.storage.tiers
                for entry in getattr(tier, "_index", {}).values())
 
 
-def rig_for(tmp_path, layout: str, backend: str, prefix_caching: bool = False, **extra) -> Rig:
+def rig_for(tmp_path, layout: str, backend: str, prefix_caching: bool = False,
+            over_ipc: bool = False, **extra) -> Rig:
     config = vllm_config(tmp_path, layout, prefix_caching, **extra)
     legacy = vllm_compat.VLLM_VERSION < vllm_compat.PACKED_SINCE
     if backend != "CPU_ATTN" and not legacy:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
         config.attention_config.backend = AttentionBackendEnum[backend]
-    return make_rig(config, backend)
+    return make_rig(config, backend, over_ipc)
 
 
 def save_prompt_a(rig: Rig, backend: str) -> FakeForward:
     forward = FakeForward(rig, backend, {"a": PROMPT_A, "b": PROMPT_B})
     rig.scheduler.add_request(make_request("a", PROMPT_A))
     step(rig, forward)  # prefill + one token: finished (max_tokens=1)
-    engine = rig.connector.engine
+    engine = rig.worker.engine
     assert engine.lookup(PROMPT_A) == 96
     # What the engine holds is the model's KV in [layers, 2, tokens, heads, head_dim], not
     # some permutation of it that would only round-trip into the same kind of block.
@@ -135,11 +136,14 @@ def save_prompt_a(rig: Rig, backend: str) -> FakeForward:
     return forward
 
 
-@pytest.mark.parametrize(("layout", "backend"), LAYOUTS)
-def test_second_request_loads_the_shared_prefix_bit_exactly(tmp_path, layout, backend):
+@pytest.mark.parametrize(("layout", "backend", "over_ipc"),
+                         [(*lb, False) for lb in LAYOUTS] + [(*LAYOUTS[0], True)])
+def test_second_request_loads_the_shared_prefix_bit_exactly(tmp_path, layout, backend,
+                                                            over_ipc):
     """Scenario: A is saved from vLLM's paged views; B shares 80 tokens; B's matched count is
-    the chunk-aligned 64 and its fresh blocks then hold A's KV for them, bit for bit."""
-    rig = rig_for(tmp_path, layout, backend)
+    the chunk-aligned 64 and its fresh blocks then hold A's KV for them, bit for bit (the
+    scheduler asking the worker's cache in-process, and over its socket)."""
+    rig = rig_for(tmp_path, layout, backend, over_ipc=over_ipc)
     forward = save_prompt_a(rig, backend)
     b = make_request("b", PROMPT_B)
     assert rig.connector.get_num_new_matched_tokens(b, 0) == (64, False)
@@ -151,9 +155,11 @@ def test_second_request_loads_the_shared_prefix_bit_exactly(tmp_path, layout, ba
     (new,) = output.scheduled_new_reqs
     assert new.num_computed_tokens == 64
     assert rig.connector.num_pinned_requests() == 1
+    assert rig.worker.worker.num_pins() == 1 and pinned_chunks(rig) == 2
     rig.worker.bind_connector_metadata(output.kv_connector_metadata)
     rig.worker.start_load_kv(None)
     assert rig.worker.get_block_ids_with_load_errors() == set()
+    assert rig.worker.worker.num_pins() == 0 and pinned_chunks(rig) == 0  # dropped once loaded
     blocks = list(new.block_ids[0])
     got = read_kv(rig, backend, blocks, range(64))
     assert torch.equal(got.view(torch.int16), expected_kv(PROMPT_B, range(64)).view(torch.int16))
@@ -190,7 +196,7 @@ def test_finished_aborted_and_preempted_requests_leave_nothing_pinned(tmp_path, 
     rig.scheduler.add_request(make_request("preempt", PROMPT_B, max_tokens=4))
     step(rig)
     assert rig.connector.num_pinned_requests() == 1
-    assert pinned_chunks(rig) == 2
+    assert pinned_chunks(rig) == 0  # the worker dropped the pin once its load was done
     rig.scheduler.reset_prefix_cache(reset_running_requests=True)  # preempts every running one
     output = rig.scheduler.schedule()  # resumed at once: its own saved prompt is now a hit
     assert [op.req_id for op in output.kv_connector_metadata.loads] == ["preempt"]
@@ -221,7 +227,7 @@ def test_a_load_that_finds_its_chunks_gone_is_reported_never_used(tmp_path, layo
     rig.scheduler.add_request(make_request("b", PROMPT_B))
     output = rig.scheduler.schedule()
     blocks = list(output.scheduled_new_reqs[0].block_ids[0])
-    engine = rig.connector.engine
+    engine = rig.worker.engine
     spans = engine.spans(PROMPT_B)
     tier = engine.storage.tiers[0]
     tier._index[spans[1].key].pins = 0  # drop our pin's hold so the chunk can go

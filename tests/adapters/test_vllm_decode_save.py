@@ -72,7 +72,7 @@ def test_a_finished_request_saves_its_decode_chunk_bit_exactly(tmp_path, layout,
     finished sending, and only then are the blocks freed. The stored chunk is the model's KV
     bit for bit; B, whose prompt is A's prompt + output, hits all 128 tokens."""
     rig = rig_for(tmp_path, layout, backend, save_decode_cache=True)
-    engine, free = rig.connector.engine, free_blocks(rig)
+    engine, free = rig.worker.engine, free_blocks(rig)
     a = generate(rig, backend, "a", MAX_TOKENS, MAX_TOKENS)
     tokens = list(a.all_token_ids)
     assert a.is_finished() and len(tokens) == 129
@@ -106,7 +106,7 @@ def test_without_save_decode_cache_nothing_past_the_prompt_is_stored(tmp_path, l
     tokens = list(a.all_token_ids)
     assert "a" not in rig.scheduler.requests and free_blocks(rig) == free
     step(rig)
-    assert rig.connector.engine.lookup(tokens) == 96
+    assert rig.worker.engine.lookup(tokens) == 96
     assert rig.connector.get_num_new_matched_tokens(make_request("b", tokens), 0) == (96, False)
 
 
@@ -116,7 +116,7 @@ def test_decode_saves_of_aborted_and_short_requests(tmp_path, layout, backend):
     blocks back the next step; one that finishes with 128 tokens holds nothing (the 128th, just
     sampled, has no KV yet, so no whole chunk past the prompt is computed): freed at once."""
     rig = rig_for(tmp_path, layout, backend, save_decode_cache=True)
-    engine, free = rig.connector.engine, free_blocks(rig)
+    engine, free = rig.worker.engine, free_blocks(rig)
     short = generate(rig, backend, "short", MAX_TOKENS - 1, MAX_TOKENS - 1)
     assert short.is_finished() and len(short.all_token_ids) == 128
     assert "short" not in rig.scheduler.requests and free_blocks(rig) == free

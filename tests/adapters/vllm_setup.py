@@ -29,7 +29,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
-from lmcache_ext.adapters import vllm_compat, vllm_connector
+from lmcache_ext.adapters import vllm_compat, vllm_connector, worker_channel
 
 BLOCK_SIZE, CHUNK, LAYERS, KV_HEADS, HEAD_DIM = 16, 32, 2, 2, 16
 DTYPE = torch.bfloat16
@@ -129,7 +129,9 @@ def _legacy_backend(name: str):
     return CPUAttentionBackend
 
 
-def make_rig(config: VllmConfig, backend: str) -> Rig:
+def make_rig(config: VllmConfig, backend: str, over_ipc: bool = False) -> Rig:
+    """``over_ipc``: the scheduler asks the worker's cache over its socket, as it does when the
+    worker is another process, instead of calling it in-process."""
     kv_config, caches = allocate(config, backend)
     config.cache_config.num_gpu_blocks = kv_config.num_blocks
     scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_config, log_stats=False,
@@ -137,6 +139,8 @@ def make_rig(config: VllmConfig, backend: str) -> Rig:
                           block_size=BLOCK_SIZE)
     worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, kv_config)
     worker.register_kv_caches(caches)
+    if over_ipc:
+        worker_channel.forget_local(config.kv_transfer_config.engine_id)
     return Rig(scheduler, worker, caches)
 
 

@@ -57,6 +57,7 @@ EVERY_KEY = {
     "pre_caching_hash_algorithm": "xxh3_128", "model_name": "my-model", "cache_salt": "s1",
     "write_behind_queue_chunks": "8", "cost_aware_retrieval": "false",
     "min_retrieve_tokens": "64", "save_decode_cache": "false", "use_layerwise": "false",
+    "worker_lookup_timeout_s": "0.5", "worker_lookup_backoff_s": "10",
 }
 
 

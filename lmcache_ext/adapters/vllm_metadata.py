@@ -1,0 +1,37 @@
+"""What the connector's scheduler side hands its worker side each step (vLLM carries it across
+the process boundary with the scheduler output)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass(frozen=True)
+class TransferOp:
+    """One request's load or save: token positions [start, end) in ``block_ids``.
+
+    ``digests`` are the chained digests of the request's chunks from the first (hashed once, by
+    the scheduler; each rank names its copy with its own namespace), over ``num_tokens`` tokens:
+    chunk i covers [i * chunk_size, min((i + 1) * chunk_size, num_tokens)). A load also names
+    the pin its lookup took (``pin_id``), which the worker drops once the load is done.
+    """
+
+    req_id: str
+    digests: list[bytes]
+    num_tokens: int
+    block_ids: list[int]
+    start: int
+    end: int
+    pin_id: int = 0
+
+
+@dataclass
+class LMCacheExtMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, one per step."""
+
+    loads: list[TransferOp] = field(default_factory=list)
+    saves: list[TransferOp] = field(default_factory=list)
+    # Saves of finished requests whose blocks vLLM holds until get_finished reports them.
+    finishing: list[TransferOp] = field(default_factory=list)

@@ -1,0 +1,186 @@
+"""The connector's scheduler side: plain bookkeeping in vLLM's engine-core process, no tensors.
+
+Each request's prompt is hashed once, when the scheduler first asks about it; its digests serve
+the lookup, the load, the save and a decode save. The matched-token count is the chunk-aligned
+hit that *every* rank's cache holds beyond vLLM's own computed tokens (one token short on a full
+hit, so the last prompt token is recomputed). The lookup pins those chunks on the ranks until the
+load (or until the request finishes, is aborted or preempted). A prompt's new whole chunks are
+saved once, in the step that finishes its prefill; with ``save_decode_cache`` a finished
+request's whole chunks of prompt + output are saved too (its blocks are held one step for that).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lmcache_ext.adapters import vllm_compat
+from lmcache_ext.adapters.vllm_metadata import LMCacheExtMetadata, TransferOp
+from lmcache_ext.adapters.worker_channel import LookupRequest, WorkerCaches
+from lmcache_ext.keys import PrefixHasher
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+
+def request_salt(request: Request) -> str:
+    """What makes this request's KV differ for the same tokens: LoRA adapter and cache salt."""
+    lora = getattr(request, "lora_request", None)
+    parts = [f"lora={lora.lora_name}" if lora is not None else "",
+             f"salt={request.cache_salt}" if getattr(request, "cache_salt", None) else ""]
+    return ";".join(p for p in parts if p)
+
+
+@dataclass
+class _RequestState:
+    """Scheduler-side bookkeeping of one request."""
+
+    num_prompt: int
+    digests: list[bytes]  # the prompt's chunk digests, hashed once
+    salt: str
+    cacheable: bool
+    block_ids: list[int] = field(default_factory=list)
+    num_external: int = 0  # tokens to load, set at allocation, consumed by the next metadata
+    pin_id: int = 0  # the ranks' pin from the last lookup (0: none held)
+    saved: bool = False
+
+
+class SchedulerSide:
+    """Used from vLLM's scheduler thread only."""
+
+    def __init__(self, hasher: PrefixHasher, caches: WorkerCaches, block_size: int,
+                 save_decode_cache: bool):
+        self.hasher = hasher
+        self.chunk_size = hasher.chunk_size
+        self.block_size = block_size
+        self.caches = caches
+        self.save_decode_cache = save_decode_cache
+        self._requests: dict[str, _RequestState] = {}
+        self._finishing: list[TransferOp] = []  # decode saves for the next metadata
+        self._pin_ids = itertools.count(1)
+
+    def _state(self, request: Request) -> _RequestState:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            prompt = list(request.prompt_token_ids or ())
+            cacheable = bool(prompt) and not request.mm_features  # images are not in our keys
+            salt = request_salt(request)
+            state = self._requests[request.request_id] = _RequestState(
+                len(prompt), self.hasher.digests(prompt, salt) if cacheable else [], salt,
+                cacheable)
+        return state
+
+    # -------------------------------------------------------------- vLLM's questions
+
+    def matched_tokens(self, request: Request, num_computed: int) -> int:
+        """Tokens every rank holds beyond ``num_computed`` (pinned for this request)."""
+        state = self._state(request)
+        if not state.cacheable:
+            return 0
+        pin_id = next(self._pin_ids)
+        first = num_computed // self.chunk_size
+        chunks = self.caches.lookup(LookupRequest(request.request_id, pin_id, state.digests,
+                                                  state.num_prompt, first))
+        state.pin_id = pin_id if chunks > first else 0  # the ranks replaced any earlier pin
+        hit = min(chunks * self.chunk_size, state.num_prompt)
+        hit = min(hit, state.num_prompt - 1)  # vLLM must compute at least the last prompt token
+        return max(hit - num_computed, 0)
+
+    def allocated(self, request: Request, num_external: int) -> None:
+        state = self._state(request)
+        state.num_external = num_external
+        if num_external == 0:
+            self._release(request.request_id, state)  # nothing to load: the pin has no use
+
+    def build_meta(self, scheduler_output: SchedulerOutput) -> LMCacheExtMetadata:
+        meta = LMCacheExtMetadata(finishing=self._finishing)
+        self._finishing = []
+        cached = scheduler_output.scheduled_cached_reqs
+        # A request preempted and resumed in the same step was re-planned at its allocation.
+        scheduled = {r.req_id for r in scheduler_output.scheduled_new_reqs} | set(cached.req_ids)
+        for req_id in vllm_compat.preempted_req_ids(scheduler_output) - scheduled:
+            self._on_preempted(req_id)
+        for new in scheduler_output.scheduled_new_reqs:
+            self._plan(meta, new.req_id, list(new.block_ids[0]), True,
+                       new.num_computed_tokens, scheduler_output)
+        for i, req_id in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            self._plan(meta, req_id, list(new_ids[0]) if new_ids else [],
+                       req_id in cached.resumed_req_ids, cached.num_computed_tokens[i],
+                       scheduler_output)
+        return meta
+
+    def _plan(self, meta: LMCacheExtMetadata, req_id: str, block_ids: list[int],
+              replace_blocks: bool, num_computed: int, scheduler_output: SchedulerOutput) -> None:
+        state = self._requests.get(req_id)
+        if state is None:
+            return
+        state.block_ids = block_ids if replace_blocks else state.block_ids + block_ids
+        if state.num_external > 0:
+            # num_computed counts vLLM's own hit plus ours: we load the tail of it, from the
+            # chunks up to the one holding its last token. The worker drops the pin after the
+            # load; the request's end or preemption releases it too (a no-op by then, unless
+            # the load never ran).
+            chunks = -(-num_computed // self.chunk_size)
+            meta.loads.append(TransferOp(req_id, state.digests[:chunks], state.num_prompt,
+                                         list(state.block_ids),
+                                         num_computed - state.num_external, num_computed,
+                                         state.pin_id))
+            state.num_external = 0
+        done = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+        if state.cacheable and not state.saved and done >= state.num_prompt:
+            state.saved = True  # once per request: its prompt's KV is complete after this step
+            end = min(len(state.digests) * self.chunk_size, state.num_prompt)
+            if end > 0:
+                meta.saves.append(TransferOp(req_id, state.digests, state.num_prompt,
+                                             list(state.block_ids), 0, end))
+
+    def _on_preempted(self, req_id: str) -> None:
+        state = self._requests.get(req_id)
+        if state is not None:
+            self._release(req_id, state)
+            state.block_ids, state.num_external = [], 0
+
+    def finished(self, request: Request, block_ids: list[int]) -> bool:
+        """Finished or aborted: drop the request's pin and state. True if its blocks must wait
+        for a decode save (reported by the worker's ``get_finished`` the next step)."""
+        state = self._requests.pop(request.request_id, None)
+        if state is None:
+            return False
+        self._release(request.request_id, state)
+        op = self._decode_save(request, state, block_ids) if self.save_decode_cache else None
+        if op is None:
+            return False
+        self._finishing.append(op)
+        return True
+
+    def _decode_save(self, request: Request, state: _RequestState,
+                     block_ids: list[int]) -> TransferOp | None:
+        """The save of the request's whole chunks past its prompt, or None if there are none.
+        Only positions whose KV was computed: every one before the last known token (the last
+        sampled token has no KV yet; a step still in flight computes only later positions)."""
+        if not state.cacheable:
+            return None
+        tokens = list(request.all_token_ids)
+        computed = min(request.num_computed_tokens, len(tokens) - 1)
+        end = computed - computed % self.chunk_size
+        if end <= state.num_prompt or len(block_ids) * self.block_size < end:
+            return None  # no chunk holds output tokens (the prompt's are saved after prefill)
+        whole = state.digests[:state.num_prompt // self.chunk_size]  # extend, never rehash
+        digests = self.hasher.digests(tokens[:end], state.salt, known=whole)
+        return TransferOp(request.request_id, digests, end, list(block_ids), 0, end)
+
+    def _release(self, req_id: str, state: _RequestState) -> None:
+        if state.pin_id:
+            self.caches.release(req_id, state.pin_id)
+            state.pin_id = 0
+
+    def num_pinned_requests(self) -> int:
+        """Requests whose last pin the scheduler has not released (the worker drops a pin
+        once its load is done, earlier): a count that never falls is a leak."""
+        return sum(1 for s in self._requests.values() if s.pin_id)
+
+    def close(self) -> None:
+        self.caches.close()

@@ -1,0 +1,296 @@
+"""The scheduler's line to the workers' caches: lookups with pins, and releases, with timeouts.
+
+In vLLM the KV lives in the workers (one process per tensor-parallel rank, or the engine core's
+own process with a single in-process worker), so the tiers that hold copies of it live there too.
+The scheduler hashes a prompt once and asks every rank "how many of these chunks, from the first,
+do you hold? pin them for this request". A rank in the scheduler's own process is called
+directly; any other is asked over ZMQ IPC (a ROUTER socket on a thread in the worker, a DEALER per
+rank in the scheduler). The hit is the smallest answer over the ranks.
+
+Failure is a miss, never a hang: each lookup waits at most ``timeout_s`` for all ranks; a rank
+that did not answer in time counts as 0 chunks, is sent a release for whatever it pins late (the
+socket keeps the order), and is skipped for ``backoff_s`` so later requests do not each wait. The
+first time a rank cannot be reached the scheduler says so loudly (ERROR), and again when it is
+back: a cache that cannot hit is never silent.
+
+Wire format (no pickle): frame 0 is a JSON header, frame 1 the chunk digests concatenated.
+  lookup  {"id", "op": "lookup", "req", "pin", "tokens", "first", "size"} + digests
+          -> {"id", "chunks"}
+  release {"op": "release", "req", "pin"} (no reply)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import zmq
+
+log = logging.getLogger(__name__)
+POLL_S = 0.1  # how often the worker's thread looks at its stop flag
+
+
+@dataclass(frozen=True)
+class LookupRequest:
+    """Scheduler -> every rank: count the held run of ``digests`` from the first chunk and pin
+    chunks [first, held) for ``req_id`` under ``pin_id`` (replacing its earlier pin)."""
+
+    req_id: str
+    pin_id: int
+    digests: list[bytes]  # the prompt's chunk digests (keys.PrefixHasher.digests)
+    num_tokens: int  # the prompt's length (the last chunk may be partial)
+    first: int  # chunks before this one are in vLLM's own cache already: not pinned
+
+
+class CacheService(Protocol):
+    """What a worker's cache answers (implemented by the worker side of the connector)."""
+
+    def lookup(self, request: LookupRequest) -> int:
+        """Chunks held from the first (``first`` to the result pinned). Thread-safe."""
+
+    def release(self, req_id: str, pin_id: int) -> None:
+        """Drop ``req_id``'s pin if it is still ``pin_id`` (a newer pin stays). Thread-safe."""
+
+
+# Ranks whose worker runs in this process, found by the scheduler without a socket.
+_LOCAL: dict[tuple[str, int], CacheService] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+def socket_path(engine_key: str, rank: int) -> str:
+    """The IPC endpoint of one rank's cache: short (a socket path is limited to ~100 bytes)
+    and the same in every process of one engine."""
+    digest = hashlib.sha256(engine_key.encode()).hexdigest()[:16]
+    return f"ipc://{tempfile.gettempdir()}/lmcache-ext-{digest}-r{rank}.sock"
+
+
+def forget_local(engine_key: str) -> None:
+    """Stop finding this engine's ranks in-process (tests: force the socket path)."""
+    with _LOCAL_LOCK:
+        for key in [k for k in _LOCAL if k[0] == engine_key]:
+            del _LOCAL[key]
+
+
+# ---------------------------------------------------------------------- worker side
+
+
+class CacheServer:
+    """One rank's cache, answering on a daemon thread; registered for in-process callers too."""
+
+    def __init__(self, engine_key: str, rank: int, service: CacheService):
+        self.endpoint = socket_path(engine_key, rank)
+        self._key = (engine_key, rank)
+        self._service = service
+        self._stop = threading.Event()
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(self.endpoint)
+        with _LOCAL_LOCK:
+            _LOCAL[self._key] = service
+        self._thread = threading.Thread(target=self._serve, name=f"lmcache-ext-rank{rank}",
+                                        daemon=True)
+        self._thread.start()
+        log.info("lmcache-ext: rank %d cache answers the scheduler at %s", rank, self.endpoint)
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(int(POLL_S * 1000)):
+                continue
+            peer, *frames = self._socket.recv_multipart()
+            try:
+                reply = self._handle(frames)
+            except Exception:  # a bad message or a failing lookup: that lookup is a miss
+                log.exception("lmcache-ext: a cache request failed; answered as a miss")
+                reply = {"id": _request_id(frames), "chunks": 0}
+            if reply is not None:
+                self._socket.send_multipart([peer, json.dumps(reply).encode()])
+        self._socket.close(0)
+
+    def _handle(self, frames: list[bytes]) -> dict | None:
+        header = json.loads(frames[0])
+        if header["op"] == "release":
+            self._service.release(str(header["req"]), int(header["pin"]))
+            return None
+        if header["op"] != "lookup":
+            raise ValueError(f"unknown cache request {header['op']!r}")
+        size, blob = int(header["size"]), frames[1] if len(frames) > 1 else b""
+        if size <= 0 or len(blob) % size:
+            raise ValueError("digest frame does not match its size")
+        digests = [blob[i:i + size] for i in range(0, len(blob), size)]
+        request = LookupRequest(str(header["req"]), int(header["pin"]), digests,
+                                int(header["tokens"]), int(header["first"]))
+        return {"id": header["id"], "chunks": self._service.lookup(request)}
+
+    def close(self) -> None:
+        """Stop answering; in-process callers no longer find this rank. Idempotent."""
+        with _LOCAL_LOCK:
+            if _LOCAL.get(self._key) is self._service:
+                del _LOCAL[self._key]
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._context.term()
+            path = self.endpoint.removeprefix("ipc://")
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _request_id(frames: list[bytes]) -> int | None:
+    try:
+        return json.loads(frames[0]).get("id")
+    except (ValueError, AttributeError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------------- scheduler side
+
+
+class _RemoteRank:
+    """A DEALER to one rank's cache, with its reachability state."""
+
+    def __init__(self, context: zmq.Context, endpoint: str):
+        self.endpoint = endpoint
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.down_until = 0.0
+        self.ever_answered = False
+        self.reported_down = False
+
+
+class WorkerCaches:
+    """The scheduler's view of every rank's cache. Used from the scheduler's thread only."""
+
+    def __init__(self, engine_key: str, world_size: int, timeout_s: float, backoff_s: float):
+        self._key = engine_key
+        self._world = world_size
+        self._timeout_s = timeout_s
+        self._backoff_s = backoff_s
+        self._context: zmq.Context | None = None
+        self._remote: dict[int, _RemoteRank] = {}
+        self._next_id = 0
+        self.timeouts = 0  # lookups a rank did not answer in time (or skipped while it was down)
+
+    def lookup(self, request: LookupRequest) -> int:
+        """Chunks every rank holds from the first (0 where any rank fails to answer)."""
+        answers: list[int] = []
+        waiting: dict[int, _RemoteRank] = {}
+        for rank in range(self._world):
+            local = self._local(rank)
+            if local is not None:
+                answers.append(local.lookup(request))
+            elif (remote := self._remote_rank(rank)).down_until > time.monotonic():
+                self.timeouts += 1
+                answers.append(0)
+            else:
+                waiting[rank] = remote
+        if waiting:
+            answers += self._ask(waiting, request)
+        return min(answers) if answers else 0
+
+    def release(self, req_id: str, pin_id: int) -> None:
+        """Drop the pin ``pin_id`` of ``req_id`` on every rank (sent, not waited for)."""
+        for rank in range(self._world):
+            local = self._local(rank)
+            if local is not None:
+                local.release(req_id, pin_id)
+            else:
+                self._send_release(self._remote_rank(rank), req_id, pin_id)
+
+    def close(self) -> None:
+        for remote in self._remote.values():
+            remote.socket.close(0)
+        self._remote.clear()
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
+    def _local(self, rank: int) -> CacheService | None:
+        with _LOCAL_LOCK:
+            return _LOCAL.get((self._key, rank))
+
+    def _remote_rank(self, rank: int) -> _RemoteRank:
+        if rank not in self._remote:
+            if self._context is None:
+                self._context = zmq.Context()
+            self._remote[rank] = _RemoteRank(self._context, socket_path(self._key, rank))
+        return self._remote[rank]
+
+    def _ask(self, ranks: dict[int, _RemoteRank], request: LookupRequest) -> list[int]:
+        """Send the lookup to ``ranks`` at once; their answers, 0 for each that missed the
+        deadline (which then gets a release and a back-off)."""
+        self._next_id += 1
+        ident = self._next_id
+        size = len(request.digests[0]) if request.digests else 32
+        header = json.dumps({"id": ident, "op": "lookup", "req": request.req_id,
+                             "pin": request.pin_id, "tokens": request.num_tokens,
+                             "first": request.first, "size": size}).encode()
+        poller = zmq.Poller()
+        for remote in ranks.values():
+            try:
+                remote.socket.send_multipart([header, b"".join(request.digests)], zmq.NOBLOCK)
+            except zmq.Again:  # its queue is full: it has not been reading (no answer below)
+                continue
+            poller.register(remote.socket, zmq.POLLIN)
+        answers: dict[int, int] = {}
+        deadline = time.monotonic() + self._timeout_s
+        while len(answers) < len(ranks) and (left := deadline - time.monotonic()) > 0:
+            ready = dict(poller.poll(max(1, int(left * 1000))))
+            for rank, remote in ranks.items():
+                if remote.socket in ready:
+                    chunks = self._reply(remote, ident)
+                    if chunks is not None:
+                        answers[rank] = chunks
+        for rank, remote in ranks.items():
+            if rank in answers:
+                self._mark_up(rank, remote)
+            else:
+                self._mark_down(rank, remote, request)
+        return [answers.get(rank, 0) for rank in ranks]
+
+    @staticmethod
+    def _reply(remote: _RemoteRank, ident: int) -> int | None:
+        """The answer to ``ident`` among the waiting messages (late answers to earlier
+        lookups are dropped: their pins were released when they timed out)."""
+        while remote.socket.poll(0):
+            reply = json.loads(remote.socket.recv())
+            if reply.get("id") == ident:
+                return max(0, int(reply.get("chunks", 0)))
+        return None
+
+    def _mark_up(self, rank: int, remote: _RemoteRank) -> None:
+        if not remote.ever_answered:
+            log.info("lmcache-ext: the scheduler reaches the cache of worker rank %d at %s",
+                     rank, remote.endpoint)
+        elif remote.reported_down:
+            log.warning("lmcache-ext: worker rank %d's cache answers again: hits resume", rank)
+        remote.ever_answered, remote.reported_down, remote.down_until = True, False, 0.0
+
+    def _mark_down(self, rank: int, remote: _RemoteRank, request: LookupRequest) -> None:
+        self.timeouts += 1
+        self._send_release(remote, request.req_id, request.pin_id)  # whatever it pins late
+        remote.down_until = time.monotonic() + self._backoff_s
+        if not remote.reported_down:
+            remote.reported_down = True
+            log.error("lmcache-ext: the scheduler cannot reach the KV cache of worker rank %d "
+                      "at %s (no answer in %.3f s): requests miss the cache until it answers "
+                      "(retried every %.1f s)", rank, remote.endpoint, self._timeout_s,
+                      self._backoff_s)
+
+    @staticmethod
+    def _send_release(remote: _RemoteRank, req_id: str, pin_id: int) -> None:
+        message = json.dumps({"op": "release", "req": req_id, "pin": pin_id}).encode()
+        try:
+            remote.socket.send_multipart([message], zmq.NOBLOCK)
+        except zmq.Again:  # the rank is not reading: its pins go when the request is looked up
+            pass
