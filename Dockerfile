@@ -13,9 +13,9 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # (keep in step with lmcache_ext/adapters/vllm_compat.py SUPPORTED).
 RUN vllm_version="$(${PYTHON} -c 'import vllm; print(vllm.__version__)')" \
     && case "${vllm_version}" in \
-         0.23.*|0.33.*) echo "base image vLLM ${vllm_version}: supported by lmcache-ext" ;; \
+         0.23.*|0.32.*|0.33.*) echo "base image vLLM ${vllm_version}: supported by lmcache-ext" ;; \
          *) echo "ERROR: the base image's vLLM is ${vllm_version}; lmcache-ext supports" \
-                 "vLLM 0.23.x and 0.33.x: choose another BASE_IMAGE" >&2; exit 1 ;; \
+                 "vLLM 0.23.x, 0.32.x and 0.33.x: choose another BASE_IMAGE" >&2; exit 1 ;; \
        esac
 
 # PIP_BREAK_SYSTEM_PACKAGES: a base whose Python is the distribution's (PEP 668) still takes the
