@@ -3,14 +3,20 @@
 For a 7B-shaped chunk (28 layers, 256 tokens, 4 KV heads x 128, bf16: 14.7 MB) and a
 SmolLM2-135M-shaped one (30 layers, 256 tokens, 3 KV heads x 64, bf16: 5.9 MB):
 - write: ``DiskTier.put`` on 2 threads (as write-behind runs), until the data is on disk (sync);
-- read: the page cache is dropped first, then ``DiskTier.get`` on 4 threads (as a request's
-  chunks are read ahead), header and checksum verified on every chunk;
-- fio: O_DIRECT sequential read (psync, 1 MiB blocks) of the same total bytes in the same
-  directory, the device's limit for one reader, run right after each tier read round;
-  ``disk_read_vs_fio`` is the tier's O_DIRECT read of the 7B shape over it (best round of each).
+- read: ``DiskTier.get`` on 4 threads (as a request's chunks are read ahead), and on 1 thread,
+  header and checksum verified on every chunk;
+- fio (O_DIRECT, see fio_yardstick.py): the tier's own chunk files, read-only, under several
+  configurations: psync at queue depth 1, io_uring (libaio where io_uring is refused) at depths
+  8 and 32, all in 1 MiB blocks, and 4 jobs reading one whole file per read as the tier does.
+  ``disk_read_vs_fio`` is the tier's O_DIRECT read of the 7B shape over fio's best configuration.
+Every read starts from a dropped page cache. Reads run in rounds; within a round the tier's reads
+and the fio configurations run one after another, in an order rotated each round, so the noise
+of this shared machine hits all alike. Each figure is the MEDIAN of its rounds.
 ``disk_startup_s_10k``: a tier starting over 10,000 chunk files (page cache dropped).
-GB/s are 10^9 bytes per second of KV payload. Needs root to drop the page cache; without it the
-result says ``page_cache_dropped: false`` and reads may come from memory.
+GB/s are 10^9 bytes per second (the tier: of KV payload; fio: of file bytes, 0.03% more).
+Needs root to drop the page cache and to reserve hugetlb pages for fio's buffers; without it the
+result says so. O_DIRECT and drop_caches skip only this machine's caches: on a virtual disk the
+host's cache may still serve reads, which the result notes when the tier beats fio's best by far.
 
     python benchmarks/disk_bench.py [--dir DIR] [--quick] [--json PATH]
 """
@@ -21,17 +27,20 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import torch
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fio_yardstick as fio  # noqa: E402  (beside this file: on sys.path as a script)
 
 from lmcache_ext.keys import ChunkKey  # noqa: E402
 from lmcache_ext.storage import Chunk, DiskTier  # noqa: E402
@@ -43,6 +52,7 @@ SHAPES = {  # [layers, 2, tokens, kv_heads, head_dim], bf16
 }
 WRITE_THREADS, READ_THREADS = 2, 4
 DISTINCT_SOURCES = 4  # chunks cycle over a few source tensors: the disk does not care, RAM does
+HOST_CACHE_FACTOR = 1.3  # the tier this far above fio's best: the host's cache serves reads
 
 
 def drop_page_cache() -> bool:
@@ -73,81 +83,123 @@ def _timed_map(threads: int, fn, items) -> tuple[float, list]:
         return time.perf_counter() - start, results
 
 
+def _get(tier: DiskTier, n: int) -> bool:
+    lease = tier.get(_key(n))
+    if lease is None:
+        return False
+    lease.release()  # as the engine does once the chunk is copied out
+    return True
+
+
 def measure_tier(directory: str, shape: tuple[int, ...], count: int, odirect: bool,
-                 rounds: int, beside: Callable[[], float | None] | None = None) -> dict:
+                 rounds: int) -> dict:
     """Write then read ``count`` chunks of ``shape`` through a fresh disk tier in ``directory``.
 
-    Reads run ``rounds`` times, each from a dropped page cache, and the best counts: this
-    machine's disk speed swings by tens of percent from one second to the next. ``beside`` (fio)
-    runs after each read round, so both see the same conditions.
+    Reads (4 threads, 1 thread, and with ``odirect`` every fio configuration over the tier's
+    files) run ``rounds`` times, interleaved; each figure is the median of its rounds.
     """
     shutil.rmtree(directory, ignore_errors=True)
     sources = _sources(shape)
     nbytes = sources[0].kv.numel() * 2
+    total = nbytes * count
     tier = DiskTier(directory, count * (nbytes + 8192), NAMESPACE, odirect)
-
-    def put(n: int) -> bool:
-        return tier.put(_key(n), sources[n % len(sources)])
-
-    def get(n: int) -> bool:
-        lease = tier.get(_key(n))
-        if lease is None:
-            return False
-        lease.release()  # as the engine does once the chunk is copied out
-        return True
-
     start = time.perf_counter()
-    _, stored = _timed_map(WRITE_THREADS, put, range(count))
+    _, stored = _timed_map(WRITE_THREADS, lambda n: tier.put(_key(n), sources[n % len(sources)]),
+                           range(count))
     os.sync()  # buffered writes count only once they reach the disk
     write_s = time.perf_counter() - start
-    total = nbytes * count
-    reads, reads_1thread, beside_samples, served, same_files = [], [], [], [], []
-    for _ in range(rounds):
-        dropped = drop_page_cache()
-        seconds, found = _timed_map(READ_THREADS, get, range(count))
-        reads.append(total / seconds / 1e9)
-        served.append(sum(found))
-        if beside is not None:
-            beside_samples.append(beside())
-            same_files.append(_fio_on_chunk_files(tier, total))
-        drop_page_cache()
-        reads_1thread.append(total / _timed_map(1, get, range(count))[0] / 1e9)
+    served: list[int] = []
+
+    def read(threads: int) -> Callable[[], float]:
+        def measure() -> float:
+            seconds, found = _timed_map(threads, lambda n: _get(tier, n), range(count))
+            served.append(sum(found))
+            return total / seconds / 1e9
+        return measure
+
+    with ExitStack() as stack:
+        fio_measures, fio_info = (_fio_measures(tier, count, f"{directory}-fio", stack)
+                                  if odirect else ({}, {}))
+        samples, dropped = _interleaved(
+            {"tier": read(READ_THREADS), "tier_1thread": read(1), **fio_measures}, rounds)
     shutil.rmtree(directory, ignore_errors=True)
-    return {
+    result = {
         "odirect_requested": odirect, "odirect_active": tier.odirect_active,
         "chunk_bytes": nbytes, "chunks": count, "total_bytes": total,
-        "write_gbps": total / write_s / 1e9, "read_gbps": max(reads),
-        "read_1thread_gbps": max(reads_1thread), "read_samples_gbps": reads,
-        "beside_samples_gbps": beside_samples, "page_cache_dropped": dropped,
-        "stored": sum(stored), "served_min": min(served),
-        "fio_same_files_samples_gbps": same_files,
+        "write_gbps": total / write_s / 1e9,
+        "read_gbps": _median(samples["tier"]), "read_samples_gbps": samples["tier"],
+        "read_1thread_gbps": _median(samples["tier_1thread"]),
+        "read_1thread_samples_gbps": samples["tier_1thread"],
+        "page_cache_dropped": dropped, "stored": sum(stored), "served_min": min(served),
     }
+    if fio_info:
+        result.update(_fio_figures({name: samples[name] for name in fio_measures}, fio_info))
+    return result
 
 
-def _fio_on_chunk_files(tier: DiskTier, total: int) -> float | None:
-    """fio reading the tier's own chunk files one after another (read-only: fio must not lay
-    them out again): the device's speed on exactly the bytes and file layout the tier read."""
-    drop_page_cache()
-    # --opendir, not a ':'-joined --filename: fio cuts long option values short.
-    return fio_read_gbps("", total, f"--opendir={tier.directory}", "--readonly",
-                         "--file_service_type=sequential")[0]
+def _interleaved(measures: dict[str, Callable[[], float | None]],
+                 rounds: int) -> tuple[dict[str, list[float | None]], bool]:
+    """Every measure once per round, each after dropping the page cache, in an order rotated by
+    one each round: no measure always runs first, or always right after the same other one.
+    Returns the samples by name and whether every drop of the page cache worked."""
+    names = list(measures)
+    samples: dict[str, list[float | None]] = {name: [] for name in names}
+    dropped = True
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            dropped = drop_page_cache() and dropped
+            samples[name].append(measures[name]())
+    return samples, dropped
 
 
-def fio_read_gbps(path: str, total_bytes: int, *extra: str) -> tuple[float | None, str]:
-    """fio O_DIRECT sequential read of ``total_bytes`` from ``path`` (a file fio lays out on the
-    first call and keeps; empty when ``extra`` names the files): (GB/s, note)."""
-    if shutil.which("fio") is None:
-        return None, "fio not installed (apt-get install -y fio): fio figures are null"
-    where = [f"--filename={path}"] if path else []
-    command = ["fio", "--name=seqread", *where, "--rw=read", "--direct=1",
-               "--bs=1M", "--ioengine=psync", f"--size={total_bytes}", "--output-format=json",
-               *extra]
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        bw = json.loads(out[out.index("{"):])["jobs"][0]["read"]["bw_bytes"]
-        return bw / 1e9, "fio psync O_DIRECT sequential read, 1 MiB blocks, 1 job, best round"
-    except (subprocess.CalledProcessError, ValueError, KeyError) as exc:
-        return None, f"fio failed: {exc}"
+def _median(samples: list[float | None]) -> float | None:
+    valid = [s for s in samples if s is not None]
+    return statistics.median(valid) if valid else None
+
+
+def _fio_measures(tier: DiskTier, count: int, links: str,
+                  stack: ExitStack) -> tuple[dict[str, Callable[[], float | None]], dict]:
+    """One measure per fio configuration, reading the tier's chunk files (hard-linked into
+    ``links`` in the order the tier reads them); hugetlb pages stay reserved until ``stack``
+    closes. ({}, note) when fio is missing."""
+    if not fio.installed():
+        return {}, {"fio_note": fio.INSTALL_HINT}
+    # The tier's layout: <directory>/<namespace>/<key digest hex> (see storage/disk.py).
+    paths = [os.path.join(tier.directory, _key(n).digest.hex()) for n in range(count)]
+    stack.callback(shutil.rmtree, links, True)
+    names = fio.link_in_order(paths, links)
+    file_bytes = os.path.getsize(paths[0])
+    engine = fio.async_engine(links, names[0], file_bytes)
+    configs = fio.configs(engine)
+    reserved = stack.enter_context(
+        fio.huge_pages_reserved(fio.huge_pages_needed(configs, file_bytes)))
+    huge = reserved and fio.huge_pages_work(links, names[0], file_bytes)
+    if not huge:  # every configuration reads into 4 KiB pages: drop the one kept to show them
+        configs = tuple(config for config in configs if config.huge_pages)
+    errors: dict[str, str] = {}
+
+    def measure(config: fio.FioConfig) -> Callable[[], float | None]:
+        def run() -> float | None:
+            try:
+                return fio.run_read(config, links, names, file_bytes, huge)
+            except fio.FioError as exc:
+                errors[config.name] = str(exc)
+                return None
+        return run
+
+    info = {"fio_engine": engine, "fio_huge_pages": huge, "fio_file_bytes": file_bytes,
+            "fio_errors": errors}
+    return {config.name: measure(config) for config in configs}, info
+
+
+def _fio_figures(samples: dict[str, list[float | None]], info: dict) -> dict:
+    """Per configuration the median GB/s and its samples; the best configuration's median."""
+    medians = {name: _median(values) for name, values in samples.items()}
+    ranked = sorted((gbps, name) for name, gbps in medians.items() if gbps is not None)
+    best_gbps, best_name = ranked[-1] if ranked else (None, None)
+    return {**info, "fio_configs": medians, "fio_samples_gbps": samples,
+            "fio_read_gbps": best_gbps, "fio_best_config": best_name}
 
 
 def startup_seconds(directory: str, files: int) -> dict:
@@ -167,86 +219,108 @@ def startup_seconds(directory: str, files: int) -> dict:
 def measure_disk(directory: str, quick: bool) -> dict:
     """All disk figures as a flat dict (the JSON keys), with per-shape detail under ``shapes``."""
     work = tempfile.mkdtemp(prefix="lmcache_ext_disk_bench-", dir=directory)
-    rounds = 2 if quick else 3
-    fio_notes: list[str] = []
+    rounds = 3 if quick else 5
     try:
         shapes = {}
         for name, shape in SHAPES.items():
             nbytes = 2 * torch.Size(shape).numel()
             count = max(8, (400 if quick else 1600) * 10**6 // nbytes)
-            fio_path = os.path.join(work, "fio-seqread.dat")
-
-            def fio(total: int = count * nbytes, path: str = fio_path) -> float | None:
-                gbps, note = fio_read_gbps(path, total)
-                fio_notes.append(note)
-                return gbps
-
             shapes[name] = {
                 mode: measure_tier(os.path.join(work, f"{name}-{mode}"), shape, count,
-                                   mode == "odirect", rounds, fio if mode == "odirect" else None)
+                                   mode == "odirect", rounds)
                 for mode in ("odirect", "buffered")
             }
-            if os.path.exists(fio_path):
-                os.unlink(fio_path)
         startup = startup_seconds(os.path.join(work, "startup"), 10_000)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _summary(shapes, startup, fio_notes[-1] if fio_notes else "fio not run")
+    return _summary(shapes, startup, rounds)
 
 
-def _summary(shapes: dict, startup: dict, fio_note: str) -> dict:
+def _summary(shapes: dict, startup: dict, rounds: int) -> dict:
     main = shapes["7b"]["odirect"]
-    fio_samples = [g for g in main["beside_samples_gbps"] if g is not None]
-    fio = max(fio_samples) if fio_samples else None
-    for modes in shapes.values():
-        samples = [g for g in modes["odirect"].pop("beside_samples_gbps") if g is not None]
-        modes["odirect"]["fio_read_gbps"] = max(samples) if samples else None
-        modes["odirect"]["fio_samples_gbps"] = samples
-        same = [g for g in modes["odirect"].pop("fio_same_files_samples_gbps") if g is not None]
-        modes["odirect"]["fio_same_files_gbps"] = max(same) if same else None
-        modes["odirect"]["fio_same_files_samples_gbps"] = same
+    fio_best = main.get("fio_read_gbps")
     return {
         "disk_read_gbps": main["read_gbps"],
         "disk_write_gbps": main["write_gbps"],
         "disk_read_buffered_gbps": shapes["7b"]["buffered"]["read_gbps"],
         "disk_write_buffered_gbps": shapes["7b"]["buffered"]["write_gbps"],
-        "fio_read_gbps": fio,
-        "disk_read_vs_fio": main["read_gbps"] / fio if fio else None,
+        "fio_read_gbps": fio_best,
+        "fio_best_config": main.get("fio_best_config"),
+        "fio_configs": main.get("fio_configs"),
+        "disk_read_vs_fio": main["read_gbps"] / fio_best if fio_best else None,
         "disk_startup_s_10k": startup["cold_s"],
         "disk_startup_s_10k_warm": startup["warm_s"],
-        "fio_same_files_gbps": main["fio_same_files_gbps"],
-        "disk_read_vs_fio_same_files": (main["read_gbps"] / main["fio_same_files_gbps"]
-                                        if main["fio_same_files_gbps"] else None),
-        "fio_note": fio_note,
+        "fio_note": _fio_note(main),
+        "statistic": f"median of {rounds} interleaved rounds",
         "odirect_active": main["odirect_active"],
         "page_cache_dropped": main["page_cache_dropped"],
+        "notes": _notes(shapes),
         "shapes": shapes,
     }
 
 
+def _fio_note(main: dict) -> str:
+    if "fio_note" in main:
+        return main["fio_note"]
+    pages = "2 MiB huge pages" if main["fio_huge_pages"] else "4 KiB pages"
+    return (f"best of {len(main['fio_configs'])} fio O_DIRECT read configurations over the "
+            f"tier's own chunk files, buffers in {pages}: {main['fio_best_config']}")
+
+
+def _notes(shapes: dict) -> list[str]:
+    """Plain warnings about what the figures do not measure."""
+    notes = []
+    for name, modes in shapes.items():
+        r = modes["odirect"]
+        if "fio_note" in r:
+            notes.append(r["fio_note"])
+            break
+        notes += [f"fio {config} failed ({name}): {error}"
+                  for config, error in r["fio_errors"].items()]
+        best = r["fio_read_gbps"]
+        if best and r["read_gbps"] > HOST_CACHE_FACTOR * best:
+            notes.append(f"tier read ({name}) exceeds fio's best over the same files by "
+                         f"{r['read_gbps'] / best:.2f}x: the host's cache is serving reads "
+                         f"(O_DIRECT and drop_caches skip only this machine's caches)")
+        if not r["fio_huge_pages"]:
+            notes.append(f"fio read into 4 KiB pages ({name}; hugetlb pages could not be "
+                         f"reserved, needs root): page pinning may cap fio below the device "
+                         f"while the tier reads into huge pages, so disk_read_vs_fio overstates")
+    if not shapes["7b"]["odirect"]["page_cache_dropped"]:
+        notes.append("page cache not dropped (needs root): reads may come from memory")
+    return notes
+
+
 def _table(result: dict) -> str:
     lines = [f"{'shape':<14}{'mode':<10}{'MB/chunk':>9}{'write GB/s':>12}{'read GB/s':>11}"
-             f"{'read 1 thr':>12}{'fio GB/s':>10}"]
+             f"{'read 1 thr':>12}{'fio best':>10}"]
     for name, modes in result["shapes"].items():
         for mode, r in modes.items():
-            fio = r.get("fio_read_gbps")
             lines.append(f"{name:<14}{mode:<10}{r['chunk_bytes'] / 1e6:>9.1f}"
-                         f"{r['write_gbps']:>12.2f}{r['read_gbps']:>11.2f}"
-                         f"{r['read_1thread_gbps']:>12.2f}"
-                         f"{'-' if fio is None else f'{fio:.2f}':>10}")
-    fio = result["fio_read_gbps"]
-    lines.append(f"fio read: {'n/a' if fio is None else f'{fio:.2f} GB/s'} ({result['fio_note']})")
+                         f"{r['write_gbps']:>12.2f}{_gbps(r['read_gbps']):>11}"
+                         f"{_gbps(r['read_1thread_gbps']):>12}"
+                         f"{_gbps(r.get('fio_read_gbps')):>10}")
+    fio_rows = {name: modes["odirect"].get("fio_configs") or {}
+                for name, modes in result["shapes"].items()}
+    for config in fio_rows["7b"]:
+        lines.append(f"  fio {config:<32}" + "".join(
+            f"{name} {_gbps(rows.get(config))}  " for name, rows in fio_rows.items()))
+    best = result["fio_read_gbps"]
+    lines.append(f"fio read: {'n/a' if best is None else f'{best:.2f} GB/s'} "
+                 f"({result['fio_note']})")
     ratio = result["disk_read_vs_fio"]
-    lines.append(f"disk_read_vs_fio: {'n/a' if ratio is None else f'{ratio:.2f}'} (target >= 0.8)")
-    same = result["fio_same_files_gbps"]
-    if same:
-        lines.append(f"fio over the tier's own 7B chunk files: {same:.2f} GB/s, tier/fio "
-                     f"{result['disk_read_vs_fio_same_files']:.2f}")
+    lines.append(f"disk_read_vs_fio: {'n/a' if ratio is None else f'{ratio:.2f}'} "
+                 f"(target >= 0.8); every figure the {result['statistic']}")
     lines.append(f"start-up over 10K chunk files: {result['disk_startup_s_10k']:.3f} s cold, "
                  f"{result['disk_startup_s_10k_warm']:.3f} s warm")
     lines.append(f"O_DIRECT active: {result['odirect_active']}, page cache dropped: "
                  f"{result['page_cache_dropped']}")
+    lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)
+
+
+def _gbps(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
