@@ -20,20 +20,25 @@ MIN_SPAN = 4  # rows: the shortest piece worth its own strided copy in an irregu
 
 @dataclass(frozen=True)
 class BlockGroup:
-    """Chunk rows ``[row, row + len(blocks) * block_size)`` <- whole ``blocks``, in that order."""
+    """Chunk rows ``[row, row + len(blocks) * block_size)`` <- whole ``blocks``, in that order.
+
+    ``runs``: ``(index in blocks, first block, count)`` for each maximal run of consecutive ids.
+    """
 
     row: int
     blocks: tuple[int, ...]
+    runs: tuple[tuple[int, int, int], ...]
 
-    def runs(self) -> list[tuple[int, int, int]]:
-        """``(index in blocks, first block, count)`` for each maximal run of consecutive ids."""
-        runs: list[tuple[int, int, int]] = []
-        start = 0
-        for i in range(1, len(self.blocks) + 1):
-            if i == len(self.blocks) or self.blocks[i] != self.blocks[i - 1] + 1:
-                runs.append((start, self.blocks[start], i - start))
-                start = i
-        return runs
+
+def block_runs(blocks: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """``(index, first block, count)`` of each maximal run of consecutive ids in ``blocks``."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(blocks) + 1):
+        if i == len(blocks) or blocks[i] != blocks[i - 1] + 1:
+            runs.append((start, blocks[start], i - start))
+            start = i
+    return tuple(runs)
 
 
 @dataclass(frozen=True)
@@ -69,39 +74,70 @@ def _piece_length(slots: list[int], row: int, limit: int) -> int:
     return length
 
 
-def pieces(slots: list[int], block_size: int) -> list[Span]:
-    """The mapping cut into maximal runs of consecutive slots inside one block, in row order;
-    negative slots are left out. O(tokens / block_size) Python steps for block-wise mappings."""
+def _is_one_run(slots: list[int]) -> bool:
+    return bool(slots) and slots[0] >= 0 and slots == list(range(slots[0], slots[0] + len(slots)))
+
+
+def pieces(slots: list[int], block_size: int) -> list[tuple[int, int, int]]:
+    """The mapping cut into maximal runs of consecutive slots inside one block, as ``(row,
+    slot, length)`` in row order; negative slots are left out. O(tokens / block_size) Python
+    steps for block-wise mappings."""
     count = len(slots)
-    one_run = count > 0 and slots[0] >= 0 and slots == list(range(slots[0], slots[0] + count))
-    out: list[Span] = []
+    out: list[tuple[int, int, int]] = []
     row = 0
     while row < count:
         slot = slots[row]
         if slot < 0:
             row += 1
             continue
-        limit = min(block_size - slot % block_size, count - row)
-        length = limit if one_run else _piece_length(slots, row, limit)
-        out.append(Span(row, slot, length))
+        length = _piece_length(slots, row, min(block_size - slot % block_size, count - row))
+        out.append((row, slot, length))
         row += length
     return out
 
 
-def plan_copy(slots: list[int], block_size: int) -> CopyPlan:
-    """Sort the pieces of ``slots`` into block groups, strided spans and per-token rows."""
+def _one_run_plan(first: int, count: int, block_size: int) -> CopyPlan:
+    """The plan of slots ``[first, first + count)``: a partial head block, consecutive whole
+    blocks, a partial tail block (each may be absent), without walking the blocks."""
+    head = min(-first % block_size, count)
+    whole = (count - head) // block_size
+    tail = count - head - whole * block_size
+    spans = []
+    if head:
+        spans.append(Span(0, first, head))
+    if tail:
+        spans.append(Span(count - tail, first + count - tail, tail))
+    groups = ()
+    if whole:
+        block = (first + head) // block_size
+        groups = (BlockGroup(head, tuple(range(block, block + whole)), ((0, block, whole),)),)
+    return CopyPlan(groups, tuple(spans), (), ())
+
+
+def _groups(whole: list[tuple[int, int]], block_size: int) -> tuple[BlockGroup, ...]:
+    """Whole-block pieces ``(row, block)`` in row order, joined where their rows touch."""
     groups: list[BlockGroup] = []
+    start = 0
+    for i in range(1, len(whole) + 1):
+        if i == len(whole) or whole[i][0] != whole[i - 1][0] + block_size:
+            blocks = tuple(block for _, block in whole[start:i])
+            groups.append(BlockGroup(whole[start][0], blocks, block_runs(blocks)))
+            start = i
+    return tuple(groups)
+
+
+def plan_copy(slots: list[int], block_size: int) -> CopyPlan:
+    """Sort the pieces of ``slots`` into block groups, strided spans and per-token rows. One
+    run of slots (a fresh prompt's chunk) is recognised at once, in a single list comparison."""
+    if _is_one_run(slots):
+        return _one_run_plan(slots[0], len(slots), block_size)
+    whole: list[tuple[int, int]] = []
     partial: list[Span] = []
-    for piece in pieces(slots, block_size):
-        if piece.length < block_size:
-            partial.append(piece)
-            continue
-        block = piece.slot // block_size
-        last = groups[-1] if groups else None
-        if last is not None and last.row + len(last.blocks) * block_size == piece.row:
-            groups[-1] = BlockGroup(last.row, (*last.blocks, block))
+    for row, slot, length in pieces(slots, block_size):
+        if length == block_size:
+            whole.append((row, slot // block_size))
         else:
-            groups.append(BlockGroup(piece.row, (block,)))
+            partial.append(Span(row, slot, length))
     spans, rows, row_slots = partial, [], []
     if len(partial) > MAX_SPANS:
         spans = [p for p in partial if p.length >= MIN_SPAN]
@@ -109,4 +145,4 @@ def plan_copy(slots: list[int], block_size: int) -> CopyPlan:
             if p.length < MIN_SPAN:
                 rows.extend(range(p.row, p.row + p.length))
                 row_slots.extend(range(p.slot, p.slot + p.length))
-    return CopyPlan(tuple(groups), tuple(spans), tuple(rows), tuple(row_slots))
+    return CopyPlan(_groups(whole, block_size), tuple(spans), tuple(rows), tuple(row_slots))

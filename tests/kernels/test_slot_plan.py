@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from lmcache_ext.kernels import slot_plan
 from lmcache_ext.kernels.slot_plan import MAX_SPANS, MIN_SPAN, BlockGroup, Span, plan_copy
 
 
@@ -60,8 +61,9 @@ def test_shuffled_whole_blocks_are_one_group():
     """Scenario: a 256-token chunk over 16 blocks scattered by a long-running cache."""
     blocks = [7, 3, 4, 5, 40, 2, 9, 10, 11, 12, 30, 31, 0, 50, 51, 6]
     plan = plan_copy(block_slots(blocks, 16), 16)
-    assert plan.groups == (BlockGroup(0, tuple(blocks)),) and not plan.spans and not plan.rows
-    assert plan.groups[0].runs()[:3] == [(0, 7, 1), (1, 3, 3), (4, 40, 1)]
+    assert plan.groups[0].blocks == tuple(blocks) and len(plan.groups) == 1
+    assert not plan.spans and not plan.rows
+    assert plan.groups[0].runs[:3] == ((0, 7, 1), (1, 3, 3), (4, 40, 1))
 
 
 def test_one_run_from_mid_block_is_head_blocks_tail():
@@ -69,21 +71,22 @@ def test_one_run_from_mid_block_is_head_blocks_tail():
     slots = list(range(5 * 16 + 3, 5 * 16 + 3 + 40))  # rows 0..39 <- slots 83..122
     plan = plan_copy(slots, 16)
     assert plan.spans == (Span(0, 83, 13), Span(29, 112, 11))
-    assert plan.groups == (BlockGroup(13, (6,)),)
-    assert plan.groups[0].runs() == [(0, 6, 1)]
+    assert plan.groups == (BlockGroup(13, (6,), ((0, 6, 1),)),)
 
 
 def test_padding_and_partial_last_block():
     """Scenario: vLLM's -1 padding after a prompt whose last block is partial."""
     slots = block_slots([3, 1], 4) + [20, 21] + [-1, -1]
     plan = plan_copy(slots, 4)
-    assert plan.groups == (BlockGroup(0, (3, 1)),)
+    assert plan.groups == (BlockGroup(0, (3, 1), ((0, 3, 1), (1, 1, 1))),)
     assert plan.spans == (Span(8, 20, 2),) and not plan.rows
 
 
 def test_a_gap_splits_groups():
     slots = block_slots([2], 4) + [-1] + block_slots([5, 6], 4)
-    assert plan_copy(slots, 4).groups == (BlockGroup(0, (2,)), BlockGroup(5, (5, 6)))
+    groups = plan_copy(slots, 4).groups
+    assert [(g.row, g.blocks, g.runs) for g in groups] == [(0, (2,), ((0, 2, 1),)),
+                                                            (5, (5, 6), ((0, 5, 2),))]
 
 
 def test_irregular_mappings_fall_back_token_by_token():
@@ -99,3 +102,18 @@ def test_irregular_mappings_fall_back_token_by_token():
 def test_empty_and_all_skipped():
     assert plan_copy([], 16) == plan_copy([-1, -1], 16) == plan_copy([-1], 1)
     assert not plan_copy([], 16).groups
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_one_run_shortcut_equals_the_piecewise_plan(block_size):
+    """The one-run plan is the plan the piece walk gives, for every start and length."""
+    for first in range(3 * block_size):
+        for count in range(1, 4 * block_size):
+            slots = list(range(first, first + count))
+            pieces = slot_plan.pieces(slots, block_size)
+            partial = [Span(*p) for p in pieces if p[2] < block_size]
+            whole = [(row, slot // block_size) for row, slot, n in pieces if n == block_size]
+            plan = plan_copy(slots, block_size)
+            assert plan.spans == tuple(partial)
+            assert plan.groups == slot_plan._groups(whole, block_size)
+            verify_plan_covers(slots, block_size)
