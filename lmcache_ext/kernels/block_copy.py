@@ -13,7 +13,9 @@ Bit-identical to ``reference.py`` (tested): same-dtype copies only, never arithm
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -58,21 +60,86 @@ def _stack(parts: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor | None:
         return None
 
 
-def _pairs(views: Sequence[PagedKV],
-           chunk: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(chunk part [G, K, T, H, D], cache part [G, K, B, N, H, D])`` pairs covering every
-    layer's K and V once: all layers at once when they stack, else per layer (or per K/V)."""
+@dataclass(frozen=True)
+class _Stack:
+    """Layers ``[layer, layer + layers)`` and K/V ``[kv, kv + kvs)`` as one view over the K (kv
+    0) or V (kv 1) tensor of ``layer``, at ``layer_step``/``kv_step`` elements."""
+
+    layer: int
+    layers: int
+    kv: int
+    kvs: int
+    layer_step: int
+    kv_step: int
+
+    def view(self, views: Sequence[PagedKV]) -> torch.Tensor:  # [G, K, B, N, H, D]
+        base = views[self.layer].k if self.kv == 0 else views[self.layer].v
+        return base.as_strided((self.layers, self.kvs, *base.shape),
+                               (self.layer_step, self.kv_step, *base.stride()),
+                               base.storage_offset())
+
+
+def _stacks(views: Sequence[PagedKV]) -> tuple[_Stack, ...]:
+    """Stacks covering every layer's K and V once: all layers at once when they stack, else
+    per layer (or per K/V)."""
     whole = _stack([(v.k, v.v) for v in views])
     if whole is not None:
-        return [(chunk, whole)]
-    pairs = []
+        return (_Stack(0, len(views), 0, 2, whole.stride(0), whole.stride(1)),)
+    stacks = []
     for layer, view in enumerate(views):
         both = _stack([(view.k, view.v)])
         if both is not None:
-            pairs.append((chunk[layer:layer + 1], both))
-            continue
-        for kv, part in enumerate((view.k, view.v)):
-            pairs.append((chunk[layer:layer + 1, kv:kv + 1], part[None, None]))
+            stacks.append(_Stack(layer, 1, 0, 2, 0, both.stride(1)))
+        else:
+            stacks += [_Stack(layer, 1, kv, 1, 0, 0) for kv in (0, 1)]
+    return tuple(stacks)
+
+
+class _StackMemo:
+    """``_stacks`` of the last layer set, so a connector copying chunk after chunk through the
+    same views checks their strides once. Keyed by the identity of the ``PagedKV`` objects, held
+    weakly (the memo never keeps an engine's cache alive); assumes their tensors are not
+    re-pointed in place (``set_``). One entry, replaced whole: safe across threads."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple[weakref.ref, ...], tuple[_Stack, ...]] | None = None
+
+    def get(self, views: Sequence[PagedKV]) -> tuple[_Stack, ...]:
+        entry = self._entry
+        if entry is not None and len(entry[0]) == len(views) and all(
+                ref() is view for ref, view in zip(entry[0], views, strict=True)):
+            return entry[1]
+        stacks = _stacks(views)
+        self._entry = (tuple(weakref.ref(v) for v in views), stacks)
+        return stacks
+
+
+_MEMO = _StackMemo()
+
+
+def _wordable(t: torch.Tensor) -> bool:
+    """Whether ``t.view(torch.int64)`` works: contiguous 8-byte-sized rows at 8-byte steps."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and all(
+        n * size % 8 == 0 for n in (t.shape[-1], t.storage_offset(), *t.stride()[:-1]))
+
+
+def _words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors viewed as int64 (rows of 2-byte values copy a quarter as many elements,
+    and integers cannot round) when all of them allow it, else as they are."""
+    if tensors[0].element_size() >= 8 or not all(_wordable(t) for t in tensors):
+        return tensors
+    return tuple(t.view(torch.int64) for t in tensors)
+
+
+def _pairs(views: Sequence[PagedKV],
+           chunk: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(chunk part [G, K, T, H, D], cache part [G, K, B, N, H, D])`` pairs covering every
+    layer's K and V once, in the same dtype (int64 words where possible)."""
+    pairs = []
+    for s in _MEMO.get(views):
+        part = chunk[s.layer:s.layer + s.layers, s.kv:s.kv + s.kvs]
+        pairs.append(_words(part, s.view(views)))
     return pairs
 
 
@@ -104,7 +171,7 @@ def _scatter_pair(plan: CopyPlan, block_size: int, part: torch.Tensor,
     # index_copy_ would move one element at a time; a copy per run of blocks moves whole rows.
     for group in plan.groups:
         src = _group_rows(part, group.row, len(group.blocks), block_size)
-        for index, block, count in group.runs():
+        for index, block, count in group.runs:
             cache.narrow(2, block, count).copy_(src.narrow(2, index, count))
     for span in plan.spans:
         _span_slots(cache, span.slot, span.length, block_size).copy_(
@@ -123,7 +190,7 @@ def gather(views: Sequence[PagedKV], slots: torch.Tensor, chunk: torch.Tensor) -
     check_chunk(views, chunk, slots)
     block_size = views[0].block_size
     plan = plan_copy(slots.tolist(), block_size)
-    indices = [None if len(g.runs()) == 1 else
+    indices = [None if len(g.runs) == 1 else
                torch.tensor(g.blocks, dtype=torch.int64, device=views[0].k.device)
                for g in plan.groups]
     for part, cache in _pairs(views, chunk):

@@ -3,7 +3,9 @@ for every layout, dtype, block size and slot-mapping shape, and scatter writes o
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -181,3 +183,21 @@ def test_cpu_tensors_take_the_block_path():
     verify_same_bytes(want, got, "kernels.gather")
     with pytest.raises(ValueError, match="chunk must be"):
         kernels.scatter(got[:, :, :3], cache.views(), slots)
+
+
+def test_layer_stacking_is_checked_once_per_layer_set_and_never_keeps_a_cache_alive():
+    """Scenario: the connector loads chunk after chunk through one set of views; later the
+    engine drops its cache."""
+    cache = all_caches(torch.bfloat16, 16, seed=9)[0]
+    views = cache.views()
+    first = block_copy._MEMO.get(views)
+    assert block_copy._MEMO.get(views) is first  # same PagedKV objects: no second check
+    assert block_copy._MEMO.get(list(views)) is first  # a new list of the same views too
+    other = all_caches(torch.bfloat16, 16, seed=9)[-1]  # per-layer tensors: other stacks
+    assert block_copy._MEMO.get(other.views()) != first
+    block_copy.gather(views, torch.arange(32), torch.empty((LAYERS, 2, 32, HEADS, DIM),
+                                                           dtype=torch.bfloat16))
+    buffer = weakref.ref(cache.buffers[0])
+    del cache, views
+    gc.collect()
+    assert buffer() is None
