@@ -8,8 +8,9 @@ non-contiguous, as vLLM >= 0.26 allocates them) and CPU_BLOCKED (one LBHNC buffe
 backend allocates it) and dtypes bf16 and fp32. The request's blocks are scattered over a cache
 twice its size in a shuffled order, as after a while of serving. Gather = paged views ->
 ``[layers, 2, tokens, heads, dim]`` (a store); scatter = back (a load); memcpy = a contiguous
-copy of each chunk. Rounds of the three are interleaved so machine noise hits them alike; each
-figure is the median over rounds, after a warm-up pass. Also: the per-call time of a
+copy of each chunk. The three are timed one after the other on each chunk, round after round,
+so machine noise hits them alike; each figure is the median over all chunks and rounds, after a
+warm-up pass. Also: the per-call time of a
 near-empty chunk (the plan and launch overhead), and the old per-token path on the first
 combination.
 
@@ -26,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -65,14 +67,18 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _medians(copies: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds of each copy over interleaved rounds, after one warm-up pass."""
-    for fn in copies.values():
-        fn()  # warm-up: pages touched, allocator primed
+def _medians(copies: dict[str, list[Callable[[], object]]], rounds: int) -> dict[str, float]:
+    """Median seconds of each copy, ``copies[name][i]`` being its call on chunk ``i``: every
+    round times chunk by chunk, the copies one after the other on the same chunk, so that
+    machine noise hits all of them alike; after one warm-up pass."""
+    for calls in copies.values():
+        for fn in calls:
+            fn()  # warm-up: pages touched, allocator primed
     times: dict[str, list[float]] = {name: [] for name in copies}
     for _ in range(rounds):
-        for name, fn in copies.items():
-            times[name].append(_seconds(fn))
+        for index in range(len(next(iter(copies.values())))):
+            for name, calls in copies.items():
+                times[name].append(_seconds(calls[index]))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -85,27 +91,31 @@ def measure_combo(shape: str, layout: PagedLayout, dtype: torch.dtype, block_siz
     views = paged_kv_layers(_paged_cache(layout, SHAPES[shape], num_blocks, block_size, dtype),
                             layout, heads, dim)
     slots = _slots(num_tokens, num_blocks, block_size).split(CHUNK_TOKENS)
-    # chunks: [chunks, layers, 2, 256, heads, dim], the gather target and the memcpy source
-    chunks = torch.randn((len(slots), layers, 2, CHUNK_TOKENS, heads, dim)).to(dtype)
+    # chunks: [chunks, layers, 2, 256, heads, dim]; memcpy has buffers of its own, so that
+    # its source is no warmer in the CPU caches than the paged blocks gather reads
+    chunks = torch.empty((len(slots), layers, 2, CHUNK_TOKENS, heads, dim), dtype=dtype)
+    source = torch.randn_like(chunks, dtype=torch.float32).to(dtype)
     copied = torch.empty_like(chunks)
-    pairs = list(zip(slots, chunks.unbind(0), strict=True))
-    copies: dict[str, Callable[[], object]] = {
-        "gather": lambda: [kernels.gather(views, s, c) for s, c in pairs],
-        "scatter": lambda: [kernels.scatter(c, views, s) for s, c in pairs],
-        "memcpy": lambda: [d.copy_(c) for c, d in zip(chunks, copied, strict=True)],
+    triples = list(zip(slots, chunks, zip(source, copied, strict=True), strict=True))
+    copies: dict[str, list[Callable[[], object]]] = {
+        "gather": [partial(kernels.gather, views, s, c) for s, c, _ in triples],
+        "scatter": [partial(kernels.scatter, c, views, s) for s, c, _ in triples],
+        "memcpy": [partial(d.copy_, m) for _, _, (m, d) in triples],
     }
     if per_token:
-        copies["per_token_gather"] = lambda: [reference.gather(views, s, c) for s, c in pairs]
-        copies["per_token_scatter"] = lambda: [reference.scatter(c, views, s) for s, c in pairs]
-    seconds = _medians(copies, rounds)
+        copies["per_token_gather"] = [partial(reference.gather, views, s, c)
+                                      for s, c, _ in triples]
+        copies["per_token_scatter"] = [partial(reference.scatter, c, views, s)
+                                       for s, c, _ in triples]
+    per_chunk = _medians(copies, rounds)
     nbytes = chunks.numel() * chunks.element_size()
     figures = {"shape": shape, "layout": layout.value, "dtype": str(dtype).split(".")[-1],
                "block_size": block_size, "tokens": num_tokens, "bytes": nbytes}
-    for name, value in seconds.items():
-        figures[f"{name}_gbps"] = nbytes / value / 1e9
-        figures[f"{name}_us_per_chunk"] = value / len(slots) * 1e6
+    for name, value in per_chunk.items():
+        figures[f"{name}_gbps"] = nbytes / len(slots) / value / 1e9
+        figures[f"{name}_us_per_chunk"] = value * 1e6
         if name != "memcpy":
-            figures[f"{name}_vs_memcpy"] = seconds["memcpy"] / value
+            figures[f"{name}_vs_memcpy"] = per_chunk["memcpy"] / value
     return figures
 
 
@@ -125,7 +135,7 @@ def measure_call_overhead(calls: int = 200, rounds: int = 5) -> dict[str, float]
         "scatter_shuffled": lambda: kernels.scatter(chunk, views, shuffled),
         "memcpy": lambda: copied.copy_(chunk),
     }
-    looped = {name: (lambda fn=fn: [fn() for _ in range(calls)]) for name, fn in copies.items()}
+    looped = {name: [lambda fn=fn: [fn() for _ in range(calls)]] for name, fn in copies.items()}
     return {name: s / calls * 1e6 for name, s in _medians(looped, rounds).items()}
 
 
