@@ -75,7 +75,9 @@ def _piece_length(slots: list[int], row: int, limit: int) -> int:
 
 
 def _is_one_run(slots: list[int]) -> bool:
-    return bool(slots) and slots[0] >= 0 and slots == list(range(slots[0], slots[0] + len(slots)))
+    if not slots or slots[0] < 0 or slots[-1] - slots[0] != len(slots) - 1:
+        return False  # the ends tell most mappings apart without building a list
+    return slots == list(range(slots[0], slots[0] + len(slots)))
 
 
 def pieces(slots: list[int], block_size: int) -> list[tuple[int, int, int]]:
