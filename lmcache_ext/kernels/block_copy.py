@@ -155,6 +155,8 @@ def _span_slots(cache: torch.Tensor, slot: int, length: int, block_size: int) ->
 
 def _gather_pair(plan: CopyPlan, indices: list[torch.Tensor | None], block_size: int,
                  cache: torch.Tensor, part: torch.Tensor) -> None:
+    """``part`` ``[G, K, T, H, D]`` <- ``cache`` ``[G, K, B, N, H, D]`` for the plan's groups
+    and spans; ``indices[i]``: group i's blocks as a tensor, None when they are one run."""
     for group, index in zip(plan.groups, indices, strict=True):
         dest = _group_rows(part, group.row, len(group.blocks), block_size)
         if index is None:  # one run of consecutive blocks: one strided copy
@@ -168,7 +170,9 @@ def _gather_pair(plan: CopyPlan, indices: list[torch.Tensor | None], block_size:
 
 def _scatter_pair(plan: CopyPlan, block_size: int, part: torch.Tensor,
                   cache: torch.Tensor) -> None:
-    # index_copy_ would move one element at a time; a copy per run of blocks moves whole rows.
+    """``cache`` ``[G, K, B, N, H, D]`` <- ``part`` ``[G, K, T, H, D]`` for the plan's groups
+    and spans. index_copy_ would move one element at a time: a copy per run of consecutive
+    blocks moves whole rows instead."""
     for group in plan.groups:
         src = _group_rows(part, group.row, len(group.blocks), block_size)
         for index, block, count in group.runs:
@@ -179,6 +183,7 @@ def _scatter_pair(plan: CopyPlan, block_size: int, part: torch.Tensor,
 
 
 def _fallback(views: Sequence[PagedKV], plan: CopyPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token rows of ``plan`` and their slots, as int64 tensors beside the cache."""
     device = views[0].k.device
     return (torch.tensor(plan.rows, dtype=torch.int64, device=device),
             torch.tensor(plan.slots, dtype=torch.int64, device=device))
