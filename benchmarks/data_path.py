@@ -196,7 +196,7 @@ def run(quick: bool, disk_dir: str | None, redis: bool = True) -> dict:
 
     report["kernels"] = measure_gather_scatter(quick)
     report.update({k: report["kernels"][k] for k in ("gather_gbps", "scatter_gbps",
-                                                     "gather_vs_memcpy")})
+                                                     "gather_vs_memcpy", "scatter_vs_memcpy")})
     if redis:
         report["redis"] = measure_redis(quick)
         report.update({k: v for k, v in report["redis"].items() if k.startswith(("redis_",
@@ -225,7 +225,11 @@ def print_table(report: dict) -> None:
     lookups = ", ".join(f"{int(n):,} keys: {us:.1f} us" for n, us in
                         report["lookup_us_by_keys"].items())
     print(f"lookup of a 4K-token prompt: {lookups}")
-    for key in ("gather_gbps", "scatter_gbps", "gather_vs_memcpy",
+    if "kernels" in report:
+        from kernel_bench import format_table  # every combination of the paged copies
+
+        print(format_table(report["kernels"]))
+    for key in ("gather_gbps", "scatter_gbps", "gather_vs_memcpy", "scatter_vs_memcpy",
                 "redis_get_gbps", "raw_redis_get_gbps", "redis_get_vs_raw", "redis_put_gbps",
                 "raw_redis_put_gbps", "disk_read_gbps", "disk_write_gbps", "fio_read_gbps",
                 "disk_read_vs_fio", "disk_startup_s_10k"):

@@ -1,6 +1,7 @@
 """Moving KV between a serving engine's paged cache and chunk buffers (gather on store, scatter
 on load), by slot mapping. ``gather``/``scatter`` pick the Triton kernel for CUDA tensors and the
-torch reference otherwise; both give bit-identical results (tested)."""
+block-wise torch path (``block_copy.py``) otherwise; both give results bit-identical to the
+per-token definition in ``reference.py`` (tested)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lmcache_ext.kernels import reference
+from lmcache_ext.kernels import block_copy
 from lmcache_ext.kernels.layouts import (
     PagedKV,
     PagedLayout,
@@ -32,7 +33,7 @@ def gather(views: Sequence[PagedKV], slots: torch.Tensor, chunk: torch.Tensor) -
         from lmcache_ext.kernels import triton_paged  # imported lazily: triton is optional
         triton_paged.gather(views, slots, chunk)
     else:
-        reference.gather(views, slots, chunk)
+        block_copy.gather(views, slots, chunk)
 
 
 def scatter(chunk: torch.Tensor, views: Sequence[PagedKV], slots: torch.Tensor) -> None:
@@ -41,4 +42,4 @@ def scatter(chunk: torch.Tensor, views: Sequence[PagedKV], slots: torch.Tensor) 
         from lmcache_ext.kernels import triton_paged
         triton_paged.scatter(chunk, views, slots)
     else:
-        reference.scatter(chunk, views, slots)
+        block_copy.scatter(chunk, views, slots)
