@@ -13,11 +13,11 @@ import os
 import time
 from collections.abc import Sequence
 from contextlib import closing
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import EngineConfig, describe
 from lmcache_ext.keys import ChunkKey, ChunkSpan, KeyNamespace, PrefixHasher
 from lmcache_ext.metrics import EngineMetrics
@@ -25,19 +25,6 @@ from lmcache_ext.storage import Chunk, ChunkLease, StorageTier, TieredStore, bui
 
 log = logging.getLogger(__name__)
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """The shape of one model's KV, as the adapter sees it (per tensor-parallel rank)."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    def shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
-        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
 
 
 class PrefixPin:

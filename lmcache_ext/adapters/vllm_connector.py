@@ -42,8 +42,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from lmcache_ext import kernels
 from lmcache_ext.adapters import vllm_compat
+from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import EngineConfig, load_config
-from lmcache_ext.engine import CacheEngine, KVLayout
+from lmcache_ext.engine import CacheEngine
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -11,9 +11,9 @@ from contextlib import closing
 import pytest
 import torch
 
-from lmcache_ext.chunk import HEADER_SIZE
+from lmcache_ext.chunk import HEADER_SIZE, KVLayout
 from lmcache_ext.config import ConfigError, load_config
-from lmcache_ext.engine import CacheEngine, KVLayout
+from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import CPUTier, DiskTier, TieredStore, build_tiers
 from lmcache_ext.storage.direct_io import ALIGN, AlignedBuffer, padded, probe_odirect

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import ConfigError, load_config
-from lmcache_ext.engine import CacheEngine, KVLayout
+from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import Chunk
 from lmcache_ext.storage.redis_url import parse_redis_url
