@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from lmcache_ext.container.advisor import (
+from lmcache_ext.sizing.advisor import (
     KNOWN_MODELS,
     advise,
     model_from_config,
     plan_capacity,
     read_model_config,
 )
-from lmcache_ext.container.instances import INSTANCES, get_instance
-from tests.container.test_entrypoint_checks import LLAMA_LIKE
+from lmcache_ext.sizing.instances import INSTANCES, get_instance
+from tests.helpers import LLAMA_LIKE
 
 P4DE = get_instance("ml.p4de.24xlarge")
 
