@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def start_redis(workdir: str):
-    from tests.storage.redis_server import RedisServer
+    from lmcache_ext.testing.redis_server import RedisServer
 
     return RedisServer(Path(workdir) / "redis", extra_args=("--maxmemory", "4gb")).start()
 
