@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 PREFIX = "lmcache_ext"
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -87,3 +88,15 @@ class EngineMetrics:
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (for a /metrics endpoint)."""
         return generate_latest(self.registry)
+
+
+class ServerMetrics:
+    """The HTTP server's metrics, in the endpoint's registry (beside its engine's)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by route and status.",
+                                ["route", "status"], registry=registry)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds",
+                              "Time from request to first token.", buckets=_TTFT_BUCKETS,
+                              registry=registry)

@@ -3,13 +3,19 @@
 ``/invocations`` takes, told apart by payload shape as LMI does: the LMI schema
 ``{"inputs": str, "parameters": {...}, "stream": bool}``, OpenAI completions (``prompt``) and
 OpenAI chat (``messages``). Every problem is a ``RequestError`` naming the field, never a crash.
+Response bodies in the request's style (``format_full``, ``format_event``) are shaped here too.
 """
 
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the generator imports SamplingParams from here
+    from lmcache_ext.serving.generator import GenerationStats, TokenEvent
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's payload limit for real-time endpoints
 
@@ -180,3 +186,56 @@ def parse_invocation(payload: dict[str, Any]) -> GenerateRequest:
     if "inputs" in payload:
         return parse_lmi(payload)
     raise RequestError("body: needs 'inputs' (LMI), 'prompt' (completions) or 'messages' (chat)")
+
+
+# ------------------------------------------------------------------ responses
+
+
+def _usage(stats: GenerationStats) -> dict[str, Any]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.loaded_tokens}}
+
+
+def _finish(reason: str | None) -> str | None:
+    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", None)
+
+
+def format_full(request: GenerateRequest, stats: GenerationStats, model: str) -> dict[str, Any]:
+    """The non-streaming response body."""
+    if request.style == "lmi":
+        return {"generated_text": stats.text,
+                "details": {"finish_reason": _finish(stats.finish_reason),
+                            "generated_tokens": stats.generated_tokens,
+                            "prompt_tokens": stats.prompt_tokens,
+                            "cached_tokens": stats.loaded_tokens}}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(stats.finish_reason)}
+    if request.style == "chat":
+        choice["message"] = {"role": "assistant", "content": stats.text}
+        kind = "chat.completion"
+    else:
+        choice["text"] = stats.text
+        kind = "text_completion"
+    return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": kind, "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": _usage(stats)}
+
+
+def format_event(request: GenerateRequest, event: TokenEvent, stats: GenerationStats,
+                 model: str) -> dict[str, Any]:
+    """One streamed object."""
+    done = event.finish_reason is not None
+    if request.style == "lmi":
+        return {"token": {"id": event.token_id, "text": event.text},
+                "generated_text": stats.text if done else None,
+                **({"details": format_full(request, stats, model)["details"]} if done else {})}
+    finish = _finish(event.finish_reason)
+    if request.style == "chat":
+        choice = {"index": 0, "delta": {"content": event.text}, "finish_reason": finish}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": event.text, "finish_reason": finish}
+        kind = "text_completion"
+    body = {"object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+    if done:
+        body["usage"] = _usage(stats)
+    return body
