@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from lmcache_ext.config import default_of
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics, TierCounters
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier
@@ -29,7 +30,8 @@ class TieredStore:
     """Thread-safe. ``tiers`` fastest first; the store closes them on ``close()``."""
 
     def __init__(self, tiers: Sequence[StorageTier], metrics: EngineMetrics,
-                 write_behind_queue_chunks: int = 64, read_threads: int = 4):
+                 write_behind_queue_chunks: int = default_of("write_behind_queue_chunks"),
+                 read_threads: int = 4):
         """``read_threads``: chunks of one ``get_prefix`` read from slower tiers at once."""
         if not tiers:
             raise ValueError("a tiered store needs at least one tier")
