@@ -223,18 +223,27 @@ def resolve_disk_dir(local_disk: str) -> str:
 # ---------------------------------------------------------------- parsing and checking values
 
 
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def parse_bool(text: str) -> bool:
+    """An env var's boolean, in any case; raises ValueError with the allowed words."""
+    lowered = text.strip().lower()
+    if lowered in TRUE_WORDS:
+        return True
+    if lowered in FALSE_WORDS:
+        return False
+    raise ValueError("expected a boolean (true/false/1/0)")
+
+
 def parse_env_value(key: ConfigKey, text: str) -> Any:
     """Turn an env var's text into the key's type; raises ValueError with a short reason."""
     stripped = text.strip()
     if key.nullable and stripped.lower() in ("", "null", "none"):
         return None
     if key.type is bool:
-        lowered = stripped.lower()
-        if lowered in ("true", "1", "yes", "on"):
-            return True
-        if lowered in ("false", "0", "no", "off"):
-            return False
-        raise ValueError("expected a boolean (true/false/1/0)")
+        return parse_bool(stripped)
     if key.type is int:
         return int(stripped)
     if key.type is float:

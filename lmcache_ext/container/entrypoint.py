@@ -38,6 +38,7 @@ from lmcache_ext.config import (
     config_file_from_env,
     describe,
     load_config,
+    parse_bool,
 )
 
 if TYPE_CHECKING:  # direct_io imports torch: the entrypoint loads it only for a disk tier
@@ -157,14 +158,12 @@ def say_odirect(config: EngineConfig, found: DirectoryCheck) -> None:
 
 def _auto_requested(env: Mapping[str, str]) -> bool:
     for name in AUTO_ENVS:
-        text = env.get(name, "").strip().lower()
-        if not text:
+        if not env.get(name, "").strip():
             continue
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise SetupError(f"{name}={env[name]!r}: expected a boolean (true/false/1/0)")
+        try:
+            return parse_bool(env[name])
+        except ValueError as exc:
+            raise SetupError(f"{name}={env[name]!r}: {exc}") from exc
     return False
 
 
