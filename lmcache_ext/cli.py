@@ -17,7 +17,8 @@ from lmcache_ext.sizing.advisor import (
     read_model_config,
     render,
 )
-from lmcache_ext.sizing.instances import GB, GIB, INSTANCES, Instance, get_instance
+from lmcache_ext.sizing.instances import INSTANCES, Instance, get_instance
+from lmcache_ext.units import GB, GIB
 
 EXIT_CONFIG_ERROR = 2
 
@@ -55,7 +56,7 @@ def config_check(args: argparse.Namespace) -> int:
             fallback = "" if found.odirect else "; the tier will use buffered I/O"
             print(f"local_disk: {warning}{found.odirect_reason}{fallback}")
         if found.free_bytes < config.disk_budget_bytes:
-            print(f"local_disk: {config.disk_dir} has {found.free_bytes / 2**30:.2f} GiB free, "
+            print(f"local_disk: {config.disk_dir} has {found.free_bytes / GIB:.2f} GiB free, "
                   f"less than max_local_disk_size ({config.max_local_disk_size} GiB): chunks "
                   f"that find no room are not stored")
     print(f"config OK: tiers {', '.join(tiers)}")

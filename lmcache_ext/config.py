@@ -22,8 +22,9 @@ from typing import Any
 
 import yaml
 
+from lmcache_ext.units import GIB
+
 log = logging.getLogger(__name__)
-GIB = 1024**3
 ENV_PREFIXES = ("LMCACHE_", "OPTION_LMCACHE_")  # lowest precedence first
 CONFIG_FILE_ENVS = ("OPTION_LMCACHE_CONFIG_FILE", "LMCACHE_CONFIG_FILE")  # first set wins
 # Env names under our prefixes that are not engine keys: read by other parts, never an error.

@@ -22,6 +22,7 @@ from lmcache_ext.config import EngineConfig, describe
 from lmcache_ext.keys import ChunkKey, ChunkSpan, KeyNamespace, PrefixHasher
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import Chunk, ChunkLease, StorageTier, TieredStore, build_tiers
+from lmcache_ext.units import GIB
 
 log = logging.getLogger(__name__)
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
@@ -92,7 +93,7 @@ class CacheEngine:
         for line in describe(self.config):
             log.info("  %s", line)
         for tier in self.storage.tiers:
-            log.info("  tier %s: %.2f GiB", tier.name, tier.usage().capacity_bytes / 1024**3)
+            log.info("  tier %s: %.2f GiB", tier.name, tier.usage().capacity_bytes / GIB)
 
     # ------------------------------------------------------------------ the API
 

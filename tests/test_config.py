@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_ext.config import GIB, TABLE, ConfigError, EngineConfig, load_config, resolve_disk_dir
+from lmcache_ext.config import TABLE, ConfigError, EngineConfig, load_config, resolve_disk_dir
+from lmcache_ext.units import GIB
 
 DATA = Path(__file__).parent / "data"
 SEED_CPU = DATA / "seed_cpu_lmcache_config.yaml"

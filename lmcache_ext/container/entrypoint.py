@@ -40,6 +40,7 @@ from lmcache_ext.config import (
     load_config,
     parse_bool,
 )
+from lmcache_ext.units import GIB
 
 if TYPE_CHECKING:  # direct_io imports torch: the entrypoint loads it only for a disk tier
     from lmcache_ext.storage.direct_io import DirectoryCheck
@@ -139,7 +140,7 @@ def check_disk_room(config: EngineConfig, found: DirectoryCheck, existing: int) 
         raise SetupError(
             f"max_local_disk_size: {config.max_local_disk_size} GiB "
             f"({config.source_of('max_local_disk_size')}) does not fit in {config.disk_dir}: "
-            f"{free / 2**30:.1f} GiB free (cache files included); lower it, or set "
+            f"{free / GIB:.1f} GiB free (cache files included); lower it, or set "
             f"OPTION_LMCACHE_AUTO_CONFIG=true to size it")
 
 

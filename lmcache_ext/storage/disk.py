@@ -36,6 +36,7 @@ from lmcache_ext.storage import direct_io
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier, TierUsage
 from lmcache_ext.storage.direct_io import TEMP_PREFIX, AlignedBuffer, unlink_quietly
 from lmcache_ext.storage.disk_index import DiskEntry, DiskIndex, Reservation
+from lmcache_ext.units import GIB
 
 log = logging.getLogger(__name__)
 _CHUNK_NAME = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")  # 16- or 32-byte key digests
@@ -205,7 +206,7 @@ class DiskTier(StorageTier):
             count, used = len(self._index), self._index.used_bytes
         self._delete(doomed)
         log.info("disk tier %s: %d chunks, %.3f GiB of %.3f GiB after restart", self.directory,
-                 count, used / 1024**3, self.budget_bytes / 1024**3)
+                 count, used / GIB, self.budget_bytes / GIB)
 
     # ------------------------------------------------------------ internals
 
