@@ -6,6 +6,7 @@ Each engine owns its own registry (several engines in one process never clash). 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -88,6 +89,31 @@ class EngineMetrics:
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (for a /metrics endpoint)."""
         return generate_latest(self.registry)
+
+
+class RunningAverage:
+    """An exponentially weighted running average of observations, e.g. a measured speed.
+
+    ``weight`` is the share of the newest observation (0 < weight <= 1); the first observation
+    is taken as is. Thread-safe; ``value`` is None until something was observed.
+    """
+
+    def __init__(self, weight: float):
+        if not 0 < weight <= 1:
+            raise ValueError(f"weight must be in (0, 1], got {weight}")
+        self.weight = weight
+        self._value: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def value(self) -> float | None:
+        with self._lock:
+            return self._value
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            old = self._value
+            self._value = value if old is None else (1 - self.weight) * old + self.weight * value
 
 
 class ServerMetrics:
