@@ -10,10 +10,7 @@ import pytest
 
 from lmcache_ext.config import TABLE, ConfigError, EngineConfig, load_config, resolve_disk_dir
 from lmcache_ext.units import GIB
-
-DATA = Path(__file__).parent / "data"
-SEED_CPU = DATA / "seed_cpu_lmcache_config.yaml"
-SEED_NVME = DATA / "seed_nvme_lmcache_config.yaml"
+from tests.helpers import SEED_CPU, SEED_NVME
 
 
 def write(tmp_path: Path, text: str) -> str:

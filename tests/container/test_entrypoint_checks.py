@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tests.container.entry_helpers import SEED_CPU, SEED_KV, run_entrypoint
-from tests.helpers import LLAMA_LIKE
+from tests.container.entry_helpers import SEED_KV, run_entrypoint
+from tests.helpers import LLAMA_LIKE, SEED_CPU
 
 
 def _bad_yaml(tmp):
