@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # the generator imports SamplingParams from here
     from lmcache_ext.serving.generator import GenerationStats, TokenEvent
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's payload limit for real-time endpoints
+# Chat roles we serve: plain text turns. Tool turns (tool_call_id, tool_calls) are not parsed and
+# the chat templates we ship render no "developer" or "tool" role, so those are refused.
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class RequestError(ValueError):
@@ -129,6 +132,9 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
             raise RequestError(f"messages[{index}]: needs string 'role' and 'content'")
+        if role not in CHAT_ROLES:
+            raise RequestError(f"messages[{index}].role: {role!r} is not allowed (allowed: "
+                               f"{', '.join(CHAT_ROLES)})")
         out.append({"role": role, "content": content})
     return tuple(out)
 
@@ -149,7 +155,35 @@ def decode_body(body: bytes) -> dict[str, Any]:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"body: not valid JSON ({exc})") from exc
-    return _require(payload, dict, "body")
+    except RecursionError as exc:
+        raise RequestError("body: JSON nested too deeply") from exc
+    _require(payload, dict, "body")
+    _check_unicode(payload)
+    return payload
+
+
+def _check_unicode(payload: dict[str, Any]) -> None:
+    """JSON can carry lone surrogates ("\\ud800") that are not text: no tokenizer encodes them.
+    Raises a RequestError naming a field that holds one (field names are checked too)."""
+    pending: list[tuple[str, Any]] = [("", payload)]
+    while pending:  # a loop, not recursion: nesting is as deep as the body allows
+        name, value = pending.pop()
+        if isinstance(value, str):
+            _encodable(value, name)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _encodable(key, f"{name or 'body'} (a field name)")
+                pending.append((f"{name}.{key}" if name else key, item))
+        elif isinstance(value, list):
+            pending += [(f"{name}[{index}]", item) for index, item in enumerate(value)]
+
+
+def _encodable(text: str, name: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{name}: not valid Unicode (a lone surrogate at character "
+                           f"{exc.start})") from None
 
 
 def parse_lmi(payload: dict[str, Any]) -> GenerateRequest:
