@@ -29,8 +29,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lmcache_ext.chunk import KVLayout  # noqa: E402
 from lmcache_ext.config import load_config  # noqa: E402
-from lmcache_ext.engine import CacheEngine, KVLayout  # noqa: E402
+from lmcache_ext.engine import CacheEngine  # noqa: E402
 from lmcache_ext.keys import ChunkKey, KeyNamespace, PrefixHasher  # noqa: E402
 from lmcache_ext.storage import Chunk, CPUTier  # noqa: E402
 

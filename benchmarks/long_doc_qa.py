@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from tqdm import tqdm  # noqa: E402
 
+from lmcache_ext.units import GIB  # noqa: E402
+
 WORDS = ("river mountain ledger copper violet harbor signal orchard lantern meadow quartz "
          "compass glacier saddle timber beacon falcon velvet canyon marble").split()
 
@@ -326,7 +328,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def start_redis(workdir: str):
-    from tests.storage.redis_server import RedisServer
+    from lmcache_ext.testing.redis_server import RedisServer
 
     return RedisServer(Path(workdir) / "redis", extra_args=("--maxmemory", "4gb")).start()
 
@@ -361,7 +363,7 @@ def run_sweep(args: argparse.Namespace, loaded, workdir: str, redis_url: str | N
 
 def run_doc_qa(args: argparse.Namespace, loaded, workdir: str, redis_url: str | None) -> dict:
     # A CPU tier smaller than one document: the disk / Redis configurations hit their own tier.
-    small_cpu = 0.5 * args.doc_tokens * 46_080 / 2**30
+    small_cpu = 0.5 * args.doc_tokens * 46_080 / GIB
     endpoints = {name: start_local(name, overrides, loaded) for name, overrides in
                  configurations(workdir, redis_url, small_cpu).items()}
     try:

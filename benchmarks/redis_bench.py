@@ -28,13 +28,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lmcache_ext.chunk import encode_header, payload_view  # noqa: E402
-from lmcache_ext.engine import KVLayout  # noqa: E402
+from lmcache_ext.chunk import KVLayout, encode_header, payload_view  # noqa: E402
 from lmcache_ext.keys import ChunkKey  # noqa: E402
 from lmcache_ext.storage import Chunk  # noqa: E402
 from lmcache_ext.storage.redis_url import parse_redis_url  # noqa: E402
 from lmcache_ext.storage.remote import RemoteSettings, RemoteTier  # noqa: E402
-from tests.storage.redis_server import RedisServer  # noqa: E402
+from lmcache_ext.testing.redis_server import RedisServer  # noqa: E402
 
 CHUNK_TOKENS = 256
 SHAPES = {

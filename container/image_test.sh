@@ -5,7 +5,9 @@
 # The stand-in base: Debian bookworm (debootstrap, minbase) with python3 and pip, a `vllm`
 # package that only carries a version, and a /usr/local/bin/dockerd-entrypoint.sh that prints
 # what it was handed. It checks our layer (install, version gate, entrypoint, env translation),
-# not LMI itself. Needs: root, buildah, debootstrap, network to deb.debian.org and PyPI.
+# not LMI itself. Needs: root, buildah, debootstrap, network to a Debian archive and PyPI.
+# The archive debootstrap fetches from is $IMAGE_TEST_DEB_URI, else the first one this machine's
+# own apt sources name for the release (so the test uses whatever archive the host is set up for).
 # Builds run with --isolation chroot (no container engine or user namespaces needed). The host's
 # CA store is mounted (read-only, not kept in the image) into the build's RUN steps, so pip
 # reaches PyPI through a TLS-intercepting proxy as the host does.
@@ -22,14 +24,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
+release=bookworm  # the stand-in's Debian release (its python3 is 3.11, as LMI's)
+
+deb_uri() {  # $IMAGE_TEST_DEB_URI, else the first archive this machine's apt uses for $release
+    if [[ -n "${IMAGE_TEST_DEB_URI:-}" ]]; then echo "$IMAGE_TEST_DEB_URI"; return; fi
+    "$repo/container/apt_source_uri.sh" "$release" \
+        || { echo "set IMAGE_TEST_DEB_URI to a Debian archive for $release" >&2; exit 1; }
+}
+
 stand_in_base() {  # $1: the tag, $2: the vLLM version the stand-in reports
     if buildah inspect --type image "$1" >/dev/null 2>&1; then return; fi
     local ctr mnt
     ctr="$(buildah from scratch)"; containers+=("$ctr")
     mnt="$(buildah mount "$ctr")"
-    debootstrap --variant=minbase --include=python3,python3-pip bookworm "$mnt" \
-        http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
-        || { tail -20 "$work/debootstrap.log"; exit 1; }
+    local archive
+    archive="$(deb_uri)"
+    echo "debootstrap $release from $archive"
+    debootstrap --variant=minbase --include=python3,python3-pip "$release" "$mnt" "$archive" \
+        >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; exit 1; }
     mkdir -p "$mnt/usr/local/lib/python3.11/dist-packages/vllm" "$mnt/opt/ml/model"
     echo "__version__ = \"$2\"" >"$mnt/usr/local/lib/python3.11/dist-packages/vllm/__init__.py"
     cat >"$mnt/usr/local/bin/dockerd-entrypoint.sh" <<'STANDIN'

@@ -35,6 +35,22 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of one model's KV, as the adapter sees it (per tensor-parallel rank).
+
+    ``shape(n)`` is the stored layout of n tokens: ``[layers, 2 (K, V), n, kv_heads, head_dim]``.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
+
+
 class ChunkCorrupt(ValueError):
     """Bytes that are not a valid chunk for the key asked for. Tiers turn it into a miss."""
 

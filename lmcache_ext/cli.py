@@ -8,7 +8,17 @@ import logging
 import sys
 
 from lmcache_ext.config import ConfigError, EngineConfig, as_dict, describe, load_config
-from lmcache_ext.container.advise_cli import add_advise_parser
+from lmcache_ext.sizing.advisor import (
+    KNOWN_MODELS,
+    advise,
+    as_json,
+    known_model,
+    plan_capacity,
+    read_model_config,
+    render,
+)
+from lmcache_ext.sizing.instances import INSTANCES, Instance, get_instance
+from lmcache_ext.units import GB, GIB
 
 EXIT_CONFIG_ERROR = 2
 
@@ -46,7 +56,7 @@ def config_check(args: argparse.Namespace) -> int:
             fallback = "" if found.odirect else "; the tier will use buffered I/O"
             print(f"local_disk: {warning}{found.odirect_reason}{fallback}")
         if found.free_bytes < config.disk_budget_bytes:
-            print(f"local_disk: {config.disk_dir} has {found.free_bytes / 2**30:.2f} GiB free, "
+            print(f"local_disk: {config.disk_dir} has {found.free_bytes / GIB:.2f} GiB free, "
                   f"less than max_local_disk_size ({config.max_local_disk_size} GiB): chunks "
                   f"that find no room are not stored")
     print(f"config OK: tiers {', '.join(tiers)}")
@@ -73,6 +83,72 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class AdviseError(ValueError):
+    """A bad argument combination or an unreadable model config; the CLI prints it, exits 2."""
+
+
+def _advise_model(args: argparse.Namespace):
+    try:
+        if args.model_config:
+            return read_model_config(args.model_config)
+        return known_model(args.model)
+    except KeyError as exc:
+        raise AdviseError(str(exc.args[0]) if exc.args else str(exc)) from exc
+    except (OSError, ValueError) as exc:
+        raise AdviseError(f"--model-config {args.model_config}: {exc}") from exc
+
+
+def _advise_instance(args: argparse.Namespace) -> Instance:
+    custom = (args.gpus, args.gpu_mem, args.ram)
+    if args.instance:
+        try:
+            return get_instance(args.instance)
+        except KeyError as exc:
+            raise AdviseError(str(exc.args[0])) from exc
+    if None in custom:
+        raise AdviseError("give --instance, or all of --gpus, --gpu-mem and --ram (and --nvme)")
+    return Instance("custom", args.gpus, args.gpu_mem, args.ram, (args.nvme or 0) * GIB / GB)
+
+
+def run_advise(args: argparse.Namespace) -> int:
+    capacity = plan_capacity(_advise_model(args), _advise_instance(args), tp=args.tp)
+    advice = advise(capacity, args.context) if args.context else None
+    if args.json:
+        print(json.dumps(as_json(capacity, advice), indent=2))
+    else:
+        print("\n".join(render(capacity, advice)))
+    return 0
+
+
+def _add_advise_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    advise_parser = commands.add_parser(
+        "advise", help="size the cache tiers for a model on an instance",
+        description="KV bytes per token, the GPU KV pool left after the weights, and whether "
+                    "a context needs no offloading, CPU RAM or NVMe, with sizes.")
+    model = advise_parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model-config", help="a Hugging Face config.json (or its folder)")
+    model.add_argument("--model", help=f"a known model: {', '.join(KNOWN_MODELS)}")
+    advise_parser.add_argument("--instance", help=f"SageMaker instance: {', '.join(INSTANCES)}")
+    advise_parser.add_argument("--gpus", type=int, help="GPUs (instead of --instance)")
+    advise_parser.add_argument("--gpu-mem", type=float, help="GiB per GPU")
+    advise_parser.add_argument("--ram", type=float, help="host RAM, GiB")
+    advise_parser.add_argument("--nvme", type=float, help="local NVMe, GiB (default 0)")
+    advise_parser.add_argument("--tp", type=int, help="tensor parallel degree (default: chosen)")
+    advise_parser.add_argument("--context", type=int,
+                               help="tokens of reusable context to plan for")
+    advise_parser.add_argument("--json", action="store_true", help="print JSON")
+    advise_parser.set_defaults(handler=_advise)
+    return advise_parser
+
+
+def _advise(args: argparse.Namespace) -> int:
+    try:
+        return run_advise(args)
+    except AdviseError as exc:
+        print(f"lmcache-ext advise: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmcache-ext", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -91,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "or 8080)")
     serve_parser.add_argument("--no-cache", action="store_true", help="serve without the cache")
     serve_parser.set_defaults(handler=serve)
-    add_advise_parser(commands)
+    _add_advise_parser(commands)
     for sub in (show, check, serve_parser):
         sub.add_argument("--config", help="YAML config file (else LMCACHE_CONFIG_FILE / "
                                           "OPTION_LMCACHE_CONFIG_FILE)")

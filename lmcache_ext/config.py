@@ -22,8 +22,9 @@ from typing import Any
 
 import yaml
 
+from lmcache_ext.units import GIB
+
 log = logging.getLogger(__name__)
-GIB = 1024**3
 ENV_PREFIXES = ("LMCACHE_", "OPTION_LMCACHE_")  # lowest precedence first
 CONFIG_FILE_ENVS = ("OPTION_LMCACHE_CONFIG_FILE", "LMCACHE_CONFIG_FILE")  # first set wins
 # Env names under our prefixes that are not engine keys: read by other parts, never an error.
@@ -147,34 +148,48 @@ _EXTRA_BY_NAME = {k.name: k for k in EXTRA_KEYS}
 ALIASES = {("pre_caching_hash_algorithm", "builtin"): "sha256"}
 
 
+def default_of(name: str) -> Any:
+    """The table's default for key ``name`` (a fresh copy of a mutable one)."""
+    default = _BY_NAME[name].default
+    return dict(default) if isinstance(default, dict) else default
+
+
+def _default(name: str) -> Any:
+    """An ``EngineConfig`` field whose default is the table's: defaults are written only there."""
+    if isinstance(_BY_NAME[name].default, dict):
+        return field(default_factory=lambda: default_of(name))
+    return field(default=default_of(name))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """The effective, validated configuration. Build it with ``load_config``."""
+    """The effective, validated configuration. Build it with ``load_config``; ``EngineConfig()``
+    is every key at its default. Field defaults come from ``TABLE``, never written here."""
 
-    chunk_size: int = 256
-    local_cpu: bool = True
-    max_local_cpu_size: float = 5.0
-    local_disk: str | None = None
-    max_local_disk_size: float = 0.0
-    remote_url: str | None = None
-    remote_key_prefix: str = "lmcache-ext"
-    remote_password_env: str | None = None
-    remote_timeout_s: float = 1.0
-    remote_backoff_s: float = 5.0
-    remote_ttl_s: float = 0.0
-    remote_serde: str = "naive"
-    save_unfull_chunk: bool = False
-    extra_config: Mapping[str, Any] = field(default_factory=dict)
-    pre_caching_hash_algorithm: str = "sha256"
-    model_name: str | None = None
-    cache_salt: str | None = None
-    write_behind_queue_chunks: int = 64
-    cost_aware_retrieval: bool = True
-    min_retrieve_tokens: int = 0
-    save_decode_cache: bool = False
-    worker_lookup_timeout_s: float = 2.0
-    worker_lookup_backoff_s: float = 5.0
-    use_layerwise: bool = False
+    chunk_size: int = _default("chunk_size")
+    local_cpu: bool = _default("local_cpu")
+    max_local_cpu_size: float = _default("max_local_cpu_size")
+    local_disk: str | None = _default("local_disk")
+    max_local_disk_size: float = _default("max_local_disk_size")
+    remote_url: str | None = _default("remote_url")
+    remote_key_prefix: str = _default("remote_key_prefix")
+    remote_password_env: str | None = _default("remote_password_env")
+    remote_timeout_s: float = _default("remote_timeout_s")
+    remote_backoff_s: float = _default("remote_backoff_s")
+    remote_ttl_s: float = _default("remote_ttl_s")
+    remote_serde: str = _default("remote_serde")
+    save_unfull_chunk: bool = _default("save_unfull_chunk")
+    extra_config: Mapping[str, Any] = _default("extra_config")
+    pre_caching_hash_algorithm: str = _default("pre_caching_hash_algorithm")
+    model_name: str | None = _default("model_name")
+    cache_salt: str | None = _default("cache_salt")
+    write_behind_queue_chunks: int = _default("write_behind_queue_chunks")
+    cost_aware_retrieval: bool = _default("cost_aware_retrieval")
+    min_retrieve_tokens: int = _default("min_retrieve_tokens")
+    save_decode_cache: bool = _default("save_decode_cache")
+    worker_lookup_timeout_s: float = _default("worker_lookup_timeout_s")
+    worker_lookup_backoff_s: float = _default("worker_lookup_backoff_s")
+    use_layerwise: bool = _default("use_layerwise")
     # Where each key's value came from ("default", "file /x.yaml", "env LMCACHE_X", "override").
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     # Derived once at construction.
@@ -188,7 +203,8 @@ class EngineConfig:
             "cpu_budget_bytes": int(self.max_local_cpu_size * GIB) if self.local_cpu else 0,
             "disk_budget_bytes": int(self.max_local_disk_size * GIB) if self.local_disk else 0,
             "disk_dir": resolve_disk_dir(self.local_disk) if self.local_disk else None,
-            "use_odirect": bool(self.extra_config.get("use_odirect", False)),
+            "use_odirect": bool(self.extra_config.get(
+                "use_odirect", _EXTRA_BY_NAME["use_odirect"].default)),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -217,18 +233,27 @@ def resolve_disk_dir(local_disk: str) -> str:
 # ---------------------------------------------------------------- parsing and checking values
 
 
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def parse_bool(text: str) -> bool:
+    """An env var's boolean, in any case; raises ValueError with the allowed words."""
+    lowered = text.strip().lower()
+    if lowered in TRUE_WORDS:
+        return True
+    if lowered in FALSE_WORDS:
+        return False
+    raise ValueError("expected a boolean (true/false/1/0)")
+
+
 def parse_env_value(key: ConfigKey, text: str) -> Any:
     """Turn an env var's text into the key's type; raises ValueError with a short reason."""
     stripped = text.strip()
     if key.nullable and stripped.lower() in ("", "null", "none"):
         return None
     if key.type is bool:
-        lowered = stripped.lower()
-        if lowered in ("true", "1", "yes", "on"):
-            return True
-        if lowered in ("false", "0", "no", "off"):
-            return False
-        raise ValueError("expected a boolean (true/false/1/0)")
+        return parse_bool(stripped)
     if key.type is int:
         return int(stripped)
     if key.type is float:
@@ -387,19 +412,20 @@ def _build(layers: list[tuple[str, Mapping[str, Any], bool]]) -> EngineConfig:
     return EngineConfig(**values, sources=sources)
 
 
-def _cross_checks(values: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
-    """Rules that involve more than one key."""
+def _cross_checks(given: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
+    """Rules that involve more than one key (``given``: the keys set; the rest take defaults)."""
     problems = []
-    disk = values.get("local_disk")
-    disk_size = values.get("max_local_disk_size", 0.0)
+    values = {key.name: given.get(key.name, key.default) for key in TABLE}
+    disk = values["local_disk"]
+    disk_size = values["max_local_disk_size"]
     if disk and disk_size <= 0:
         problems.append(
             f"max_local_disk_size: {disk_size!r} ({sources.get('max_local_disk_size', 'default')}) "
             f"is invalid: the disk tier local_disk={disk!r} needs a size > 0 (GiB)")
-    if values.get("extra_config", {}).get("use_odirect") and not disk:
+    if values["extra_config"].get("use_odirect") and not disk:
         problems.append("extra_config.use_odirect: true is invalid without local_disk "
                         "(O_DIRECT applies to the disk tier)")
-    no_tier = not values.get("local_cpu", True) and not disk and not values.get("remote_url")
+    no_tier = not values["local_cpu"] and not disk and not values["remote_url"]
     if no_tier:
         problems.append("local_cpu: false leaves no tier: set local_cpu, local_disk or remote_url")
     return problems

@@ -13,31 +13,19 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import EngineConfig, describe
 from lmcache_ext.keys import ChunkKey, ChunkSpan, KeyNamespace, PrefixHasher
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import Chunk, ChunkLease, StorageTier, TieredStore, build_tiers
+from lmcache_ext.units import GIB
 
 log = logging.getLogger(__name__)
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """The shape of one model's KV, as the adapter sees it (per tensor-parallel rank)."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    def shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
-        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
 
 
 class PrefixPin:
@@ -113,7 +101,7 @@ class CacheEngine:
         for line in describe(self.config):
             log.info("  %s", line)
         for tier in self.storage.tiers:
-            log.info("  tier %s: %.2f GiB", tier.name, tier.usage().capacity_bytes / 1024**3)
+            log.info("  tier %s: %.2f GiB", tier.name, tier.usage().capacity_bytes / GIB)
 
     # ------------------------------------------------------------------ the API
 

@@ -6,12 +6,14 @@ Each engine owns its own registry (several engines in one process never clash). 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 PREFIX = "lmcache_ext"
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -87,3 +89,40 @@ class EngineMetrics:
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (for a /metrics endpoint)."""
         return generate_latest(self.registry)
+
+
+class RunningAverage:
+    """An exponentially weighted running average of observations, e.g. a measured speed.
+
+    ``weight`` is the share of the newest observation (0 < weight <= 1); the first observation
+    is taken as is. Thread-safe; ``value`` is None until something was observed.
+    """
+
+    def __init__(self, weight: float):
+        if not 0 < weight <= 1:
+            raise ValueError(f"weight must be in (0, 1], got {weight}")
+        self.weight = weight
+        self._value: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def value(self) -> float | None:
+        with self._lock:
+            return self._value
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            old = self._value
+            self._value = value if old is None else (1 - self.weight) * old + self.weight * value
+
+
+class ServerMetrics:
+    """The HTTP server's metrics, in the endpoint's registry (beside its engine's)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by route and status.",
+                                ["route", "status"], registry=registry)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds",
+                              "Time from request to first token.", buckets=_TTFT_BUCKETS,
+                              registry=registry)

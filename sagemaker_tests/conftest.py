@@ -115,7 +115,7 @@ def endpoint(tmp_path_factory) -> Iterator[Endpoint]:
 
         yield BotoEndpoint(name, boto3.client("sagemaker-runtime"))
         return
-    from tests.serving.tiny_model import build_tiny_model
+    from lmcache_ext.testing.tiny_model import build_tiny_model
 
     folder = tmp_path_factory.mktemp("local-endpoint")
     model = build_tiny_model(folder / "model")

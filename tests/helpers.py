@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.storage import Chunk
 
+REPO = Path(__file__).resolve().parents[1]
+# The seed's two lmcache_config.yaml files, exactly as given: the container's example configs.
+SEED_CPU = REPO / "container" / "lmcache_config_cpu.yaml"
+SEED_NVME = REPO / "container" / "lmcache_config_nvme.yaml"
 SHAPE = (2, 2, 16, 2, 8)  # [layers, 2, tokens, kv_heads, head_dim]
 CHUNK_BYTES = 2 * 2 * 16 * 2 * 8 * 2  # float16
+# A Hugging Face config.json shaped like Llama 3 8B (131072 B of KV per token in bfloat16).
+LLAMA_LIKE = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "hidden_size": 4096, "intermediate_size": 14336, "vocab_size": 128256,
+              "torch_dtype": "bfloat16"}
 
 
 def key(n: int, namespace: str = "test000000000000") -> ChunkKey:

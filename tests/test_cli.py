@@ -6,9 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-DATA = Path(__file__).parent / "data"
+from tests.helpers import SEED_CPU, SEED_NVME
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -18,7 +17,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_config_show_prints_each_key_with_its_source():
-    result = cli("config", "show", "--config", str(DATA / "seed_nvme_lmcache_config.yaml"))
+    result = cli("config", "show", "--config", str(SEED_NVME))
     assert result.returncode == 0, result.stderr
     assert "max_local_disk_size = 5.0 GiB  (file " in result.stdout
     assert "local_cpu = true  (default)" in result.stdout
@@ -26,7 +25,7 @@ def test_config_show_prints_each_key_with_its_source():
 
 
 def test_config_show_json_from_the_seed_env_vars():
-    env = {"OPTION_LMCACHE_CONFIG_FILE": str(DATA / "seed_cpu_lmcache_config.yaml"),
+    env = {"OPTION_LMCACHE_CONFIG_FILE": str(SEED_CPU),
            "OPTION_LMCACHE_CHUNK_SIZE": "512"}
     result = cli("config", "show", "--json", env=env)
     assert result.returncode == 0, result.stderr
@@ -37,7 +36,7 @@ def test_config_show_json_from_the_seed_env_vars():
 
 
 def test_config_check_passes_a_good_config():
-    result = cli("config", "check", "--config", str(DATA / "seed_cpu_lmcache_config.yaml"))
+    result = cli("config", "check", "--config", str(SEED_CPU))
     assert result.returncode == 0 and "config OK" in result.stdout
 
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 from pathlib import Path
 
 import pytest
 
-from lmcache_ext.config import GIB, TABLE, ConfigError, EngineConfig, load_config, resolve_disk_dir
-
-DATA = Path(__file__).parent / "data"
-SEED_CPU = DATA / "seed_cpu_lmcache_config.yaml"
-SEED_NVME = DATA / "seed_nvme_lmcache_config.yaml"
+from lmcache_ext.config import TABLE, ConfigError, EngineConfig, load_config, resolve_disk_dir
+from lmcache_ext.units import GIB
+from tests.helpers import SEED_CPU, SEED_NVME
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -78,6 +78,20 @@ def test_defaults_match_the_table():
     for key in TABLE:
         assert getattr(config, key.name) == key.default, key.name
         assert config.source_of(key.name) == "default"
+
+
+def test_every_default_is_written_once_in_the_table():
+    """EngineConfig's fields take their defaults from TABLE; none is written a second time."""
+    keys = {key.name for key in TABLE}
+    fields_seen = set()
+    for node in ast.walk(ast.parse(inspect.getsource(EngineConfig))):
+        if isinstance(node, ast.AnnAssign) and node.target.id in keys:
+            call = node.value
+            assert isinstance(call, ast.Call) and call.func.id == "_default", node.target.id
+            assert [arg.value for arg in call.args] == [node.target.id]
+            fields_seen.add(node.target.id)
+    assert fields_seen == keys
+    assert EngineConfig() == load_config(env={})
 
 
 def test_precedence_file_then_lmcache_env_then_option_env_then_override(tmp_path):

@@ -7,10 +7,12 @@ import threading
 import pytest
 import torch
 
+from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
-from lmcache_ext.engine import CacheEngine, KVLayout
+from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import Chunk, CPUTier
+from lmcache_ext.units import GIB
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)
 CHUNK = 16
@@ -129,7 +131,7 @@ def test_engine_builds_its_tiers_from_config():
     config = load_config(env={}, overrides={"chunk_size": CHUNK, "max_local_cpu_size": 0.001})
     engine = CacheEngine(config, LAYOUT, model_name="m")
     assert [t.name for t in engine.storage.tiers] == ["cpu"]
-    assert engine.storage.tiers[0].usage().capacity_bytes == int(0.001 * 1024**3)
+    assert engine.storage.tiers[0].usage().capacity_bytes == int(0.001 * GIB)
 
 
 def test_metrics_count_what_happened():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
-from lmcache_ext.engine import KVLayout
+from lmcache_ext.chunk import KVLayout
 
 
 def layout_of(config: PretrainedConfig, dtype: torch.dtype) -> KVLayout:

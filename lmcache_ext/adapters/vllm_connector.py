@@ -34,8 +34,9 @@ from lmcache_ext.adapters.vllm_metadata import LMCacheExtMetadata
 from lmcache_ext.adapters.vllm_scheduler import SchedulerSide
 from lmcache_ext.adapters.vllm_worker import WorkerSide
 from lmcache_ext.adapters.worker_channel import WorkerCaches
+from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
-from lmcache_ext.engine import CacheEngine, KVLayout, key_namespace
+from lmcache_ext.engine import CacheEngine, key_namespace
 from lmcache_ext.keys import PrefixHasher
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ from lmcache_ext import kernels
 from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.vllm_metadata import TransferOp
 from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest
-from lmcache_ext.engine import CacheEngine, KVLayout, PrefixPin
+from lmcache_ext.chunk import KVLayout
+from lmcache_ext.engine import CacheEngine, PrefixPin
 from lmcache_ext.keys import ChunkSpan
 
 log = logging.getLogger(__name__)

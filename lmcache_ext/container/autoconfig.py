@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmcache_ext.container.advisor import ModelShape, fmt_tokens, read_model_config
-from lmcache_ext.container.instances import GIB
+from lmcache_ext.sizing.advisor import ModelShape, fmt_tokens, read_model_config
+from lmcache_ext.units import GIB
 
 RAM_SHARE = 0.8
 WORKER_RESERVE_GIB = 4.0

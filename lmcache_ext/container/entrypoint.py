@@ -38,7 +38,9 @@ from lmcache_ext.config import (
     config_file_from_env,
     describe,
     load_config,
+    parse_bool,
 )
+from lmcache_ext.units import GIB
 
 if TYPE_CHECKING:  # direct_io imports torch: the entrypoint loads it only for a disk tier
     from lmcache_ext.storage.direct_io import DirectoryCheck
@@ -138,7 +140,7 @@ def check_disk_room(config: EngineConfig, found: DirectoryCheck, existing: int) 
         raise SetupError(
             f"max_local_disk_size: {config.max_local_disk_size} GiB "
             f"({config.source_of('max_local_disk_size')}) does not fit in {config.disk_dir}: "
-            f"{free / 2**30:.1f} GiB free (cache files included); lower it, or set "
+            f"{free / GIB:.1f} GiB free (cache files included); lower it, or set "
             f"OPTION_LMCACHE_AUTO_CONFIG=true to size it")
 
 
@@ -157,14 +159,12 @@ def say_odirect(config: EngineConfig, found: DirectoryCheck) -> None:
 
 def _auto_requested(env: Mapping[str, str]) -> bool:
     for name in AUTO_ENVS:
-        text = env.get(name, "").strip().lower()
-        if not text:
+        if not env.get(name, "").strip():
             continue
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise SetupError(f"{name}={env[name]!r}: expected a boolean (true/false/1/0)")
+        try:
+            return parse_bool(env[name])
+        except ValueError as exc:
+            raise SetupError(f"{name}={env[name]!r}: {exc}") from exc
     return False
 
 

@@ -17,8 +17,9 @@ from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.serving.cost import CostModel
 from lmcache_ext.serving.generator import Generator
-from lmcache_ext.serving.http_server import Service, make_server
+from lmcache_ext.serving.http_server import make_server
 from lmcache_ext.serving.model import LoadedModel, load_model
+from lmcache_ext.serving.service import Service
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 8080

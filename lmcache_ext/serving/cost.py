@@ -8,9 +8,10 @@ speed (tokens/s, from a start-up probe and a running average of real prefills).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from lmcache_ext.metrics import RunningAverage
 
 EWMA_WEIGHT = 0.3  # weight of the newest observation in a running average
 
@@ -32,21 +33,16 @@ class CostModel:
         self.chunk_bytes = chunk_bytes
         self.min_retrieve_tokens = min_retrieve_tokens
         self.enabled = enabled
-        self._prefill_tokens_per_s: float | None = None
-        self._lock = threading.Lock()
+        self._prefill_tokens_per_s = RunningAverage(EWMA_WEIGHT)
 
     @property
     def prefill_tokens_per_s(self) -> float | None:
-        return self._prefill_tokens_per_s
+        return self._prefill_tokens_per_s.value
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        speed = tokens / seconds
-        with self._lock:
-            old = self._prefill_tokens_per_s
-            self._prefill_tokens_per_s = speed if old is None else \
-                (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * speed
+        self._prefill_tokens_per_s.observe(tokens / seconds)
 
     def plan(self, chunk_tiers: Sequence[str], tier_bytes_per_s: Mapping[str, float]) -> \
             RetrievalPlan:
@@ -56,7 +52,7 @@ class CostModel:
         tier whose speed is not known yet counts as free (it is measured on first use).
         """
         available = len(chunk_tiers) * self.chunk_tokens
-        prefill = self._prefill_tokens_per_s
+        prefill = self._prefill_tokens_per_s.value
         if not self.enabled or prefill is None:
             load = available if available >= self.min_retrieve_tokens else 0
             return RetrievalPlan(load, available, 0.0, 0.0)

@@ -1,5 +1,6 @@
 """The SageMaker container contract over HTTP: ``/ping``, ``/invocations``, ``/metrics``, and the
-OpenAI-style ``/v1/completions`` and ``/v1/chat/completions``.
+OpenAI-style ``/v1/completions`` and ``/v1/chat/completions``. Routing and HTTP only: parsing
+and response bodies are ``protocol``'s, tokenising and generation ``service``'s.
 
 A thread per connection (the standard library's ``ThreadingHTTPServer``): ``/ping`` and
 ``/metrics`` answer at once while another thread generates, since torch releases the GIL inside
@@ -11,119 +12,28 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import generate_latest
 
-from lmcache_ext.serving.generator import GenerationStats, Generator, TokenEvent
+from lmcache_ext.serving.generator import GenerationStats, TokenEvent
 from lmcache_ext.serving.protocol import (
     MAX_BODY_BYTES,
     GenerateRequest,
     RequestError,
     decode_body,
+    format_event,
+    format_full,
     parse_chat,
     parse_completions,
     parse_invocation,
 )
+from lmcache_ext.serving.service import Service
 
 log = logging.getLogger(__name__)
-_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-class ServerMetrics:
-    def __init__(self, registry: CollectorRegistry):
-        self.registry = registry
-        self.requests = Counter("lmcache_ext_http_requests", "HTTP requests by route and status.",
-                                ["route", "status"], registry=registry)
-        self.ttft = Histogram("lmcache_ext_time_to_first_token_seconds",
-                              "Time from request to first token.", buckets=_TTFT_BUCKETS,
-                              registry=registry)
-
-
-class Service:
-    """What the HTTP layer calls: prompt building, generation, response shaping."""
-
-    def __init__(self, generator: Generator, registry: CollectorRegistry):
-        self.generator = generator
-        self.metrics = ServerMetrics(registry)
-        self.model_name = generator.loaded.name
-
-    def prompt_ids(self, request: GenerateRequest) -> list[int]:
-        tokenizer = self.generator.loaded.tokenizer
-        if request.messages:
-            text = tokenizer.apply_chat_template(list(request.messages), tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(request.prompt)["input_ids"]
-        field = "messages" if request.messages else "inputs" if request.style == "lmi" else \
-            "prompt"
-        if len(ids) >= self.generator.loaded.max_context:
-            raise RequestError(f"{field}: {len(ids)} tokens does not fit the model's context of "
-                               f"{self.generator.loaded.max_context}")
-        return ids
-
-    def run(self, request: GenerateRequest) -> tuple[Iterator[TokenEvent], GenerationStats]:
-        stats = GenerationStats()
-        ids = self.prompt_ids(request)
-        events = self.generator.generate(ids, request.params, stats)
-        return events, stats
-
-
-def _usage(stats: GenerationStats) -> dict[str, Any]:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.loaded_tokens}}
-
-
-def _finish(reason: str | None) -> str | None:
-    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", None)
-
-
-def format_full(request: GenerateRequest, stats: GenerationStats, model: str) -> dict[str, Any]:
-    """The non-streaming response body."""
-    if request.style == "lmi":
-        return {"generated_text": stats.text,
-                "details": {"finish_reason": _finish(stats.finish_reason),
-                            "generated_tokens": stats.generated_tokens,
-                            "prompt_tokens": stats.prompt_tokens,
-                            "cached_tokens": stats.loaded_tokens}}
-    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(stats.finish_reason)}
-    if request.style == "chat":
-        choice["message"] = {"role": "assistant", "content": stats.text}
-        kind = "chat.completion"
-    else:
-        choice["text"] = stats.text
-        kind = "text_completion"
-    return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": kind, "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": _usage(stats)}
-
-
-def format_event(request: GenerateRequest, event: TokenEvent, stats: GenerationStats,
-                 model: str) -> dict[str, Any]:
-    """One streamed object."""
-    done = event.finish_reason is not None
-    if request.style == "lmi":
-        return {"token": {"id": event.token_id, "text": event.text},
-                "generated_text": stats.text if done else None,
-                **({"details": format_full(request, stats, model)["details"]} if done else {})}
-    finish = _finish(event.finish_reason)
-    if request.style == "chat":
-        choice = {"index": 0, "delta": {"content": event.text}, "finish_reason": finish}
-        kind = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": event.text, "finish_reason": finish}
-        kind = "text_completion"
-    body = {"object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
-    if done:
-        body["usage"] = _usage(stats)
-    return body
-
 
 ROUTES: dict[str, Callable[[dict[str, Any]], GenerateRequest]] = {
     "/invocations": parse_invocation,

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from lmcache_ext.adapters.transformers_kv import layout_of
-from lmcache_ext.engine import KVLayout
+from lmcache_ext.chunk import KVLayout
 
 log = logging.getLogger(__name__)
 

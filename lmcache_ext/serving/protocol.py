@@ -3,15 +3,24 @@
 ``/invocations`` takes, told apart by payload shape as LMI does: the LMI schema
 ``{"inputs": str, "parameters": {...}, "stream": bool}``, OpenAI completions (``prompt``) and
 OpenAI chat (``messages``). Every problem is a ``RequestError`` naming the field, never a crash.
+Response bodies in the request's style (``format_full``, ``format_event``) are shaped here too.
 """
 
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the generator imports SamplingParams from here
+    from lmcache_ext.serving.generator import GenerationStats, TokenEvent
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's payload limit for real-time endpoints
+# Chat roles we serve: plain text turns. Tool turns (tool_call_id, tool_calls) are not parsed and
+# the chat templates we ship render no "developer" or "tool" role, so those are refused.
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class RequestError(ValueError):
@@ -123,6 +132,9 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
             raise RequestError(f"messages[{index}]: needs string 'role' and 'content'")
+        if role not in CHAT_ROLES:
+            raise RequestError(f"messages[{index}].role: {role!r} is not allowed (allowed: "
+                               f"{', '.join(CHAT_ROLES)})")
         out.append({"role": role, "content": content})
     return tuple(out)
 
@@ -143,7 +155,35 @@ def decode_body(body: bytes) -> dict[str, Any]:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"body: not valid JSON ({exc})") from exc
-    return _require(payload, dict, "body")
+    except RecursionError as exc:
+        raise RequestError("body: JSON nested too deeply") from exc
+    _require(payload, dict, "body")
+    _check_unicode(payload)
+    return payload
+
+
+def _check_unicode(payload: dict[str, Any]) -> None:
+    """JSON can carry lone surrogates ("\\ud800") that are not text: no tokenizer encodes them.
+    Raises a RequestError naming a field that holds one (field names are checked too)."""
+    pending: list[tuple[str, Any]] = [("", payload)]
+    while pending:  # a loop, not recursion: nesting is as deep as the body allows
+        name, value = pending.pop()
+        if isinstance(value, str):
+            _encodable(value, name)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _encodable(key, f"{name or 'body'} (a field name)")
+                pending.append((f"{name}.{key}" if name else key, item))
+        elif isinstance(value, list):
+            pending += [(f"{name}[{index}]", item) for index, item in enumerate(value)]
+
+
+def _encodable(text: str, name: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{name}: not valid Unicode (a lone surrogate at character "
+                           f"{exc.start})") from None
 
 
 def parse_lmi(payload: dict[str, Any]) -> GenerateRequest:
@@ -180,3 +220,56 @@ def parse_invocation(payload: dict[str, Any]) -> GenerateRequest:
     if "inputs" in payload:
         return parse_lmi(payload)
     raise RequestError("body: needs 'inputs' (LMI), 'prompt' (completions) or 'messages' (chat)")
+
+
+# ------------------------------------------------------------------ responses
+
+
+def _usage(stats: GenerationStats) -> dict[str, Any]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.loaded_tokens}}
+
+
+def _finish(reason: str | None) -> str | None:
+    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", None)
+
+
+def format_full(request: GenerateRequest, stats: GenerationStats, model: str) -> dict[str, Any]:
+    """The non-streaming response body."""
+    if request.style == "lmi":
+        return {"generated_text": stats.text,
+                "details": {"finish_reason": _finish(stats.finish_reason),
+                            "generated_tokens": stats.generated_tokens,
+                            "prompt_tokens": stats.prompt_tokens,
+                            "cached_tokens": stats.loaded_tokens}}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(stats.finish_reason)}
+    if request.style == "chat":
+        choice["message"] = {"role": "assistant", "content": stats.text}
+        kind = "chat.completion"
+    else:
+        choice["text"] = stats.text
+        kind = "text_completion"
+    return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": kind, "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": _usage(stats)}
+
+
+def format_event(request: GenerateRequest, event: TokenEvent, stats: GenerationStats,
+                 model: str) -> dict[str, Any]:
+    """One streamed object."""
+    done = event.finish_reason is not None
+    if request.style == "lmi":
+        return {"token": {"id": event.token_id, "text": event.text},
+                "generated_text": stats.text if done else None,
+                **({"details": format_full(request, stats, model)["details"]} if done else {})}
+    finish = _finish(event.finish_reason)
+    if request.style == "chat":
+        choice = {"index": 0, "delta": {"content": event.text}, "finish_reason": finish}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": event.text, "finish_reason": finish}
+        kind = "text_completion"
+    body = {"object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+    if done:
+        body["usage"] = _usage(stats)
+    return body

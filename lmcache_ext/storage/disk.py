@@ -4,16 +4,17 @@ Layout: ``<directory>/<namespace id>/<key digest hex>``; each file is a chunk (1
 header, then the KV) padded to 4096 bytes. Another namespace's directory is never read, so keys of
 another model or KV layout are never served.
 
-Bookkeeping is apart from the I/O: a short lock guards the index (least recent first) and the byte
-count; reads, writes and deletes run outside it, so threads do I/O in parallel. Two phases for
-anything in flight:
+Bookkeeping is apart from the I/O: ``DiskIndex`` (``disk_index.py``, no file I/O) decides what is
+stored, what is evicted and how many bytes of the budget are held; this tier does the I/O and
+calls it under one short lock. Reads, writes and deletes run outside the lock, so threads do I/O
+in parallel. Two phases for anything in flight:
 - a write reserves its padded size first (in-flight bytes count against the budget), writes a
-  temporary file, then, under the lock, renames it into place and marks it ready;
+  temporary file, then, under the lock, renames it into place and commits it;
 - eviction takes a file out of the index and renames it to a temporary name under the lock, then
-  deletes it outside the lock; only then are its bytes given back. A reader that opened the file
+  deletes it outside the lock; only then are its bytes released. A reader that opened the file
   before keeps reading it (an open fd outlives an unlink on Linux).
-So bytes on disk (chunks, temporaries, files awaiting deletion) never exceed ``_used`` and
-``_used`` never exceeds the budget.
+So bytes on disk (chunks, temporaries, files awaiting deletion) never exceed the index's
+``used_bytes`` and that never exceeds the budget.
 
 On start the index is rebuilt from the directory (name, size and mtime; least recent mtime first)
 and leftover temporaries are deleted, so a restart keeps the cache and never orphans files.
@@ -26,27 +27,20 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from lmcache_ext.chunk import HEADER_SIZE, ChunkCorrupt, ChunkMeta, as_kv, decode, encode_header
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics, TierCounters
 from lmcache_ext.storage import direct_io
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier, TierUsage
-from lmcache_ext.storage.direct_io import TEMP_PREFIX, AlignedBuffer, padded, unlink_quietly
+from lmcache_ext.storage.direct_io import TEMP_PREFIX, AlignedBuffer, unlink_quietly
+from lmcache_ext.storage.disk_index import DiskEntry, DiskIndex, Reservation
+from lmcache_ext.units import GIB
 
 log = logging.getLogger(__name__)
 _CHUNK_NAME = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")  # 16- or 32-byte key digests
 LOG_INTERVAL_S = 30.0
-
-
-@dataclass(eq=False)
-class _Entry:
-    size: int  # bytes on disk (padded)
-    ready: bool = False  # False while the first write is in flight
-    removed: bool = False  # out of the index
 
 
 class _EveryInterval:
@@ -82,10 +76,8 @@ class DiskTier(StorageTier):
         self.directory = os.path.join(os.path.abspath(directory), namespace)
         self.budget_bytes = budget_bytes
         self._counters = counters or EngineMetrics().for_tier(self.name)
-        self._index: OrderedDict[str, _Entry] = OrderedDict()  # least recent first
+        self._index = DiskIndex(budget_bytes)  # guarded by _lock, see the module docstring
         self._lock = threading.Lock()
-        self._used = 0  # bytes reserved or on disk, see the module docstring
-        self.peak_used_bytes = 0
         self._write_buffers = threading.local()  # one reused aligned buffer per writer thread
         self._buffers = direct_io.BufferCache()  # read buffers, recycled when leases end
         self._write_log = _EveryInterval(LOG_INTERVAL_S)
@@ -96,22 +88,22 @@ class DiskTier(StorageTier):
         self._recover()
         self.startup_seconds = time.perf_counter() - started
 
+    @property
+    def peak_used_bytes(self) -> int:
+        with self._lock:
+            return self._index.peak_used_bytes
+
     # ------------------------------------------------------------ the interface
 
     def contains(self, key: ChunkKey) -> bool:
         name = self._name(key)
         with self._lock:
-            entry = self._index.get(name) if name else None
-            return entry is not None and entry.ready
+            return self._index.contains(name)
 
     def prefix_length(self, keys: Sequence[ChunkKey]) -> int:
         names = [self._name(key) for key in keys]
         with self._lock:
-            for count, name in enumerate(names):
-                entry = self._index.get(name) if name else None
-                if entry is None or not entry.ready:
-                    return count
-            return len(names)
+            return self._index.prefix_length(names)
 
     def get(self, key: ChunkKey) -> ChunkLease | None:
         """Read and verify the chunk into an aligned buffer the lease holds until released (then
@@ -119,10 +111,9 @@ class DiskTier(StorageTier):
         and the file deleted."""
         name = self._name(key)
         with self._lock:
-            entry = self._index.get(name) if name else None
-            if entry is None or not entry.ready:
-                return None
-            self._index.move_to_end(name)
+            entry = self._index.use(name)
+        if entry is None:
+            return None
         try:
             data = self._read(name, entry.size)
         except FileNotFoundError:
@@ -154,39 +145,34 @@ class DiskTier(StorageTier):
             return False
         try:
             meta = chunk.meta
-            size = padded(HEADER_SIZE + meta.nbytes)
         except Exception:  # not a KV tensor we can store: a caller bug, still never a raise
             log.exception("disk tier: cannot store %s", name)
             self._counters.errors.inc()
             return False
-        entry = self._reserve(name, size)
-        if entry is None:
+        reservation = self._reserve(name, HEADER_SIZE + meta.nbytes)
+        if reservation.stored:
+            return True  # already stored, or another thread is writing the same chunk
+        if reservation.entry is None:
             self._counters.rejected.inc()
             return False
-        if entry.ready or entry is _IN_FLIGHT:
-            return True  # already stored, or another thread is writing the same chunk
-        return self._write(key, name, entry, chunk, meta)
+        return self._write(key, reservation.entry, chunk, meta)
 
     def remove(self, key: ChunkKey) -> bool:
         name = self._name(key)
         with self._lock:
-            entry = self._index.get(name) if name else None
-            if entry is None:
-                return False
-            doomed = self._retire(name, entry)
-        self._delete([doomed])
-        return True
+            entry = self._index.remove(name)
+            doomed = self._retire([entry] if entry is not None else [])
+        self._delete(doomed)
+        return entry is not None
 
     def touch(self, keys: Sequence[ChunkKey]) -> None:
-        names = [self._name(key) for key in reversed(keys)]
+        names = [self._name(key) for key in keys]
         with self._lock:
-            for name in names:
-                if name in self._index:
-                    self._index.move_to_end(name)
+            self._index.touch(names)
 
     def usage(self) -> TierUsage:
         with self._lock:
-            return TierUsage(self._used, self.budget_bytes, len(self._index))
+            return TierUsage(self._index.used_bytes, self.budget_bytes, len(self._index))
 
     # ------------------------------------------------------------ start-up
 
@@ -211,16 +197,16 @@ class DiskTier(StorageTier):
                     unlink_quietly(item.path)  # a write or delete cut short by a crash
                 elif _CHUNK_NAME.fullmatch(item.name) and item.is_file(follow_symlinks=False):
                     stat = item.stat(follow_symlinks=False)
-                    found.append((stat.st_mtime_ns, item.name, padded(stat.st_size)))
+                    found.append((stat.st_mtime_ns, item.name, stat.st_size))
         found.sort()
         with self._lock:
             for _, name, size in found:
-                self._index[name] = _Entry(size, ready=True)
-                self._used += size
-            doomed = self._evict_until(0)
+                self._index.adopt(name, size)
+            doomed = self._evict(0)
+            count, used = len(self._index), self._index.used_bytes
         self._delete(doomed)
         log.info("disk tier %s: %d chunks, %.3f GiB of %.3f GiB after restart", self.directory,
-                 len(self._index), self._used / 1024**3, self.budget_bytes / 1024**3)
+                 count, used / GIB, self.budget_bytes / GIB)
 
     # ------------------------------------------------------------ internals
 
@@ -230,59 +216,45 @@ class DiskTier(StorageTier):
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
-    def _reserve(self, name: str, size: int) -> _Entry | None:
-        """A new in-flight entry holding ``size`` bytes of budget, the existing entry if the chunk
-        is already here (or being written), or None if no room can be made."""
-        if size > self.budget_bytes:
-            return None
+    def _reserve(self, name: str, nbytes: int) -> Reservation:
+        """Reserve room for ``nbytes`` (counted padded), deleting evicted files until there is
+        room or nothing more can be evicted (see ``Reservation``; never one with victims)."""
         while True:
             with self._lock:
-                entry = self._index.get(name)
-                if entry is not None:
-                    self._index.move_to_end(name)
-                    return entry if entry.ready else _IN_FLIGHT
-                if self._used + size <= self.budget_bytes:
-                    entry = self._index[name] = _Entry(size)
-                    self._used += size
-                    self.peak_used_bytes = max(self.peak_used_bytes, self._used)
-                    return entry
-                doomed = self._evict_until(size)
-            if not doomed:
-                return None  # the rest of the budget is writes in flight or files being deleted
+                reservation = self._index.reserve(name, nbytes)
+                self._counters.evictions.inc(len(reservation.victims))
+                doomed = self._retire(reservation.victims)
+            if not reservation.victims:
+                return reservation
             self._delete(doomed)
 
-    def _evict_until(self, size: int) -> list[tuple[str | None, int]]:
-        """(Lock held.) Retire least recent ready chunks until ``size`` more bytes would fit once
-        they are deleted; returns them for ``_delete``."""
-        victims, freed = [], 0
-        for name, entry in self._index.items():  # least recent first; stops early
-            if self._used - freed + size <= self.budget_bytes:
-                break
-            if entry.ready:
-                victims.append((name, entry))
-                freed += entry.size
+    def _evict(self, size: int) -> list[tuple[str | None, DiskEntry]]:
+        """(Lock held.) Evict least recent chunks until ``size`` more bytes fit once deleted."""
+        victims = self._index.evict(size)
         self._counters.evictions.inc(len(victims))
-        return [self._retire(name, entry) for name, entry in victims]
+        return self._retire(victims)
 
-    def _retire(self, name: str, entry: _Entry) -> tuple[str | None, int]:
-        """(Lock held.) Phase one of a delete: out of the index, file moved to a temporary name
-        (so a new chunk written under ``name`` is never deleted by mistake). Returns (path to
-        delete, bytes to give back); an in-flight entry gives back nothing: its writer does."""
-        del self._index[name]
-        entry.removed = True
-        if not entry.ready:
-            return None, 0
-        doomed = direct_io.temp_name(self.directory, f"del-{name}")
-        try:
-            os.rename(self._path(name), doomed)
-        except FileNotFoundError:
-            return None, entry.size
-        except OSError:
-            return self._path(name), entry.size
-        return doomed, entry.size
+    def _retire(self, entries: Sequence[DiskEntry]) -> list[tuple[str | None, DiskEntry]]:
+        """(Lock held.) The file side of phase one of a delete, for entries just taken out of the
+        index: each ready one's file is moved to a temporary name (so a new chunk written under
+        its name is never deleted by mistake). Returns (path to delete, entry) for ``_delete``;
+        an in-flight entry has no file yet (its writer gives its bytes back)."""
+        doomed: list[tuple[str | None, DiskEntry]] = []
+        for entry in entries:
+            if not entry.ready:
+                continue
+            path = direct_io.temp_name(self.directory, f"del-{entry.name}")
+            try:
+                os.rename(self._path(entry.name), path)
+            except FileNotFoundError:
+                path = None
+            except OSError:
+                path = self._path(entry.name)
+            doomed.append((path, entry))
+        return doomed
 
-    def _delete(self, doomed: list[tuple[str | None, int]]) -> None:
-        """Phase two: delete the files, then give their bytes back to the budget."""
+    def _delete(self, doomed: list[tuple[str | None, DiskEntry]]) -> None:
+        """Phase two: delete the files, then release their bytes to the budget."""
         for path, _ in doomed:
             if path is None:
                 continue
@@ -291,25 +263,23 @@ class DiskTier(StorageTier):
             except OSError as exc:
                 self._counters.errors.inc()
                 log.error("disk tier: deleting %s failed: %s", path, exc)
-        freed = sum(size for _, size in doomed)
-        if freed:
+        if doomed:
             with self._lock:
-                self._used -= freed
+                self._index.release(entry for _, entry in doomed)
 
-    def _drop(self, name: str, entry: _Entry, why: str, vanished: bool = False) -> None:
+    def _drop(self, name: str, entry: DiskEntry, why: str, vanished: bool = False) -> None:
         """A chunk file that could not be served: count it, delete it (if still ours).
         ``vanished``: the file was missing, which is no fault if it was evicted meanwhile."""
         with self._lock:
-            ours = self._index.get(name) is entry
-            doomed = self._retire(name, entry) if ours else None
+            ours = self._index.remove(name, expected=entry) is not None
+            doomed = self._retire([entry]) if ours else []
         if vanished and not ours:
             return  # evicted between the lookup and the open: an ordinary miss
         self._counters.corrupt.inc()
         if self._read_log.due():
             log.warning("disk tier: chunk %s in %s is unusable (%s); deleted, served as a miss",
                         name, self.directory, why)
-        if doomed is not None:
-            self._delete([doomed])
+        self._delete(doomed)
 
     def _read(self, name: str, max_bytes: int) -> tuple[AlignedBuffer, int] | None:
         flags = os.O_RDONLY | (direct_io.O_DIRECT if self.odirect_active else 0)
@@ -319,20 +289,20 @@ class DiskTier(StorageTier):
         finally:
             os.close(fd)
 
-    def _write(self, key: ChunkKey, name: str, entry: _Entry, chunk: Chunk,
-               meta: ChunkMeta) -> bool:
+    def _write(self, key: ChunkKey, entry: DiskEntry, chunk: Chunk, meta: ChunkMeta) -> bool:
         temp = None
         try:
             data = self._encode(key, chunk, meta, entry.size)
-            temp = direct_io.write_temp(self.directory, name, data, self.odirect_active)
-            if self._commit(name, entry, temp):
+            temp = direct_io.write_temp(self.directory, entry.name, data, self.odirect_active)
+            if self._commit(entry, temp):
                 self._counters.stored_bytes.inc(meta.nbytes)
                 return True
             return False  # removed while in flight
         except Exception as exc:  # ENOSPC, EIO, a bad tensor: not stored, the request goes on
             if temp is not None:
                 unlink_quietly(temp)
-            self._abandon(name, entry)
+            with self._lock:
+                self._index.abandon(entry)
             self._counters.errors.inc()
             if self._write_log.due():
                 log.error("disk tier: writing a chunk to %s failed, not stored (logged at most "
@@ -353,32 +323,17 @@ class DiskTier(StorageTier):
         buffer.tensor[end:size].zero_()  # no stale bytes of an earlier chunk on disk
         return buffer.view[:size]
 
-    def _commit(self, name: str, entry: _Entry, temp: str) -> bool:
-        """Rename the written file into place and mark it ready, unless it was removed meanwhile.
-        Under the lock, so the index and the directory always agree on what ``name`` holds."""
+    def _commit(self, entry: DiskEntry, temp: str) -> bool:
+        """Rename the written file into place and commit it, unless it was removed meanwhile.
+        Under the lock, so the index and the directory always agree on what a name holds."""
         with self._lock:
             if not entry.removed:
-                os.replace(temp, self._path(name))
-                entry.ready = True
-                return True
+                os.replace(temp, self._path(entry.name))  # raises: _write abandons the entry
+                return self._index.commit(entry)
         unlink_quietly(temp)
-        self._give_back(entry.size)
+        with self._lock:
+            self._index.abandon(entry)
         return False
-
-    def _abandon(self, name: str, entry: _Entry) -> None:
-        """A write failed: take its entry out (if still in) and give its reservation back."""
-        with self._lock:
-            if self._index.get(name) is entry:
-                del self._index[name]
-            entry.removed = True
-            self._used -= entry.size
-
-    def _give_back(self, size: int) -> None:
-        with self._lock:
-            self._used -= size
-
-
-_IN_FLIGHT = _Entry(0, ready=False, removed=True)  # "another thread is writing this chunk"
 
 
 def _make_directory(path: str) -> None:

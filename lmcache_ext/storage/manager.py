@@ -10,14 +10,14 @@ between, so the next hit is fast.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from lmcache_ext.config import default_of
 from lmcache_ext.keys import ChunkKey
-from lmcache_ext.metrics import EngineMetrics, TierCounters
+from lmcache_ext.metrics import EngineMetrics, RunningAverage, TierCounters
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier
 from lmcache_ext.storage.write_behind import WriteBehind
 
@@ -29,7 +29,8 @@ class TieredStore:
     """Thread-safe. ``tiers`` fastest first; the store closes them on ``close()``."""
 
     def __init__(self, tiers: Sequence[StorageTier], metrics: EngineMetrics,
-                 write_behind_queue_chunks: int = 64, read_threads: int = 4):
+                 write_behind_queue_chunks: int = default_of("write_behind_queue_chunks"),
+                 read_threads: int = 4):
         """``read_threads``: chunks of one ``get_prefix`` read from slower tiers at once."""
         if not tiers:
             raise ValueError("a tiered store needs at least one tier")
@@ -44,8 +45,7 @@ class TieredStore:
         self._readers = (ThreadPoolExecutor(read_threads, thread_name_prefix="tier-read")
                          if len(self.tiers) > 1 and read_threads > 1 else None)
         self._read_ahead = max(1, read_threads)
-        self._read_bytes_per_s: dict[str, float] = {}
-        self._speed_lock = threading.Lock()
+        self._read_bytes_per_s = {t.name: RunningAverage(SPEED_EWMA_WEIGHT) for t in self.tiers}
 
     def prefix_length(self, keys: Sequence[ChunkKey]) -> int:
         """Longest run of ``keys`` from the first that some tier holds (tiers may alternate)."""
@@ -67,17 +67,13 @@ class TieredStore:
     def read_speeds(self) -> dict[str, float]:
         """Measured read speed of each tier in bytes/s (probe, then a running average of real
         reads of slower tiers, promotion included); tiers not measured yet are absent."""
-        with self._speed_lock:
-            return dict(self._read_bytes_per_s)
+        speeds = {name: average.value for name, average in self._read_bytes_per_s.items()}
+        return {name: speed for name, speed in speeds.items() if speed is not None}
 
     def observe_read(self, tier: str, nbytes: int, seconds: float) -> None:
         if nbytes <= 0 or seconds <= 0:
             return
-        speed = nbytes / seconds
-        with self._speed_lock:
-            old = self._read_bytes_per_s.get(tier)
-            self._read_bytes_per_s[tier] = speed if old is None else \
-                (1 - SPEED_EWMA_WEIGHT) * old + SPEED_EWMA_WEIGHT * speed
+        self._read_bytes_per_s[tier].observe(nbytes / seconds)
 
     def get(self, key: ChunkKey) -> ChunkLease | None:
         """A lease on the chunk from the fastest tier that has it; promotes slower hits."""

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lmcache_ext.chunk import HEADER_SIZE, ChunkCorrupt, as_kv, decode, encode_header, payload_view
-from lmcache_ext.config import ConfigError, EngineConfig
+from lmcache_ext.config import ConfigError, EngineConfig, default_of
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics, TierCounters
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier, TierUsage
@@ -71,10 +71,10 @@ class RemoteSettings:
     """Everything the tier needs from the config, resolved (password included)."""
 
     target: RedisTarget
-    key_prefix: str = "lmcache-ext"
-    timeout_s: float = 1.0
-    backoff_s: float = 5.0
-    ttl_s: float = 0.0
+    key_prefix: str = default_of("remote_key_prefix")
+    timeout_s: float = default_of("remote_timeout_s")
+    backoff_s: float = default_of("remote_backoff_s")
+    ttl_s: float = default_of("remote_ttl_s")
     max_connections: int = MAX_CONNECTIONS
 
     @staticmethod

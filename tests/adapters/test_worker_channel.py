@@ -19,8 +19,9 @@ import torch
 import zmq
 
 from lmcache_ext.adapters.worker_channel import LookupRequest, WorkerCaches, socket_path
+from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
-from lmcache_ext.engine import KVLayout, key_namespace
+from lmcache_ext.engine import key_namespace
 from lmcache_ext.keys import PrefixHasher
 
 CHUNK = 16
@@ -30,7 +31,8 @@ RANK_SCRIPT = """
 import json, sys, torch
 from lmcache_ext.adapters.vllm_worker import WorkerSide
 from lmcache_ext.config import load_config
-from lmcache_ext.engine import CacheEngine, KVLayout
+from lmcache_ext.chunk import KVLayout
+from lmcache_ext.engine import CacheEngine
 key, rank, chunk, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 config = load_config(env={}, overrides={"chunk_size": chunk, "max_local_cpu_size": 0.01})
 layout = KVLayout(2, 2, 8, torch.float32)

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 SEED_KV = '{"kv_connector":"LMCacheConnectorV1", "kv_role":"kv_both"}'  # the seed's exact text
-SEED_CPU = REPO / "container" / "lmcache_config_cpu.yaml"
-SEED_NVME = REPO / "container" / "lmcache_config_nvme.yaml"
 
 STAND_IN = """#!{python}
 import json, os, sys

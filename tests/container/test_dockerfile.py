@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.container.entry_helpers import REPO
+from tests.helpers import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 

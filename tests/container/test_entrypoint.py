@@ -7,7 +7,8 @@ import json
 import sys
 
 from lmcache_ext.config import TABLE
-from tests.container.entry_helpers import REPO, SEED_CPU, SEED_KV, SEED_NVME, run_entrypoint
+from tests.container.entry_helpers import SEED_KV, run_entrypoint
+from tests.helpers import REPO, SEED_CPU, SEED_NVME
 
 OURS = {"kv_connector": "LMCacheExtConnector",
         "kv_connector_module_path": "lmcache_ext.adapters.vllm_connector"}

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from tests.container.entry_helpers import SEED_CPU, SEED_KV, run_entrypoint
+from tests.container.entry_helpers import SEED_KV, run_entrypoint
+from tests.helpers import LLAMA_LIKE, SEED_CPU
 
 
 def _bad_yaml(tmp):
@@ -70,11 +71,6 @@ def test_each_failure_exits_2_naming_the_env_var_before_lmi_starts(tmp_path, bui
     assert run.record is None, "LMI must not start"
     assert var in run.log and text in run.log, run.log
     assert "not starting the model server" in run.log
-
-
-LLAMA_LIKE = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-              "hidden_size": 4096, "intermediate_size": 14336, "vocab_size": 128256,
-              "torch_dtype": "bfloat16"}
 
 
 def test_auto_config_sizes_both_tiers_from_the_machine(tmp_path):

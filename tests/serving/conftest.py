@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmcache_ext.serving.model import LoadedModel, load_model
-from tests.serving.tiny_model import build_tiny_model
+from lmcache_ext.testing.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,53 @@ def test_bad_requests_are_400_naming_the_field(endpoint, body, needle):
     assert status == 400 and needle in answer["error"]
 
 
+@pytest.mark.parametrize("path,raw,field", [
+    ("/invocations", rb'{"inputs": "\ud800"}', "inputs"),
+    ("/invocations", rb'{"inputs": "ok", "parameters": {"stop": ["\udc00"]}}',
+     "parameters.stop[0]"),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "a\ud83d"}]}',
+     "messages[0].content"),
+    ("/v1/completions", rb'{"prompt": ["\ud800x"]}', "prompt[0]"),
+])
+def test_a_lone_surrogate_is_400_naming_the_field(endpoint, path, raw, field):
+    """Scenario: JSON may escape half a surrogate pair; that is no text, and no tokenizer takes
+    it (it was a 500, "TextEncodeInput must be ...")."""
+    status, _, payload = request(endpoint, "POST", path, raw=raw)
+    error = json.loads(payload)["error"]
+    assert status == 400 and error.startswith(f"{field}: not valid Unicode"), error
+
+
+def test_a_whole_surrogate_pair_is_text(endpoint):
+    status, _ = post(endpoint, "/invocations", {"inputs": "smile \U0001F600",
+                                                "parameters": {"max_new_tokens": 2}})
+    assert status == 200
+
+
+@pytest.mark.parametrize("path", ["/invocations", "/v1/chat/completions"])
+def test_an_unknown_chat_role_is_400_naming_the_allowed_ones(endpoint, path):
+    """Scenario: a chat message with a role no template knows was served (200) as if valid."""
+    status, answer = post(endpoint, path, {"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "wizard", "content": "Hi"}],
+        "max_tokens": 2})
+    assert status == 400
+    assert answer["error"] == ("messages[1].role: 'wizard' is not allowed (allowed: system, "
+                               "user, assistant)")
+
+
+def test_every_allowed_chat_role_is_served(endpoint):
+    status, _ = post(endpoint, "/v1/chat/completions", {"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
+        "max_tokens": 2})
+    assert status == 200
+
+
+def test_json_nested_too_deeply_is_400(endpoint):
+    status, _, payload = request(endpoint, "POST", "/invocations",
+                                 raw=b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert status == 400 and b"nested too deeply" in payload
+
+
 def test_malformed_json_is_400(endpoint):
     status, _, payload = request(endpoint, "POST", "/invocations", raw=b"{not json")
     assert status == 400 and b"JSON" in payload

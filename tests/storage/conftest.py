@@ -1,4 +1,5 @@
-"""Fixtures that start real redis-server processes (see ``redis_server.py``) and stop them."""
+"""Fixtures that start real redis-server processes (``lmcache_ext.testing.redis_server``) and stop
+them. A missing redis-server fails the test with the fix; never a skip."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.storage.redis_server import (
+from lmcache_ext.testing.redis_server import (
     RedisServer,
     free_port,
     make_certificate,

@@ -11,17 +11,16 @@ from contextlib import closing
 import pytest
 import torch
 
-from lmcache_ext.chunk import HEADER_SIZE
+from lmcache_ext.chunk import HEADER_SIZE, KVLayout
 from lmcache_ext.config import ConfigError, load_config
-from lmcache_ext.engine import CacheEngine, KVLayout
+from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import CPUTier, DiskTier, TieredStore, build_tiers
 from lmcache_ext.storage.direct_io import ALIGN, AlignedBuffer, padded, probe_odirect
-from tests.helpers import CHUNK_BYTES, chunk, key, verify_chunk
+from tests.helpers import CHUNK_BYTES, SEED_NVME, chunk, key, verify_chunk
 
 NAMESPACE = key(0).namespace
 FILE_BYTES = padded(HEADER_SIZE + CHUNK_BYTES)  # one helper chunk on disk (4096)
-SEED_NVME = os.path.join(os.path.dirname(__file__), "..", "data", "seed_nvme_lmcache_config.yaml")
 
 
 def disk_for(directory, chunks: int, metrics: EngineMetrics | None = None,
@@ -269,7 +268,7 @@ LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16
 def test_seed_nvme_config_round_trips_bit_exact_through_the_disk_tier(tmp_path):
     """Scenario: the seed's NVMe file with local_disk on a tmp dir; a chunk evicted from CPU
     comes back from disk bit-exact."""
-    config = load_config(path=SEED_NVME, env={}, overrides={"local_disk": str(tmp_path)})
+    config = load_config(path=str(SEED_NVME), env={}, overrides={"local_disk": str(tmp_path)})
     engine = CacheEngine(config, LAYOUT, model_name="test-model")
     assert [t.name for t in engine.storage.tiers] == ["cpu", "disk"]
     cpu, disk = engine.storage.tiers

@@ -12,11 +12,13 @@ import sys
 import pytest
 import torch
 
+from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
-from lmcache_ext.engine import CacheEngine, KVLayout
+from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import Chunk, CPUTier, DiskTier, TieredStore
 from lmcache_ext.storage.direct_io import padded
+from lmcache_ext.units import GIB
 from tests.helpers import CHUNK_BYTES, chunk, key, verify_chunk
 
 NAMESPACE = key(0).namespace
@@ -32,7 +34,7 @@ def big_chunk(n: int) -> Chunk:
 
 def write_forever(directory: str) -> None:
     """Child process body: write chunks 0, 1, 2, ... and report each one done on stdout."""
-    tier = DiskTier(directory, 1 << 30, NAMESPACE, use_odirect=True)
+    tier = DiskTier(directory, GIB, NAMESPACE, use_odirect=True)
     for n in range(100_000):
         assert tier.put(key(n), big_chunk(n))
         print(n, flush=True)
@@ -54,7 +56,7 @@ def test_kill_9_in_the_middle_of_writes_serves_no_corrupt_chunk_after_restart(tm
     done += [int(line) for line in child.stdout.read().split()]  # written before the kill
     child.wait()
     metrics = EngineMetrics()
-    tier = DiskTier(str(tmp_path), 1 << 30, NAMESPACE, True, metrics.for_tier("disk"))
+    tier = DiskTier(str(tmp_path), GIB, NAMESPACE, True, metrics.for_tier("disk"))
     assert not [f for f in os.listdir(tier.directory) if f.startswith(".tmp-")]
     for n in range(done[-1] + 5):
         lease = tier.get(key(n))
@@ -153,7 +155,7 @@ def test_a_full_file_system_stores_nothing_more_and_requests_keep_succeeding(mou
     """Scenario: the disk fills up (ENOSPC) below the configured budget."""
     directory = mount_tmpfs("1m")
     metrics = EngineMetrics()
-    tier = DiskTier(directory, 1 << 30, NAMESPACE, False, metrics.for_tier("disk"))
+    tier = DiskTier(directory, GIB, NAMESPACE, False, metrics.for_tier("disk"))
     caplog.set_level(logging.ERROR, logger="lmcache_ext.storage.disk")
     results = [tier.put(key(n), chunk(n)) for n in range(400)]  # 400 x 4 KiB > 1 MiB
     assert True in results and results[-1] is False
@@ -176,7 +178,7 @@ def test_engine_store_and_retrieve_succeed_on_a_full_disk(mount_tmpfs):
                                             "max_local_disk_size": 1.0, "max_local_cpu_size": 0.01})
     engine = CacheEngine(config, layout, model_name="m")
     metrics = engine.metrics
-    filler = DiskTier(directory, 1 << 30, NAMESPACE, False, EngineMetrics().for_tier("disk"))
+    filler = DiskTier(directory, GIB, NAMESPACE, False, EngineMetrics().for_tier("disk"))
     n = 0
     while filler.put(key(n), chunk(n)):  # fill the file system through another namespace
         n += 1

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import ConfigError, load_config
-from lmcache_ext.engine import CacheEngine, KVLayout
+from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import Chunk
 from lmcache_ext.storage.redis_url import parse_redis_url
 from lmcache_ext.storage.remote import UNKNOWN, RemoteSettings, RemoteTier
+from lmcache_ext.testing.redis_server import RedisServer, free_port
 from tests.helpers import CHUNK_BYTES, chunk, key, verify_chunk
-from tests.storage.redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)

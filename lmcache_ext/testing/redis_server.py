@@ -18,7 +18,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-MISSING = "redis-server not found: apt-get install redis-server"
+# `make setup` installs Python packages only; .ci/run installs redis-server when it is missing.
+MISSING = ("redis-server not found: run `apt-get install redis-server` (as root; .ci/run does it "
+           "when missing, `make setup` does not)")
 START_TIMEOUT_S = 10.0
 
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmcache_ext.container.instances import GIB, Instance
+from lmcache_ext.sizing.instances import Instance
+from lmcache_ext.units import GIB
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2,
                "float8_e4m3fn": 1, "fp8": 1, "int8": 1}

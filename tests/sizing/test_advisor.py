@@ -8,15 +8,16 @@ import sys
 
 import pytest
 
-from lmcache_ext.container.advisor import (
+from lmcache_ext.sizing.advisor import (
     KNOWN_MODELS,
     advise,
     model_from_config,
     plan_capacity,
     read_model_config,
 )
-from lmcache_ext.container.instances import INSTANCES, get_instance
-from tests.container.test_entrypoint_checks import LLAMA_LIKE
+from lmcache_ext.sizing.instances import INSTANCES, get_instance
+from lmcache_ext.units import GIB
+from tests.helpers import LLAMA_LIKE
 
 P4DE = get_instance("ml.p4de.24xlarge")
 
@@ -87,7 +88,7 @@ def test_a_config_json_gives_the_same_shape_as_the_known_model(tmp_path):
 def test_sizes_are_per_tensor_parallel_worker():
     capacity = plan_capacity(KNOWN_MODELS["llama-3-70b"], P4DE)
     advice = advise(capacity, 1_000_000)
-    need_gib = 1_000_000 * 327680 * 1.1 / 2**30
+    need_gib = 1_000_000 * 327680 * 1.1 / GIB
     assert advice.tier == "cpu"
     assert advice.max_local_cpu_size == pytest.approx(need_gib / 4, abs=0.1)
 

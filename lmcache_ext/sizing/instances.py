@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GB = 1000**3
-GIB = 1024**3
+from lmcache_ext.units import GB, GIB
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,46 @@
+"""What the HTTP layer calls: a parsed request -> prompt token ids -> generation.
+
+Tokenising lives here: the chat template for ``messages``, the tokenizer for a prompt, and the
+check that the prompt fits the model's context (a ``RequestError`` naming the field). Thread-safe
+as far as the generator is: the HTTP server calls ``run`` from a thread per connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+
+from lmcache_ext.metrics import ServerMetrics
+from lmcache_ext.serving.generator import GenerationStats, Generator, TokenEvent
+from lmcache_ext.serving.protocol import GenerateRequest, RequestError
+
+
+class Service:
+    """Tokenises requests and runs them on the generator; holds the server's metrics."""
+
+    def __init__(self, generator: Generator, registry: CollectorRegistry):
+        self.generator = generator
+        self.metrics = ServerMetrics(registry)
+        self.model_name = generator.loaded.name
+
+    def prompt_ids(self, request: GenerateRequest) -> list[int]:
+        tokenizer = self.generator.loaded.tokenizer
+        if request.messages:
+            text = tokenizer.apply_chat_template(list(request.messages), tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(request.prompt)["input_ids"]
+        field = "messages" if request.messages else "inputs" if request.style == "lmi" else \
+            "prompt"
+        if len(ids) >= self.generator.loaded.max_context:
+            raise RequestError(f"{field}: {len(ids)} tokens does not fit the model's context of "
+                               f"{self.generator.loaded.max_context}")
+        return ids
+
+    def run(self, request: GenerateRequest) -> tuple[Iterator[TokenEvent], GenerationStats]:
+        stats = GenerationStats()
+        ids = self.prompt_ids(request)
+        events = self.generator.generate(ids, request.params, stats)
+        return events, stats
