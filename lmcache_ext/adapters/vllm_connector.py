@@ -49,6 +49,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _show_our_logs() -> None:
+    """vLLM configures only its own logger; without this our INFO lines (the effective config,
+    the tiers, which ranks the scheduler reaches) would not appear in any of its processes.
+    Skipped when the application configured logging itself, or VLLM_CONFIGURE_LOGGING=0."""
+    ours = logging.getLogger("lmcache_ext")
+    if ours.handlers or logging.getLogger().handlers or \
+            os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0":
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(
+        "(%(processName)s pid=%(process)d) %(levelname)s %(asctime)s [lmcache-ext] %(message)s",
+        "%m-%d %H:%M:%S"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
+_show_our_logs()
+
+
 def _layout_from(kv_cache_config: KVCacheConfig) -> KVLayout:
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:

@@ -18,9 +18,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-# `make setup` installs Python packages only; .ci/run installs redis-server when it is missing.
-MISSING = ("redis-server not found: run `apt-get install redis-server` (as root; .ci/run does it "
-           "when missing, `make setup` does not)")
+# `make setup` installs it (scripts/setup_system.sh), as root, or names the command otherwise.
+MISSING = ("redis-server not found: run `make setup` (it installs it as root), or "
+           "`apt-get install redis-server`")
 START_TIMEOUT_S = 10.0
 
 

