@@ -21,6 +21,7 @@ Wire format (no pickle): frame 0 is a JSON header, frame 1 the chunk digests con
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -98,6 +99,7 @@ class CacheServer:
         self._thread = threading.Thread(target=self._serve, name=f"lmcache-ext-rank{rank}",
                                         daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # the socket file goes with the process (best effort)
         log.info("lmcache-ext: rank %d cache answers the scheduler at %s", rank, self.endpoint)
 
     def _serve(self) -> None:

@@ -141,7 +141,20 @@ def make_rig(config: VllmConfig, backend: str, over_ipc: bool = False) -> Rig:
     worker.register_kv_caches(caches)
     if over_ipc:
         worker_channel.forget_local(config.kv_transfer_config.engine_id)
-    return Rig(scheduler, worker, caches)
+    rig = Rig(scheduler, worker, caches)
+    _OPEN_RIGS.append(rig)
+    return rig
+
+
+_OPEN_RIGS: list[Rig] = []
+
+
+def close_rigs() -> None:
+    """Shut every rig's connectors down (their lookup threads and sockets)."""
+    while _OPEN_RIGS:
+        rig = _OPEN_RIGS.pop()
+        rig.worker.shutdown()
+        rig.connector.shutdown()
 
 
 def make_request(req_id: str, prompt: list[int], max_tokens: int = 1, **kwargs) -> Request:
