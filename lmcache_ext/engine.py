@@ -123,11 +123,13 @@ class CacheEngine:
     def lookup_spans(self, spans: Sequence[ChunkSpan], num_tokens: int | None = None) -> int:
         """``lookup`` for spans computed once by the caller; ``num_tokens`` (the prompt's
         length, for the hit-rate metrics) defaults to the spans' end."""
-        tiers = self._locate(spans, num_tokens)
+        tiers = self.locate_spans(spans, num_tokens)
         return spans[len(tiers) - 1].end if tiers else 0
 
-    def _locate(self, spans: Sequence[ChunkSpan], num_tokens: int | None) -> list[str]:
-        """The tier of each cached leading span; counts the lookup."""
+    def locate_spans(self, spans: Sequence[ChunkSpan], num_tokens: int | None = None) -> \
+            list[str]:
+        """The fastest tier holding each cached leading span (``locate`` for spans computed
+        once by the caller); counts the lookup."""
         tiers = self.storage.locate([s.key for s in spans])
         self.metrics.lookups.inc()
         self.metrics.requested_tokens.inc(num_tokens if num_tokens is not None
@@ -197,7 +199,7 @@ class CacheEngine:
     def locate(self, tokens: Tokens, salt: str = "") -> list[str]:
         """For each chunk of the cached prefix of ``tokens``, the fastest tier holding it (a
         lookup that also says where: counted as one)."""
-        return self._locate(self.spans(tokens, salt), len(tokens))
+        return self.locate_spans(self.spans(tokens, salt), len(tokens))
 
     def read_speeds(self) -> dict[str, float]:
         """Each tier's measured read speed in bytes/s (see ``probe_read_speeds``)."""
@@ -207,7 +209,9 @@ class CacheEngine:
         """Time a write and a read of one full chunk in every tier, to seed ``read_speeds``.
 
         The CPU tier's figure is the copy out; slower tiers' include promotion to CPU, as a real
-        read does. The probe chunk is removed afterwards.
+        read does. Each tier is read twice and the second read timed: the first pays one-off
+        page faults that would make a fast tier look several times slower than it serves. The
+        probe chunk is removed afterwards.
         """
         kv = torch.randn(self.layout.shape(self.config.chunk_size)).to(self.layout.dtype)
         key = ChunkKey(self.namespace.id, hashlib.sha256(f"probe-{os.getpid()}".encode()).digest())
@@ -215,12 +219,16 @@ class CacheEngine:
         for tier in self.storage.tiers:
             if not tier.put(key, Chunk(kv)):
                 continue
-            began = time.perf_counter()
-            lease = tier.get(key)
-            if lease is not None:
+            for timed in (False, True):  # the first read only faults the pages in
+                began = time.perf_counter()
+                lease = tier.get(key)
+                if lease is None:
+                    break
                 with lease:
                     dest.copy_(lease.chunk.kv)
-                self.storage.observe_read(tier.name, dest.nbytes, time.perf_counter() - began)
+                if timed:
+                    self.storage.observe_read(tier.name, dest.nbytes,
+                                              time.perf_counter() - began)
             tier.remove(key)
         speeds = self.read_speeds()
         for name, speed in speeds.items():

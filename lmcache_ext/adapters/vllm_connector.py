@@ -19,6 +19,7 @@ and loudly in the log, never a hang or a wrong answer.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +33,12 @@ from lmcache_ext import kernels
 from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.vllm_metadata import LMCacheExtMetadata
 from lmcache_ext.adapters.vllm_scheduler import SchedulerSide
+from lmcache_ext.adapters.vllm_stats import LMCacheExtStats
 from lmcache_ext.adapters.vllm_worker import WorkerSide
 from lmcache_ext.adapters.worker_channel import WorkerCaches
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
+from lmcache_ext.cost import CostModel
 from lmcache_ext.engine import CacheEngine, key_namespace
 from lmcache_ext.keys import PrefixHasher
 
@@ -113,8 +116,12 @@ class LMCacheExtConnector(KVConnectorBase_V1):
             namespace = key_namespace(self.config, layout, model, 0, world)
             caches = WorkerCaches(engine_key, world, self.config.worker_lookup_timeout_s,
                                   self.config.worker_lookup_backoff_s)
+            chunk = self.config.chunk_size
+            cost = CostModel(chunk, math.prod(layout.shape(chunk)) * layout.dtype.itemsize,
+                             self.config.min_retrieve_tokens, self.config.cost_aware_retrieval)
             self.scheduler = SchedulerSide(PrefixHasher(namespace, self.config.save_unfull_chunk),
-                                           caches, block_size, self.config.save_decode_cache)
+                                           caches, block_size, self.config.save_decode_cache,
+                                           cost)
         else:
             rank = vllm_compat.tp_rank(world)
             engine = CacheEngine(self.config, layout, model, rank, world)
@@ -136,8 +143,9 @@ class LMCacheExtConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
-        """Tokens every rank's cache holds beyond ``num_computed_tokens`` (pinned until
-        loaded); loads are synchronous (in the step)."""
+        """Tokens every rank's cache holds beyond ``num_computed_tokens`` and worth loading
+        (``cost_aware_retrieval``, ``min_retrieve_tokens``), pinned until loaded; loads are
+        synchronous (in the step)."""
         return self.scheduler.matched_tokens(request, num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
@@ -154,6 +162,13 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         the request (the next step)."""
         return self.scheduler.finished(request, block_ids), None
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        """The workers' figures of a step (summed over ranks) feed the cost model."""
+        super().update_connector_output(connector_output)
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        if isinstance(stats, LMCacheExtStats):
+            self.scheduler.observe(stats)
+
     def num_pinned_requests(self) -> int:
         """Requests holding a pin (operators and tests: a pin that never goes is a leak)."""
         return self.scheduler.num_pinned_requests()
@@ -166,6 +181,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         for op in getattr(self._get_connector_metadata(), "loads", ()):
             self._load_errors.update(self.worker.load(op))
+        self.worker.timer.begin()  # the forward pass starts now (prefill speed)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv finished every load before the forward
@@ -176,6 +192,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         if self.has_connector_metadata():
+            self.worker.timer.end(self._get_connector_metadata().num_scheduled_tokens)
             for op in getattr(self._get_connector_metadata(), "saves", ()):
                 self.worker.save(op)
 
@@ -194,6 +211,17 @@ class LMCacheExtConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    # -------------------------------------------------------------- figures (both sides)
+
+    def get_kv_connector_stats(self) -> LMCacheExtStats | None:
+        """This side's figures since vLLM last asked (every step)."""
+        side = self.worker if self.worker is not None else self.scheduler
+        return side.take_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LMCacheExtStats:
+        return LMCacheExtStats(data=dict(data or {}))
 
     @property
     def save_failures(self) -> int:

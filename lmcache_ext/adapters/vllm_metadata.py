@@ -35,3 +35,4 @@ class LMCacheExtMetadata(KVConnectorMetadata):
     saves: list[TransferOp] = field(default_factory=list)
     # Saves of finished requests whose blocks vLLM holds until get_finished reports them.
     finishing: list[TransferOp] = field(default_factory=list)
+    num_scheduled_tokens: int = 0  # the step's tokens (the workers time the forward pass)

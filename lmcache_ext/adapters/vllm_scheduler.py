@@ -3,7 +3,9 @@
 Each request's prompt is hashed once, when the scheduler first asks about it; its digests serve
 the lookup, the load, the save and a decode save. The matched-token count is the chunk-aligned
 hit that *every* rank's cache holds beyond vLLM's own computed tokens (one token short on a full
-hit, so the last prompt token is recomputed). The lookup pins those chunks on the ranks until the
+hit, so the last prompt token is recomputed), cut where loading stops paying (``cost.CostModel``:
+the ranks' measured read time of each chunk against vLLM's prefill speed, measured on the workers
+from the forward passes' times). The lookup pins those chunks on the ranks until the
 load (or until the request finishes, is aborted or preempted). A prompt's new whole chunks are
 saved once, in the step that finishes its prefill; with ``save_decode_cache`` a finished
 request's whole chunks of prompt + output are saved too (its blocks are held one step for that).
@@ -17,7 +19,9 @@ from typing import TYPE_CHECKING
 
 from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.vllm_metadata import LMCacheExtMetadata, TransferOp
-from lmcache_ext.adapters.worker_channel import LookupRequest, WorkerCaches
+from lmcache_ext.adapters.vllm_stats import LMCacheExtStats
+from lmcache_ext.adapters.worker_channel import LookupAnswer, LookupRequest, WorkerCaches
+from lmcache_ext.cost import CostModel
 from lmcache_ext.keys import PrefixHasher
 
 if TYPE_CHECKING:
@@ -51,8 +55,10 @@ class SchedulerSide:
     """Used from vLLM's scheduler thread only."""
 
     def __init__(self, hasher: PrefixHasher, caches: WorkerCaches, block_size: int,
-                 save_decode_cache: bool):
+                 save_decode_cache: bool, cost: CostModel):
         self.hasher = hasher
+        self.cost = cost
+        self.stats = LMCacheExtStats()  # this side's figures since vLLM last took them
         self.chunk_size = hasher.chunk_size
         self.block_size = block_size
         self.caches = caches
@@ -81,12 +87,43 @@ class SchedulerSide:
             return 0
         pin_id = next(self._pin_ids)
         first = num_computed // self.chunk_size
-        chunks = self.caches.lookup(LookupRequest(request.request_id, pin_id, state.digests,
+        timeouts = self.caches.timeouts
+        answer = self.caches.lookup(LookupRequest(request.request_id, pin_id, state.digests,
                                                   state.num_prompt, first))
-        state.pin_id = pin_id if chunks > first else 0  # the ranks replaced any earlier pin
+        self.stats.add("lookup_timeouts", self.caches.timeouts - timeouts)
+        state.pin_id = pin_id if answer.chunks > first else 0  # it replaced any earlier pin
+        chunks = self._worth_loading(answer, first)
+        if chunks <= first:
+            self._release(request.request_id, state)
         hit = min(chunks * self.chunk_size, state.num_prompt)
         hit = min(hit, state.num_prompt - 1)  # vLLM must compute at least the last prompt token
-        return max(hit - num_computed, 0)
+        matched = max(hit - num_computed, 0)
+        self.stats.add("lookup_tokens", max(state.num_prompt - 1 - num_computed, 0))
+        self.stats.add("hit_tokens", matched)
+        return matched
+
+    def _worth_loading(self, answer: LookupAnswer, first: int) -> int:
+        """Chunks from the first to count as held: all of ``answer``'s up to ``first`` (in
+        vLLM's own cache), then as many more as the cost model finds worth loading."""
+        if answer.chunks <= first:
+            return answer.chunks
+        plan = self.cost.plan_seconds(answer.load_s[first:])
+        self.stats.add("cost_skipped_tokens", plan.available_tokens - plan.load_tokens)
+        return first + plan.load_tokens // self.chunk_size
+
+    def observe(self, stats: LMCacheExtStats | None) -> None:
+        """The workers' figures of a step: their forward passes feed the prefill speed."""
+        if stats is None:
+            return
+        tokens, seconds = stats.data.get("forward_tokens", 0), stats.data.get("forward_s", 0)
+        self.cost.observe_prefill(int(tokens), float(seconds))
+
+    def take_stats(self) -> LMCacheExtStats | None:
+        """This side's figures since the last call (None if there are none)."""
+        if self.stats.is_empty():
+            return None
+        stats, self.stats = self.stats, LMCacheExtStats()
+        return stats
 
     def allocated(self, request: Request, num_external: int) -> None:
         state = self._state(request)
@@ -95,7 +132,8 @@ class SchedulerSide:
             self._release(request.request_id, state)  # nothing to load: the pin has no use
 
     def build_meta(self, scheduler_output: SchedulerOutput) -> LMCacheExtMetadata:
-        meta = LMCacheExtMetadata(finishing=self._finishing)
+        meta = LMCacheExtMetadata(finishing=self._finishing,
+                                  num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens)
         self._finishing = []
         cached = scheduler_output.scheduled_cached_reqs
         # A request preempted and resumed in the same step was re-planned at its allocation.

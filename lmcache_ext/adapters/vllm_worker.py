@@ -10,8 +10,11 @@ errors so vLLM recomputes them; a failed save is logged and counted, never raise
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import threading
+import time
 from typing import Any
 
 import torch
@@ -19,12 +22,59 @@ import torch
 from lmcache_ext import kernels
 from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.vllm_metadata import TransferOp
-from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest
+from lmcache_ext.adapters.vllm_stats import TIER_EVENTS, LMCacheExtStats
+from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest, RankAnswer
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.engine import CacheEngine, PrefixPin
 from lmcache_ext.keys import ChunkSpan
 
 log = logging.getLogger(__name__)
+TIER_SAMPLE_S = 1.0  # how often the tiers' counters and usage are read into the stats
+
+
+class ForwardTimer:
+    """Times vLLM's forward passes on this rank, for the prefill speed: the wall clock on a
+    CPU; on a GPU a pair of CUDA events, read once the GPU has passed them (never waited
+    for). Steps of fewer than ``min_tokens`` tokens (decode) are not timed. One thread."""
+
+    def __init__(self, device: torch.device, min_tokens: int):
+        self._cuda = device.type == "cuda"
+        self._min_tokens = min_tokens
+        self._began: Any = None
+        self._pending: list[tuple[Any, Any, int]] = []  # (start event, end event, tokens)
+        self._tokens, self._seconds = 0, 0.0
+
+    def begin(self) -> None:
+        if self._cuda:
+            self._began = torch.cuda.Event(enable_timing=True)
+            self._began.record()
+        else:
+            self._began = time.perf_counter()
+
+    def end(self, tokens: int) -> None:
+        began, self._began = self._began, None
+        if began is None or tokens < self._min_tokens:
+            return
+        if self._cuda:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            self._pending.append((began, ended, tokens))
+        else:
+            self._tokens, self._seconds = self._tokens + tokens, \
+                self._seconds + time.perf_counter() - began
+
+    def take(self) -> tuple[int, float]:
+        """Tokens and seconds of the passes timed since the last call."""
+        waiting = []
+        for began, ended, tokens in self._pending:
+            if ended.query():
+                self._tokens += tokens
+                self._seconds += began.elapsed_time(ended) / 1000
+            else:
+                waiting.append((began, ended, tokens))
+        self._pending = waiting
+        done, self._tokens, self._seconds = (self._tokens, self._seconds), 0, 0.0
+        return done
 
 
 class WorkerSide:
@@ -36,9 +86,18 @@ class WorkerSide:
         self.block_size = block_size
         self.rank = rank
         self._views: list[kernels.PagedKV] = []
-        self._pins: dict[str, tuple[int, PrefixPin]] = {}  # req_id -> (pin id, pin)
+        # req_id -> (pin id, pin, {chunk index: the tier it was found in})
+        self._pins: dict[str, tuple[int, PrefixPin, dict[int, str]]] = {}
         self._pins_lock = threading.Lock()
         self.save_failures = 0  # saves that raised: logged, counted, never passed on
+        self.stats = LMCacheExtStats()  # this rank's figures since vLLM last took them
+        self.timer = ForwardTimer(torch.device("cpu"), engine.config.chunk_size)
+        self._tier_totals: dict[str, float] = {}
+        self._tier_sampled = 0.0
+        self._moved = False  # a load or save since the tiers were last sampled
+        engine.probe_read_speeds()  # the cost model needs every tier's speed from the start
+        self._sample_tiers()  # the baseline (the probe's writes are not the service's)
+        self.stats.reset()
         self.server = CacheServer(engine_key, rank, self)
 
     # -------------------------------------------------------------- vLLM's caches
@@ -52,6 +111,7 @@ class WorkerSide:
         backend = vllm_compat.attention_backend(vllm_config, names)
         paged = vllm_compat.paged_layout(caches[0], layout.num_kv_heads, layout.head_dim, backend)
         self._views = kernels.paged_kv_layers(caches, paged, layout.num_kv_heads, layout.head_dim)
+        self.timer = ForwardTimer(self._views[0].k.device, self.engine.config.chunk_size)
         found = KVLayout(len(caches), layout.num_kv_heads, layout.head_dim, self._views[0].k.dtype)
         if found != layout:
             raise kernels.UnsupportedLayout(f"vLLM's KV caches are {found}, its KV cache "
@@ -61,13 +121,14 @@ class WorkerSide:
 
     # -------------------------------------------------------------- the scheduler's questions
 
-    def lookup(self, request: LookupRequest) -> int:
-        """Chunks of the prompt held from the first; pins chunks [first, held) for the request
-        (replacing its earlier pin). A chunk evicted between the count and the pin ends the
-        run there: the answer never counts a chunk that is not pinned."""
+    def lookup(self, request: LookupRequest) -> RankAnswer:
+        """Chunks of the prompt held from the first, the tier of each and the tiers' read
+        times; pins chunks [first, held) for the request (replacing its earlier pin). A chunk
+        evicted between the count and the pin ends the run there: the answer never counts a
+        chunk that is not pinned."""
         spans = self.engine.spans_of(request.digests, request.num_tokens)
-        hit = self.engine.lookup_spans(spans, request.num_tokens)
-        held = sum(1 for s in spans if s.end <= hit)
+        tiers = self.engine.locate_spans(spans, request.num_tokens)
+        held = len(tiers)
         pin = None
         if held > request.first:
             pin = self.engine.pin_spans(spans[request.first:held])
@@ -75,10 +136,18 @@ class WorkerSide:
         with self._pins_lock:
             old = self._pins.pop(request.req_id, None)
             if pin is not None:
-                self._pins[request.req_id] = (request.pin_id, pin)
+                found = {request.first + i: tier
+                         for i, tier in enumerate(tiers[request.first:held])}
+                self._pins[request.req_id] = (request.pin_id, pin, found)
         if old is not None:
             old[1].release()  # after the new pin: chunks in both are never unpinned between
-        return held
+        return RankAnswer(held, _runs(tiers[:held]), self.chunk_read_s())
+
+    def chunk_read_s(self) -> dict[str, float]:
+        """Seconds to read one full chunk from each tier measured so far."""
+        layout, tokens = self.engine.layout, self.engine.config.chunk_size
+        nbytes = math.prod(layout.shape(tokens)) * layout.dtype.itemsize
+        return {tier: nbytes / speed for tier, speed in self.engine.read_speeds().items()}
 
     def release(self, req_id: str, pin_id: int) -> None:
         with self._pins_lock:
@@ -101,6 +170,10 @@ class WorkerSide:
         spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens)
                  if s.end > op.start and s.start < op.end]
         loaded = op.start
+        began, self._moved = time.perf_counter(), True
+        with self._pins_lock:
+            entry = self._pins.get(op.req_id)
+        found = entry[2] if entry is not None and entry[0] == op.pin_id else {}
         try:
             slots = self._slots(op.block_ids, op.start, op.end)
             device = self._views[0].k.device
@@ -117,8 +190,18 @@ class WorkerSide:
             loaded = op.start
         finally:
             self.release(op.req_id, op.pin_id)
+        if self.rank == 0:  # every rank loads the same tokens: counted once
+            self.stats.add("loaded_tokens", max(loaded - op.start, 0))
+            self.stats.add("load_s", time.perf_counter() - began)
+            size = self.engine.config.chunk_size
+            for span in spans:  # by the tier each chunk was found in at the lookup
+                tokens = min(span.end, loaded) - max(span.start, op.start)
+                if tokens > 0:
+                    self.stats.add(f"loaded_tokens.{found.get(span.start // size, 'unknown')}",
+                                   tokens)
         if loaded >= op.end:
             return set()
+        self.stats.add("failed_loads", 1)
         first, last = max(loaded, op.start) // self.block_size, (op.end - 1) // self.block_size
         return set(op.block_ids[first:last + 1])
 
@@ -126,23 +209,62 @@ class WorkerSide:
         """Store the request's chunks in [0, end) that the engine lacks (gathering only those:
         a chunk before them that is evicted meanwhile is skipped, never stored from memory
         nobody wrote). A failure is logged and counted."""
+        began, self._moved = time.perf_counter(), True
         try:
-            self._save(op)
+            stored = self._save(op)
         except Exception:
             self.save_failures += 1
+            self.stats.add("failed_saves", 1)
             log.exception("lmcache-ext: save of request %s failed (skipped)", op.req_id)
+            return
+        if self.rank == 0:
+            self.stats.add("stored_tokens", stored)
+            self.stats.add("save_s", time.perf_counter() - began)
 
-    def _save(self, op: TransferOp) -> None:
+    def _save(self, op: TransferOp) -> int:
         spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens) if s.end <= op.end]
         present = self.engine.storage.prefix_length([s.key for s in spans])
         start = spans[present - 1].end if present else 0
         if start >= op.end:
-            return  # the engine has every chunk already: copy nothing
+            return 0  # the engine has every chunk already: copy nothing
         layout = self.engine.layout
         device = self._views[0].k.device
         buf = torch.empty(layout.shape(op.end - start), dtype=layout.dtype, device=device)
         kernels.gather(self._views, self._slots(op.block_ids, start, op.end).to(device), buf)
-        self.engine.store_spans(spans, buf.cpu(), start)
+        return self.engine.store_spans(spans, buf.cpu(), start)
+
+    # -------------------------------------------------------------- figures for vLLM
+
+    def take_stats(self) -> LMCacheExtStats | None:
+        """This rank's figures since the last call (None if there are none): loads, saves,
+        forward passes, and the tiers' events and usage (after a step that moved KV, else at
+        most every ``TIER_SAMPLE_S``: reading them costs a registry scan)."""
+        tokens, seconds = self.timer.take()
+        self.stats.add("forward_tokens", tokens)
+        self.stats.add("forward_s", seconds)
+        now = time.monotonic()
+        if self._moved or now - self._tier_sampled >= TIER_SAMPLE_S:
+            self._tier_sampled, self._moved = now, False
+            self._sample_tiers()
+        if self.stats.is_empty():
+            return None
+        stats, self.stats = self.stats, LMCacheExtStats()
+        return stats
+
+    def _sample_tiers(self) -> None:
+        metrics, layout = self.engine.metrics, self.engine.layout
+        token_bytes = math.prod(layout.shape(1)) * layout.dtype.itemsize
+        for tier in self.engine.storage.tiers:
+            self.stats.set_gauge(f"used_bytes.{tier.name}.r{self.rank}", tier.usage().used_bytes)
+            names = [(e, f"tier_{e}_total", 1.0) for e in TIER_EVENTS]
+            if self.rank == 0:  # tokens: counted once (every rank holds the same ones)
+                names.append(("stored_tokens", "tier_stored_bytes_total", 1 / token_bytes))
+            for name, sample, scale in names:
+                total = metrics.value(sample, tier=tier.name)
+                key = f"{name}.{tier.name}"
+                delta = total - self._tier_totals.get(key, 0.0)
+                self._tier_totals[key] = total
+                self.stats.add(key, round(delta * scale))
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         """The paged-cache slot of each position in [start, end) (int64, on the KV's device)."""
@@ -158,6 +280,11 @@ class WorkerSide:
         self.server.close()
         with self._pins_lock:
             pins, self._pins = list(self._pins.values()), {}
-        for _, pin in pins:
+        for _, pin, _ in pins:
             pin.release()
         self.engine.close()
+
+
+def _runs(tiers: list[str]) -> tuple[tuple[str, int], ...]:
+    """["cpu", "cpu", "disk"] -> (("cpu", 2), ("disk", 1))."""
+    return tuple((tier, len(list(group))) for tier, group in itertools.groupby(tiers))

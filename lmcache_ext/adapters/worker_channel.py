@@ -13,9 +13,14 @@ socket keeps the order), and is skipped for ``backoff_s`` so later requests do n
 first time a rank cannot be reached the scheduler says so loudly (ERROR), and again when it is
 back: a cache that cannot hit is never silent.
 
+Each answer also says which tier holds the chunks and how long one chunk takes to read from each
+tier (the rank's measured speeds), so the scheduler's cost model can weigh loading against
+recomputing (a chunk's load time is the slowest rank's: the ranks load in parallel).
+
 Wire format (no pickle): frame 0 is a JSON header, frame 1 the chunk digests concatenated.
   lookup  {"id", "op": "lookup", "req", "pin", "tokens", "first", "size"} + digests
-          -> {"id", "chunks"}
+          -> {"id", "chunks", "tiers": [[tier, chunks], ...], "chunk_s": {tier: seconds}}
+          ("tiers": runs from chunk 0 covering the held chunks; "chunk_s": tiers measured)
   release {"op": "release", "req", "pin"} (no reply)
 """
 
@@ -29,8 +34,9 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import zmq
 
@@ -50,10 +56,56 @@ class LookupRequest:
     first: int  # chunks before this one are in vLLM's own cache already: not pinned
 
 
+@dataclass(frozen=True)
+class RankAnswer:
+    """One rank's answer to a lookup."""
+
+    chunks: int  # held from the first; those from the request's ``first`` are pinned
+    tiers: tuple[tuple[str, int], ...] = ()  # runs of (tier, chunks) from chunk 0
+    chunk_s: Mapping[str, float] = field(default_factory=dict)  # s to read one chunk, by tier
+
+    def load_s(self) -> list[float]:
+        """Seconds to read each held chunk (0 where the tier is not measured yet)."""
+        seconds = [self.chunk_s.get(tier, 0.0) for tier, count in self.tiers
+                   for _ in range(count)]
+        return (seconds + [0.0] * self.chunks)[:self.chunks]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chunks": self.chunks, "tiers": [list(run) for run in self.tiers],
+                "chunk_s": dict(self.chunk_s)}
+
+    @classmethod
+    def from_json(cls, reply: Mapping[str, Any]) -> RankAnswer:
+        """Raises ValueError/TypeError/KeyError on a malformed reply."""
+        tiers = tuple((str(tier), max(0, int(count))) for tier, count in reply.get("tiers", ()))
+        chunk_s = {str(k): max(0.0, float(v)) for k, v in dict(reply.get("chunk_s", {})).items()}
+        return cls(max(0, int(reply["chunks"])), tiers, chunk_s)
+
+
+MISS = RankAnswer(0)
+
+
+@dataclass(frozen=True)
+class LookupAnswer:
+    """Every rank's answers to one lookup, combined."""
+
+    chunks: int  # held by every rank from the first
+    load_s: list[float]  # per chunk in [0, chunks): the slowest rank's read time
+
+
+def combine(answers: Sequence[RankAnswer]) -> LookupAnswer:
+    """What every rank holds (the smallest answer), each chunk as slow as its slowest rank."""
+    if not answers:
+        return LookupAnswer(0, [])
+    chunks = min(a.chunks for a in answers)
+    per_rank = [a.load_s()[:chunks] for a in answers]
+    return LookupAnswer(chunks, [max(times) for times in zip(*per_rank, strict=True)])
+
+
 class CacheService(Protocol):
     """What a worker's cache answers (implemented by the worker side of the connector)."""
 
-    def lookup(self, request: LookupRequest) -> int:
+    def lookup(self, request: LookupRequest) -> RankAnswer:
         """Chunks held from the first (``first`` to the result pinned). Thread-safe."""
 
     def release(self, req_id: str, pin_id: int) -> None:
@@ -113,7 +165,7 @@ class CacheServer:
                 reply = self._handle(frames)
             except Exception:  # a bad message or a failing lookup: that lookup is a miss
                 log.exception("lmcache-ext: a cache request failed; answered as a miss")
-                reply = {"id": _request_id(frames), "chunks": 0}
+                reply = {"id": _request_id(frames), **MISS.to_json()}
             if reply is not None:
                 self._socket.send_multipart([peer, json.dumps(reply).encode()])
         self._socket.close(0)
@@ -131,7 +183,7 @@ class CacheServer:
         digests = [blob[i:i + size] for i in range(0, len(blob), size)]
         request = LookupRequest(str(header["req"]), int(header["pin"]), digests,
                                 int(header["tokens"]), int(header["first"]))
-        return {"id": header["id"], "chunks": self._service.lookup(request)}
+        return {"id": header["id"], **self._service.lookup(request).to_json()}
 
     def close(self) -> None:
         """Stop answering; in-process callers no longer find this rank. Idempotent."""
@@ -183,9 +235,10 @@ class WorkerCaches:
         self._next_id = 0
         self.timeouts = 0  # lookups a rank did not answer in time (or skipped while it was down)
 
-    def lookup(self, request: LookupRequest) -> int:
-        """Chunks every rank holds from the first (0 where any rank fails to answer)."""
-        answers: list[int] = []
+    def lookup(self, request: LookupRequest) -> LookupAnswer:
+        """Chunks every rank holds from the first (0 where any rank fails to answer), with
+        each chunk's load time."""
+        answers: list[RankAnswer] = []
         waiting: dict[int, _RemoteRank] = {}
         for rank in range(self._world):
             local = self._local(rank)
@@ -193,12 +246,12 @@ class WorkerCaches:
                 answers.append(local.lookup(request))
             elif (remote := self._remote_rank(rank)).down_until > time.monotonic():
                 self.timeouts += 1
-                answers.append(0)
+                answers.append(MISS)
             else:
                 waiting[rank] = remote
         if waiting:
             answers += self._ask(waiting, request)
-        return min(answers) if answers else 0
+        return combine(answers)
 
     def release(self, req_id: str, pin_id: int) -> None:
         """Drop the pin ``pin_id`` of ``req_id`` on every rank (sent, not waited for)."""
@@ -228,7 +281,7 @@ class WorkerCaches:
             self._remote[rank] = _RemoteRank(self._context, socket_path(self._key, rank))
         return self._remote[rank]
 
-    def _ask(self, ranks: dict[int, _RemoteRank], request: LookupRequest) -> list[int]:
+    def _ask(self, ranks: dict[int, _RemoteRank], request: LookupRequest) -> list[RankAnswer]:
         """Send the lookup to ``ranks`` at once; their answers, 0 for each that missed the
         deadline (which then gets a release and a back-off)."""
         self._next_id += 1
@@ -244,30 +297,36 @@ class WorkerCaches:
             except zmq.Again:  # its queue is full: it has not been reading (no answer below)
                 continue
             poller.register(remote.socket, zmq.POLLIN)
-        answers: dict[int, int] = {}
+        answers: dict[int, RankAnswer] = {}
         deadline = time.monotonic() + self._timeout_s
         while len(answers) < len(ranks) and (left := deadline - time.monotonic()) > 0:
             ready = dict(poller.poll(max(1, int(left * 1000))))
             for rank, remote in ranks.items():
                 if remote.socket in ready:
-                    chunks = self._reply(remote, ident)
-                    if chunks is not None:
-                        answers[rank] = chunks
+                    answer = self._reply(remote, ident)
+                    if answer is not None:
+                        answers[rank] = answer
         for rank, remote in ranks.items():
             if rank in answers:
                 self._mark_up(rank, remote)
             else:
                 self._mark_down(rank, remote, request)
-        return [answers.get(rank, 0) for rank in ranks]
+        return [answers.get(rank, MISS) for rank in ranks]
 
     @staticmethod
-    def _reply(remote: _RemoteRank, ident: int) -> int | None:
+    def _reply(remote: _RemoteRank, ident: int) -> RankAnswer | None:
         """The answer to ``ident`` among the waiting messages (late answers to earlier
-        lookups are dropped: their pins were released when they timed out)."""
+        lookups are dropped: their pins were released when they timed out; a malformed
+        answer is a miss)."""
         while remote.socket.poll(0):
             reply = json.loads(remote.socket.recv())
             if reply.get("id") == ident:
-                return max(0, int(reply.get("chunks", 0)))
+                try:
+                    return RankAnswer.from_json(reply)
+                except (KeyError, TypeError, ValueError):
+                    log.warning("lmcache-ext: a malformed lookup answer from %s: a miss",
+                                remote.endpoint)
+                    return MISS
         return None
 
     def _mark_up(self, rank: int, remote: _RemoteRank) -> None:

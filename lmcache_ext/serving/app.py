@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from lmcache_ext.chunk import ChunkMeta
 from lmcache_ext.config import EngineConfig
+from lmcache_ext.cost import CostModel
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import EngineMetrics
-from lmcache_ext.serving.cost import CostModel
 from lmcache_ext.serving.generator import Generator
 from lmcache_ext.serving.http_server import make_server
 from lmcache_ext.serving.model import LoadedModel, load_model

@@ -76,7 +76,8 @@ def digests() -> list[bytes]:
 
 
 def lookup(caches: WorkerCaches, pin_id: int, first: int = 0) -> int:
-    return caches.lookup(LookupRequest(f"req-{pin_id}", pin_id, digests(), len(TOKENS), first))
+    return caches.lookup(LookupRequest(f"req-{pin_id}", pin_id, digests(), len(TOKENS),
+                                       first)).chunks
 
 
 def test_the_hit_is_what_every_rank_holds(two_ranks):
@@ -84,6 +85,10 @@ def test_the_hit_is_what_every_rank_holds(two_ranks):
     caches = WorkerCaches(key, 2, timeout_s=5.0, backoff_s=1.0)
     assert lookup(caches, 1) == 2  # rank 0 holds 3 chunks, rank 1 holds 2
     assert lookup(caches, 2, first=1) == 2
+    # Each answer says how long its chunks take to read (the ranks' probed CPU tier).
+    answer = caches.lookup(LookupRequest("req-t", 9, digests(), len(TOKENS), 0))
+    assert answer.chunks == 2 and len(answer.load_s) == 2
+    assert all(0 < seconds < 1 for seconds in answer.load_s)
     assert caches.timeouts == 0
     caches.close()
 

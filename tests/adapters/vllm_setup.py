@@ -6,8 +6,9 @@ tests/adapters/__init__.py sets VLLM_TARGET_DEVICE and fails clearly without vLL
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from vllm import SamplingParams
@@ -52,6 +53,8 @@ class Rig:
     scheduler: Scheduler
     worker: vllm_connector.LMCacheExtConnector
     kv_caches: dict[str, torch.Tensor]
+    last_stats: Any = None  # the worker's stats of the last step (what the model runner sends)
+    stats_payloads: list = field(default_factory=list)  # what vLLM's loggers got, step by step
 
     @property
     def connector(self) -> vllm_connector.LMCacheExtConnector:
@@ -71,7 +74,10 @@ def vllm_config(tmp_path: Path, layout: str, prefix_caching: bool, **extra) -> V
                                 enable_chunked_prefill=True, is_encoder_decoder=False)
     transfer = KVTransferConfig(
         kv_connector=CONNECTOR, kv_connector_module_path=MODULE, kv_role="kv_both",
-        kv_connector_extra_config={"chunk_size": CHUNK, "max_local_cpu_size": 0.01, **extra})
+        # No cost model unless a test asks for it: a stand-in forward takes no time, so
+        # vLLM's measured prefill would beat every load.
+        kv_connector_extra_config={"chunk_size": CHUNK, "max_local_cpu_size": 0.01,
+                                   "cost_aware_retrieval": False, **extra})
     return VllmConfig(model_config=model, cache_config=cache, scheduler_config=scheduler,
                       kv_transfer_config=transfer, device_config=DeviceConfig("cpu"))
 
@@ -134,7 +140,7 @@ def make_rig(config: VllmConfig, backend: str, over_ipc: bool = False) -> Rig:
     worker is another process, instead of calling it in-process."""
     kv_config, caches = allocate(config, backend)
     config.cache_config.num_gpu_blocks = kv_config.num_blocks
-    scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_config, log_stats=False,
+    scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_config, log_stats=True,
                           structured_output_manager=StructuredOutputManager(config),
                           block_size=BLOCK_SIZE)
     worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, kv_config)
@@ -180,6 +186,7 @@ def run_worker(rig: Rig, scheduler_output, forward=None) -> tuple[set[int], set[
         rig.worker.wait_for_save()
     sending, _ = rig.worker.get_finished(scheduler_output.finished_req_ids)
     errors = rig.worker.get_block_ids_with_load_errors()
+    rig.last_stats = rig.worker.get_kv_connector_stats()
     rig.worker.clear_connector_metadata()
     return errors, set(sending or ())
 
@@ -194,9 +201,13 @@ def step(rig: Rig, forward=None, token: int = 7):
                                req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                sampled_token_ids=[[token] for _ in req_ids], logprobs=None,
                                prompt_logprobs_dict={}, pooler_output=[])
-    if errors or sending:
+    if errors or sending or rig.last_stats is not None:  # as vLLM's model runner mixin does
         from vllm.v1.outputs import KVConnectorOutput
         runner.kv_connector_output = KVConnectorOutput(invalid_block_ids=errors,
-                                                       finished_sending=sending or None)
-    rig.scheduler.update_from_output(output, runner)
+                                                       finished_sending=sending or None,
+                                                       kv_connector_stats=rig.last_stats)
+    for outputs in rig.scheduler.update_from_output(output, runner).values():
+        stats = outputs.scheduler_stats
+        if stats is not None and stats.kv_connector_stats:
+            rig.stats_payloads.append(stats.kv_connector_stats)
     return output, errors

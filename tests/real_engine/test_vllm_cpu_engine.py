@@ -13,14 +13,18 @@ import signal
 from pathlib import Path
 
 import pytest
-from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
 
+from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
 from lmcache_ext.testing.vllm_engine import synthetic_prompt
 
 CHUNK = 256
 PROMPT = synthetic_prompt(1100)  # 4 whole chunks of 256 and a partial one
 HIT = 1024
 TOKENS = 8
+# These scenarios check where hits come from, so every hit is taken: the cost model would
+# rightly recompute a tiny model's prompt rather than read it from a slow tier (its choices are
+# tested in tests/adapters/test_vllm_cost.py).
+BASE = {"chunk_size": CHUNK, "cost_aware_retrieval": False}
 
 
 def cold_then_evicted(engine) -> tuple[list[int], int]:
@@ -61,7 +65,7 @@ def test_multiprocess_engine_hits_every_tier_and_a_stalled_worker_side_is_a_miss
     files gone and Redis stopped, its worker cannot answer the lookup in time: a miss, said
     in the log, and the request still succeeds with the same output."""
     disk = tmp_path / "kv"
-    tiers = {"chunk_size": CHUNK, "local_disk": str(disk), "max_local_disk_size": 1.0,
+    tiers = {**BASE, "local_disk": str(disk), "max_local_disk_size": 1.0,
              "remote_url": redis.url}
     writer = engine_factory("writer", cache={**tiers, "max_local_cpu_size": 0.5})
     output, cached = cold_then_evicted(writer)
@@ -91,7 +95,7 @@ def test_multiprocess_engine_hits_every_tier_and_a_stalled_worker_side_is_a_miss
 def test_tensor_parallel_ranks_each_hold_their_shard_and_hit_together(engine_factory):
     """Scenario: SmolLM2 (3 KV heads) at tensor parallelism 3: three worker processes, each
     with its own CPU tier; the evicted prompt is served from all three."""
-    engine = engine_factory("tp3", cache={"chunk_size": CHUNK, "max_local_cpu_size": 0.2},
+    engine = engine_factory("tp3", cache={**BASE, "max_local_cpu_size": 0.2},
                             tensor_parallel_size=3, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"})
     _, cached = cold_then_evicted(engine)
     assert cached == HIT
@@ -103,7 +107,7 @@ def test_tensor_parallel_ranks_each_hold_their_shard_and_hit_together(engine_fac
 def test_same_process_engine_hits_without_a_socket(engine_factory):
     """Scenario: engine core and worker in one process (uni executor): the scheduler calls the
     worker's cache directly."""
-    engine = engine_factory("same", cache={"chunk_size": CHUNK, "max_local_cpu_size": 0.5},
+    engine = engine_factory("same", cache={**BASE, "max_local_cpu_size": 0.5},
                             same_process=True)
     _, cached = cold_then_evicted(engine)
     assert cached == HIT

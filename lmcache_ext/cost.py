@@ -3,7 +3,10 @@
 Peers shipped disk hits slower than recomputing (SGLang measured 2450 ms hit vs 1725 ms
 recompute). Here every decision compares two measured speeds: each tier's read speed (bytes/s,
 from the engine's start-up probe and a running average of real reads) and the model's prefill
-speed (tokens/s, from a start-up probe and a running average of real prefills).
+speed (tokens/s: the built-in engine times its prefills, the vLLM connector times vLLM's
+forward passes on the workers). Both the built-in engine (``serving/generator.py``) and the vLLM
+connector's scheduler side (``adapters/vllm_scheduler.py``) plan with this one model; it knows
+neither of them.
 """
 
 from __future__ import annotations
@@ -46,23 +49,29 @@ class CostModel:
 
     def plan(self, chunk_tiers: Sequence[str], tier_bytes_per_s: Mapping[str, float]) -> \
             RetrievalPlan:
-        """How many leading chunks to load, given the tier holding each available chunk.
+        """How many leading chunks to load, given the tier holding each available chunk (a
+        tier whose speed is not known yet counts as free: it is measured on first use)."""
+        return self.plan_seconds([self.chunk_bytes / s if (s := tier_bytes_per_s.get(t)) else 0.0
+                                  for t in chunk_tiers])
 
-        Picks the prefix length with the largest saving (prefill time saved minus load time); a
-        tier whose speed is not known yet counts as free (it is measured on first use).
+    def plan_seconds(self, chunk_load_s: Sequence[float]) -> RetrievalPlan:
+        """How many leading chunks to load, given the seconds each available chunk takes to
+        load (the slowest reader's, where several ranks load in parallel).
+
+        Picks the prefix length with the largest saving (prefill time saved minus load time).
+        Without a measured prefill speed, or with the policy off, everything available is
+        loaded; a plan shorter than ``min_retrieve_tokens`` loads nothing.
         """
-        available = len(chunk_tiers) * self.chunk_tokens
+        available = len(chunk_load_s) * self.chunk_tokens
         prefill = self._prefill_tokens_per_s.value
         if not self.enabled or prefill is None:
             load = available if available >= self.min_retrieve_tokens else 0
             return RetrievalPlan(load, available, 0.0, 0.0)
         best_chunks, best_saving, best_load_s = 0, 0.0, 0.0
         saving = load_s = 0.0
-        for index, tier in enumerate(chunk_tiers):
-            speed = tier_bytes_per_s.get(tier)
-            chunk_load_s = self.chunk_bytes / speed if speed else 0.0
-            load_s += chunk_load_s
-            saving += self.chunk_tokens / prefill - chunk_load_s
+        for index, chunk_s in enumerate(chunk_load_s):
+            load_s += chunk_s
+            saving += self.chunk_tokens / prefill - chunk_s
             if saving > best_saving:
                 best_chunks, best_saving, best_load_s = index + 1, saving, load_s
         load = best_chunks * self.chunk_tokens
