@@ -135,6 +135,15 @@ TABLE: tuple[ConfigKey, ...] = (
               "vLLM connector: how long the scheduler waits for the workers' caches to answer "
               "a lookup (pinning slower tiers' chunks included); no answer in time = a miss.",
               "s", check=_positive),
+    ConfigKey("emf_metrics", bool, None,
+              "vLLM connector: write the cache's figures to stdout as CloudWatch Embedded "
+              "Metric Format lines (CloudWatch metrics with no agent); unset = on where SM_* / "
+              "SAGEMAKER_* env vars say this is SageMaker, off elsewhere.", nullable=True),
+    ConfigKey("emf_interval_s", float, 60.0,
+              "vLLM connector: one EMF line per this interval (while requests are served).",
+              "s", check=_positive),
+    ConfigKey("emf_namespace", str, "LMCacheExt",
+              "vLLM connector: the CloudWatch namespace of the EMF metrics."),
     ConfigKey("worker_lookup_backoff_s", float, 5.0,
               "vLLM connector: after a worker's cache missed that deadline, lookups skip it "
               "(a miss) for this long.", "s", check=_non_negative),
@@ -189,6 +198,9 @@ class EngineConfig:
     save_decode_cache: bool = _default("save_decode_cache")
     worker_lookup_timeout_s: float = _default("worker_lookup_timeout_s")
     worker_lookup_backoff_s: float = _default("worker_lookup_backoff_s")
+    emf_metrics: bool | None = _default("emf_metrics")
+    emf_interval_s: float = _default("emf_interval_s")
+    emf_namespace: str = _default("emf_namespace")
     use_layerwise: bool = _default("use_layerwise")
     # Where each key's value came from ("default", "file /x.yaml", "env LMCACHE_X", "override").
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

@@ -33,12 +33,19 @@ from lmcache_ext import kernels
 from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.vllm_metadata import LMCacheExtMetadata
 from lmcache_ext.adapters.vllm_scheduler import SchedulerSide
-from lmcache_ext.adapters.vllm_stats import LMCacheExtStats
+from lmcache_ext.adapters.vllm_stats import (
+    GAUGE_PREFIX,
+    LMCacheExtPromMetrics,
+    LMCacheExtStats,
+    emf_metrics,
+    merge_into,
+)
 from lmcache_ext.adapters.vllm_worker import WorkerSide
 from lmcache_ext.adapters.worker_channel import WorkerCaches
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
 from lmcache_ext.cost import CostModel
+from lmcache_ext.emf import EmfReporter, on_sagemaker
 from lmcache_ext.engine import CacheEngine, key_namespace
 from lmcache_ext.keys import PrefixHasher
 
@@ -86,6 +93,17 @@ def _layout_from(kv_cache_config: KVCacheConfig) -> KVLayout:
                     head_dim=spec.head_size, dtype=spec.dtype)
 
 
+def _emf_reporter(config: Any, model: str) -> EmfReporter | None:
+    """The CloudWatch EMF line writer, if ``emf_metrics`` is on (unset: on SageMaker)."""
+    enabled = config.emf_metrics if config.emf_metrics is not None else on_sagemaker(os.environ)
+    if not enabled:
+        return None
+    log.info("lmcache-ext: CloudWatch EMF lines every %.0f s, namespace %s, dimension "
+             "Model=%s", config.emf_interval_s, config.emf_namespace, model)
+    return EmfReporter(config.emf_namespace, {"Model": model[:1024]}, config.emf_interval_s,
+                       emf_metrics, merge=merge_into, gauge_prefix=GAUGE_PREFIX)
+
+
 def _model_name(vllm_config: VllmConfig) -> str:
     model = vllm_config.model_config
     revision = getattr(model, "revision", None)
@@ -112,6 +130,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         self._load_errors: set[int] = set()  # blocks of failed loads, reported once
+        self._emf: EmfReporter | None = None
         if role == KVConnectorRole.SCHEDULER:
             namespace = key_namespace(self.config, layout, model, 0, world)
             caches = WorkerCaches(engine_key, world, self.config.worker_lookup_timeout_s,
@@ -122,6 +141,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
             self.scheduler = SchedulerSide(PrefixHasher(namespace, self.config.save_unfull_chunk),
                                            caches, block_size, self.config.save_decode_cache,
                                            cost)
+            self._emf = _emf_reporter(self.config, model)
         else:
             rank = vllm_compat.tp_rank(world)
             engine = CacheEngine(self.config, layout, model, rank, world)
@@ -168,6 +188,8 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         stats = getattr(connector_output, "kv_connector_stats", None)
         if isinstance(stats, LMCacheExtStats):
             self.scheduler.observe(stats)
+            if self._emf is not None:
+                self._emf.add(stats.data)
 
     def num_pinned_requests(self) -> int:
         """Requests holding a pin (operators and tests: a pin that never goes is a leak)."""
@@ -215,13 +237,26 @@ class LMCacheExtConnector(KVConnectorBase_V1):
     # -------------------------------------------------------------- figures (both sides)
 
     def get_kv_connector_stats(self) -> LMCacheExtStats | None:
-        """This side's figures since vLLM last asked (every step)."""
-        side = self.worker if self.worker is not None else self.scheduler
-        return side.take_stats()
+        """This side's figures since vLLM last asked (every step; on the scheduler side they
+        also go into the CloudWatch EMF line, when it is on)."""
+        if self.worker is not None:
+            return self.worker.take_stats()
+        stats = self.scheduler.take_stats()
+        if self._emf is not None:
+            self._emf.add(stats.data if stats is not None else {})
+        return stats
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LMCacheExtStats:
         return LMCacheExtStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict,
+                           labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> \
+            LMCacheExtPromMetrics:
+        return LMCacheExtPromMetrics(vllm_config, metric_types, labelnames,
+                                     per_engine_labelvalues)
 
     @property
     def save_failures(self) -> int:
@@ -232,3 +267,6 @@ class LMCacheExtConnector(KVConnectorBase_V1):
             self.worker.close()
         if self.scheduler is not None:
             self.scheduler.close()
+        if self._emf is not None:
+            self.get_kv_connector_stats()  # what vLLM has not taken yet goes into the line
+            self._emf.flush()

@@ -3,7 +3,9 @@
 Each step every worker (``get_kv_connector_stats``) and the scheduler side hand vLLM an
 ``LMCacheExtStats``; vLLM sums the ranks' (``aggregate``), passes the sum to the scheduler side
 (``update_connector_output``: the prefill speed for the cost model, the CloudWatch lines) and to
-its loggers, which call ``reduce`` for the "KV Transfer metrics" log line.
+its loggers, which call ``reduce`` for the "KV Transfer metrics" log line and our
+``LMCacheExtPromMetrics`` for ``/metrics``. The scheduler side also writes one CloudWatch EMF line
+per interval (``emf_metrics``; ``emf.py`` makes the line).
 
 ``data`` is a flat dict of numbers (it crosses processes through vLLM's serializers). Names:
   counters, summed over steps and ranks:
@@ -21,7 +23,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 
 # Tier events counted by the engine (metrics.TierCounters), passed on as deltas.
 TIER_EVENTS = ("errors", "corrupt", "dropped", "evictions", "rejected", "promoted")
@@ -87,3 +92,98 @@ def used_bytes(data: Mapping[str, Any]) -> dict[str, float]:
             out[tier] = out.get(tier, 0) + value
     return out
 
+
+def merge_into(total: dict[str, float], data: Mapping[str, float]) -> None:
+    """``aggregate``'s rule on plain dicts: counters add up, gauges take the newer value."""
+    LMCacheExtStats(data=total).aggregate(LMCacheExtStats(data=dict(data)))
+
+
+# ------------------------------------------------------------------ CloudWatch (EMF) lines
+
+# counter name in ``data`` -> (EMF metric name, unit)
+_EMF_TOTALS = {
+    "lookup_tokens": ("LookupTokens", "Count"), "hit_tokens": ("HitTokens", "Count"),
+    "cost_skipped_tokens": ("CostSkippedTokens", "Count"),
+    "loaded_tokens": ("LoadedTokens", "Count"), "stored_tokens": ("StoredTokens", "Count"),
+    "load_s": ("LoadSeconds", "Seconds"), "save_s": ("SaveSeconds", "Seconds"),
+    "failed_loads": ("FailedLoads", "Count"), "failed_saves": ("FailedSaves", "Count"),
+    "lookup_timeouts": ("LookupTimeouts", "Count"),
+}
+_EMF_PER_TIER = {"loaded_tokens": "LoadedTokens", "stored_tokens": "StoredTokens",
+                 **{event: event.capitalize() for event in TIER_EVENTS}}
+
+
+def emf_metrics(data: Mapping[str, float]) -> dict[str, tuple[float, str]]:
+    """An interval's figures as EMF metrics: the totals (always, 0 when nothing happened),
+    HitRate in percent of the prompt tokens looked up, and per tier ``<Metric>.<tier>``."""
+    out: dict[str, tuple[float, str]] = {}
+    lookups = data.get("lookup_tokens", 0)
+    out["HitRate"] = (round(100 * data.get("hit_tokens", 0) / lookups, 3) if lookups else 0.0,
+                      "Percent")
+    for name, (metric, unit) in _EMF_TOTALS.items():
+        out[metric] = (float(data.get(name, 0)), unit)
+    for name, value in sorted(data.items()):
+        event, _, tier = name.partition(".")
+        if tier and event in _EMF_PER_TIER:
+            out[f"{_EMF_PER_TIER[event]}.{tier}"] = (float(value), "Count")
+    for tier, used in used_bytes(dict(data)).items():
+        out[f"UsedBytes.{tier}"] = (float(used), "Bytes")
+    return out
+
+
+# ------------------------------------------------------------------ vLLM's /metrics
+
+class LMCacheExtPromMetrics(KVConnectorPromMetrics):
+    """The figures as Prometheus series in vLLM's ``/metrics`` (``vllm:lmcache_ext_*``),
+    labelled like vLLM's own (model name, engine) and by tier where they are per tier."""
+
+    def __init__(self, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                 per_engine_labelvalues: dict[int, list[object]]):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            name: self._counter_cls(name=f"vllm:lmcache_ext_{metric_name(name)}",
+                                    documentation=text, labelnames=list(labelnames))
+            for name, text in PROM_TOTALS.items()}
+        tier_labels = [*labelnames, "tier"]
+        self._tier_counters = {
+            name: self._counter_cls(name=f"vllm:lmcache_ext_tier_{name}",
+                                    documentation=text, labelnames=tier_labels)
+            for name, text in PROM_PER_TIER.items()}
+        self._used = self._gauge_cls(name="vllm:lmcache_ext_tier_used_bytes",
+                                     documentation="Bytes held by the tier, all ranks.",
+                                     labelnames=tier_labels, multiprocess_mode="mostrecent")
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        labels = [str(v) for v in self.per_engine_labelvalues.get(engine_idx, [])]
+        for name, value in transfer_stats_data.items():
+            event, _, tier = name.partition(".")
+            if name in self._counters and value > 0:
+                self._counters[name].labels(*labels).inc(value)
+            elif tier and event in self._tier_counters and value > 0:
+                self._tier_counters[event].labels(*labels, tier).inc(value)
+        for tier, used in used_bytes(transfer_stats_data).items():
+            self._used.labels(*labels, tier).set(used)
+
+
+def metric_name(name: str) -> str:
+    """``load_s`` -> ``load_seconds`` (Prometheus spells units out)."""
+    return name[:-2] + "_seconds" if name.endswith("_s") else name
+
+
+PROM_TOTALS = {
+    "lookup_tokens": "Prompt tokens looked up beyond vLLM's own prefix cache.",
+    "hit_tokens": "Tokens offered to vLLM from lmcache-ext's tiers.",
+    "cost_skipped_tokens": "Tokens held but recomputed: loading them would take longer.",
+    "loaded_tokens": "Tokens of KV loaded into vLLM's blocks.",
+    "stored_tokens": "Tokens of KV newly stored.",
+    "load_s": "Time spent loading KV in the step.",
+    "save_s": "Time spent saving KV in the step.",
+    "failed_loads": "Loads that could not fill every block (recomputed by vLLM), all ranks.",
+    "failed_saves": "Saves that failed (skipped), all ranks.",
+    "lookup_timeouts": "Lookups a worker rank did not answer in time (served as misses).",
+}
+PROM_PER_TIER = {
+    "loaded_tokens": "Tokens loaded from the tier (rank 0's count).",
+    "stored_tokens": "Tokens stored into the tier (rank 0's count, from bytes).",
+    **{event: f"Chunk events on the tier: {event}, all ranks." for event in TIER_EVENTS},
+}

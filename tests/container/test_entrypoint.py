@@ -59,6 +59,7 @@ EVERY_KEY = {
     "write_behind_queue_chunks": "8", "cost_aware_retrieval": "false",
     "min_retrieve_tokens": "64", "save_decode_cache": "false", "use_layerwise": "false",
     "worker_lookup_timeout_s": "0.5", "worker_lookup_backoff_s": "10",
+    "emf_metrics": "true", "emf_interval_s": "30", "emf_namespace": "LMCacheExtTest",
 }
 
 
