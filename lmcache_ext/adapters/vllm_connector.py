@@ -200,10 +200,19 @@ class LMCacheExtConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker.register(kv_caches, self._vllm_config)
 
+    def bind_connector_metadata(self, connector_metadata: Any) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None:
+            self.worker.timer.begin()  # before the forward pass (the prefill speed)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        for op in getattr(self._get_connector_metadata(), "loads", ()):
+        """Loads synchronously. vLLM calls this before the forward pass where a step has sync
+        loads (ours always are), else after it, just before ``wait_for_save``."""
+        ops = getattr(self._get_connector_metadata(), "loads", ())
+        for op in ops:
             self._load_errors.update(self.worker.load(op))
-        self.worker.timer.begin()  # the forward pass starts now (prefill speed)
+        if ops:
+            self.worker.timer.begin()  # the forward pass starts after our loads
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv finished every load before the forward

@@ -14,6 +14,7 @@ request's whole chunks of prompt + output are saved too (its blocks are held one
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ from lmcache_ext.adapters.vllm_stats import LMCacheExtStats
 from lmcache_ext.adapters.worker_channel import LookupAnswer, LookupRequest, WorkerCaches
 from lmcache_ext.cost import CostModel
 from lmcache_ext.keys import PrefixHasher
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -116,7 +119,12 @@ class SchedulerSide:
         if stats is None:
             return
         tokens, seconds = stats.data.get("forward_tokens", 0), stats.data.get("forward_s", 0)
+        first = self.cost.prefill_tokens_per_s is None
         self.cost.observe_prefill(int(tokens), float(seconds))
+        if first and self.cost.prefill_tokens_per_s is not None:
+            log.info("lmcache-ext: vLLM prefills %.0f tokens/s (first measured forward pass); "
+                     "hits are loaded where that is slower than the tiers",
+                     self.cost.prefill_tokens_per_s)
 
     def take_stats(self) -> LMCacheExtStats | None:
         """This side's figures since the last call (None if there are none)."""

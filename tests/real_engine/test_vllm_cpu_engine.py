@@ -21,7 +21,8 @@ CHUNK = 256
 PROMPT = synthetic_prompt(1100)  # 4 whole chunks of 256 and a partial one
 HIT = 1024
 TOKENS = 8
-# These scenarios check where hits come from, so every hit is taken: the cost model would
+# These scenarios check where hits come from, so every hit is taken (but in the same-process
+# one, where a CPU-tier hit must pass the cost model fed with vLLM's own timing): it would
 # rightly recompute a tiny model's prompt rather than read it from a slow tier (its choices are
 # tested in tests/adapters/test_vllm_cost.py).
 BASE = {"chunk_size": CHUNK, "cost_aware_retrieval": False}
@@ -106,9 +107,11 @@ def test_tensor_parallel_ranks_each_hold_their_shard_and_hit_together(engine_fac
 
 def test_same_process_engine_hits_without_a_socket(engine_factory):
     """Scenario: engine core and worker in one process (uni executor): the scheduler calls the
-    worker's cache directly."""
-    engine = engine_factory("same", cache={**BASE, "max_local_cpu_size": 0.5},
+    worker's cache directly. Cost-aware retrieval is on here: fed with this engine's own
+    measured prefill speed, it finds the CPU tier's hit worth loading."""
+    engine = engine_factory("same", cache={"chunk_size": CHUNK, "max_local_cpu_size": 0.5},
                             same_process=True)
     _, cached = cold_then_evicted(engine)
     assert cached == HIT
+    assert "vLLM prefills" in engine.log_text()  # the policy judged with a measured speed
     assert "reaches the cache of worker rank" not in engine.log_text()  # no socket was used
