@@ -13,7 +13,9 @@ token (a prompt ending mid-chunk recomputes up to chunk_size - 1 more tokens wit
     python benchmarks/vllm_ttft.py [--quick] [--json PATH] [--plot PATH] [--configs a,b]
 
 ``--quick``: the 4K context only. JSON: {"configs": {NAME: {"cold_s", "warm_s", "speedup",
-"cached_tokens", "by_context": {...}} or {"error": ...}}}, the 4K figures at the top level.
+"cached_tokens", "by_context": {...}} or {"error": ...}}}, the 4K figures at the top level, and
+with ``prefix_cache`` and ``ext_cpu_mp`` both run, "save_overhead": {"step_s_without",
+"step_s_with", "ratio"} (cold TTFT, one sample each: the step that prefills and saves).
 """
 
 from __future__ import annotations
@@ -165,6 +167,17 @@ def ratios(entries: dict) -> dict:
     return out
 
 
+def save_overhead(entries: dict) -> dict | None:
+    """What saving costs the step: the cold TTFT (one prefill of a fresh prompt, whose save
+    runs in the same step) with lmcache-ext's CPU tier against the engine without it."""
+    without = entries.get("prefix_cache", {}).get("cold_s")
+    with_save = entries.get("ext_cpu_mp", {}).get("cold_s")
+    if not (without and with_save):
+        return None
+    return {"step_s_without": without, "step_s_with": with_save,
+            "ratio": round(with_save / without, 3)}
+
+
 def plot(report: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -224,6 +237,8 @@ def main() -> int:
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "command": "python " + " ".join(sys.argv), "contexts": list(contexts),
               "configs": entries, "ratios": ratios(entries)}
+    if (overhead := save_overhead(entries)) is not None:
+        report["save_overhead"] = overhead
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

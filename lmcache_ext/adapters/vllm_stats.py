@@ -10,7 +10,7 @@ per interval (``emf_metrics``; ``emf.py`` makes the line).
 ``data`` is a flat dict of numbers (it crosses processes through vLLM's serializers). Names:
   counters, summed over steps and ranks:
     lookup_tokens, hit_tokens, cost_skipped_tokens, lookup_timeouts    (scheduler)
-    loaded_tokens, load_s, stored_tokens, save_s                       (rank 0: every rank moves
+    loaded_tokens, load_s, stored_tokens, save_s, store_s              (rank 0: every rank moves
     loaded_tokens.<tier>, stored_tokens.<tier>                          the same tokens)
     failed_loads, failed_saves, forward_tokens, forward_s              (every rank)
     <event>.<tier> for each event of ``TIER_EVENTS``                   (every rank)
@@ -71,6 +71,7 @@ class LMCacheExtStats(KVConnectorStats):
             "stored_tokens": int(d.get("stored_tokens", 0)),
             "load_ms": round(1000 * d.get("load_s", 0), 2),
             "save_ms": round(1000 * d.get("save_s", 0), 2),
+            "store_ms": round(1000 * d.get("store_s", 0), 2),
             "failed_loads": int(d.get("failed_loads", 0)),
             "failed_saves": int(d.get("failed_saves", 0)),
         }
@@ -106,6 +107,7 @@ _EMF_TOTALS = {
     "cost_skipped_tokens": ("CostSkippedTokens", "Count"),
     "loaded_tokens": ("LoadedTokens", "Count"), "stored_tokens": ("StoredTokens", "Count"),
     "load_s": ("LoadSeconds", "Seconds"), "save_s": ("SaveSeconds", "Seconds"),
+    "store_s": ("StoreSeconds", "Seconds"),
     "failed_loads": ("FailedLoads", "Count"), "failed_saves": ("FailedSaves", "Count"),
     "lookup_timeouts": ("LookupTimeouts", "Count"),
 }
@@ -177,7 +179,8 @@ PROM_TOTALS = {
     "loaded_tokens": "Tokens of KV loaded into vLLM's blocks.",
     "stored_tokens": "Tokens of KV newly stored.",
     "load_s": "Time spent loading KV in the step.",
-    "save_s": "Time spent saving KV in the step.",
+    "save_s": "Time spent saving KV in the step (copying it out of vLLM's blocks).",
+    "store_s": "Time from a save's copy-out to its tier writes done, off the step.",
     "failed_loads": "Loads that could not fill every block (recomputed by vLLM), all ranks.",
     "failed_saves": "Saves that failed (skipped), all ranks.",
     "lookup_timeouts": "Lookups a worker rank did not answer in time (served as misses).",

@@ -22,6 +22,7 @@ import torch
 from lmcache_ext import kernels
 from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.vllm_metadata import TransferOp
+from lmcache_ext.adapters.vllm_saver import BackgroundSaver
 from lmcache_ext.adapters.vllm_stats import TIER_EVENTS, LMCacheExtStats
 from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest, RankAnswer
 from lmcache_ext.chunk import KVLayout
@@ -30,6 +31,7 @@ from lmcache_ext.keys import ChunkSpan
 
 log = logging.getLogger(__name__)
 TIER_SAMPLE_S = 1.0  # how often the tiers' counters and usage are read into the stats
+MAX_PENDING_SAVES = 8  # saves copied out and waiting for the saver thread (their KV held)
 
 
 class ForwardTimer:
@@ -91,6 +93,8 @@ class WorkerSide:
         self._pins_lock = threading.Lock()
         self.save_failures = 0  # saves that raised: logged, counted, never passed on
         self.stats = LMCacheExtStats()  # this rank's figures since vLLM last took them
+        self._stats_lock = threading.Lock()  # the saver thread counts too
+        self._stream: Any = None  # the saver's CUDA stream (GPU only)
         self.timer = ForwardTimer(torch.device("cpu"), engine.config.chunk_size)
         self._tier_totals: dict[str, float] = {}
         self._tier_sampled = 0.0
@@ -98,6 +102,10 @@ class WorkerSide:
         engine.probe_read_speeds()  # the cost model needs every tier's speed from the start
         self._sample_tiers()  # the baseline (the probe's writes are not the service's)
         self.stats.reset()
+        self.saver = BackgroundSaver(f"lmcache-ext-save-r{rank}", MAX_PENDING_SAVES,
+                                     self._save_failed)
+        # how long a lookup waits for saves in flight: well inside the scheduler's deadline
+        self.save_wait_s = engine.config.worker_lookup_timeout_s / 4
         self.server = CacheServer(engine_key, rank, self)
 
     # -------------------------------------------------------------- vLLM's caches
@@ -126,6 +134,9 @@ class WorkerSide:
         times; pins chunks [first, held) for the request (replacing its earlier pin). A chunk
         evicted between the count and the pin ends the run there: the answer never counts a
         chunk that is not pinned."""
+        # A save still being written would be a miss: give the saver a moment (it is idle,
+        # and this free, unless it is backlogged).
+        self.saver.wait_idle(self.save_wait_s)
         spans = self.engine.spans_of(request.digests, request.num_tokens)
         tiers = self.engine.locate_spans(spans, request.num_tokens)
         held = len(tiers)
@@ -191,47 +202,83 @@ class WorkerSide:
         finally:
             self.release(op.req_id, op.pin_id)
         if self.rank == 0:  # every rank loads the same tokens: counted once
-            self.stats.add("loaded_tokens", max(loaded - op.start, 0))
-            self.stats.add("load_s", time.perf_counter() - began)
+            self._count("loaded_tokens", max(loaded - op.start, 0))
+            self._count("load_s", time.perf_counter() - began)
             size = self.engine.config.chunk_size
             for span in spans:  # by the tier each chunk was found in at the lookup
                 tokens = min(span.end, loaded) - max(span.start, op.start)
                 if tokens > 0:
-                    self.stats.add(f"loaded_tokens.{found.get(span.start // size, 'unknown')}",
+                    self._count(f"loaded_tokens.{found.get(span.start // size, 'unknown')}",
                                    tokens)
         if loaded >= op.end:
             return set()
-        self.stats.add("failed_loads", 1)
+        self._count("failed_loads", 1)
         first, last = max(loaded, op.start) // self.block_size, (op.end - 1) // self.block_size
         return set(op.block_ids[first:last + 1])
 
     def save(self, op: TransferOp) -> None:
         """Store the request's chunks in [0, end) that the engine lacks (gathering only those:
         a chunk before them that is evicted meanwhile is skipped, never stored from memory
-        nobody wrote). A failure is logged and counted."""
+        nobody wrote). The KV is copied out of the blocks now; the tiers' writes run on the
+        saver thread. A failure is logged and counted, never raised."""
         began, self._moved = time.perf_counter(), True
         try:
-            stored = self._save(op)
+            self._save(op)
         except Exception:
-            self.save_failures += 1
-            self.stats.add("failed_saves", 1)
+            self._save_failed()
             log.exception("lmcache-ext: save of request %s failed (skipped)", op.req_id)
             return
         if self.rank == 0:
-            self.stats.add("stored_tokens", stored)
-            self.stats.add("save_s", time.perf_counter() - began)
+            self._count("save_s", time.perf_counter() - began)  # the step's share only
 
-    def _save(self, op: TransferOp) -> int:
+    def _save(self, op: TransferOp) -> None:
         spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens) if s.end <= op.end]
         present = self.engine.storage.prefix_length([s.key for s in spans])
         start = spans[present - 1].end if present else 0
         if start >= op.end:
-            return 0  # the engine has every chunk already: copy nothing
+            return  # the engine has every chunk already: copy nothing
         layout = self.engine.layout
         device = self._views[0].k.device
+        # buf: [layers, 2, end - start, kv_heads, head_dim] on the KV's device
         buf = torch.empty(layout.shape(op.end - start), dtype=layout.dtype, device=device)
         kernels.gather(self._views, self._slots(op.block_ids, start, op.end).to(device), buf)
-        return self.engine.store_spans(spans, buf.cpu(), start)
+        ready = None
+        if buf.is_cuda:  # the copy to the host waits for the gather on a stream of its own
+            ready = torch.cuda.Event()
+            ready.record()
+
+        def store() -> None:
+            host = buf
+            if ready is not None:
+                stream = self._copy_stream()
+                stream.wait_event(ready)
+                with torch.cuda.stream(stream):
+                    host = buf.to("cpu")
+            stored = self.engine.store_spans(spans, host, start)
+            if self.rank == 0:
+                self._count("stored_tokens", stored)
+                self._count("store_s", time.perf_counter() - queued)
+        queued = time.perf_counter()
+        self.saver.submit(store)
+
+    def _copy_stream(self) -> Any:
+        """The saver thread's CUDA stream for device -> host copies (made on first use)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self._views[0].k.device)
+        return self._stream
+
+    def _save_failed(self) -> None:
+        with self._stats_lock:
+            self.save_failures += 1
+            self.stats.add("failed_saves", 1)
+
+    def _count(self, name: str, value: float) -> None:
+        with self._stats_lock:
+            self.stats.add(name, value)
+
+    def _gauge(self, name: str, value: float) -> None:
+        with self._stats_lock:
+            self.stats.set_gauge(name, value)
 
     # -------------------------------------------------------------- figures for vLLM
 
@@ -240,22 +287,23 @@ class WorkerSide:
         forward passes, and the tiers' events and usage (after a step that moved KV, else at
         most every ``TIER_SAMPLE_S``: reading them costs a registry scan)."""
         tokens, seconds = self.timer.take()
-        self.stats.add("forward_tokens", tokens)
-        self.stats.add("forward_s", seconds)
+        self._count("forward_tokens", tokens)
+        self._count("forward_s", seconds)
         now = time.monotonic()
         if self._moved or now - self._tier_sampled >= TIER_SAMPLE_S:
             self._tier_sampled, self._moved = now, False
             self._sample_tiers()
-        if self.stats.is_empty():
-            return None
-        stats, self.stats = self.stats, LMCacheExtStats()
+        with self._stats_lock:
+            if self.stats.is_empty():
+                return None
+            stats, self.stats = self.stats, LMCacheExtStats()
         return stats
 
     def _sample_tiers(self) -> None:
         metrics, layout = self.engine.metrics, self.engine.layout
         token_bytes = math.prod(layout.shape(1)) * layout.dtype.itemsize
         for tier in self.engine.storage.tiers:
-            self.stats.set_gauge(f"used_bytes.{tier.name}.r{self.rank}", tier.usage().used_bytes)
+            self._gauge(f"used_bytes.{tier.name}.r{self.rank}", tier.usage().used_bytes)
             names = [(e, f"tier_{e}_total", 1.0) for e in TIER_EVENTS]
             if self.rank == 0:  # tokens: counted once (every rank holds the same ones)
                 names.append(("stored_tokens", "tier_stored_bytes_total", 1 / token_bytes))
@@ -264,7 +312,7 @@ class WorkerSide:
                 key = f"{name}.{tier.name}"
                 delta = total - self._tier_totals.get(key, 0.0)
                 self._tier_totals[key] = total
-                self.stats.add(key, round(delta * scale))
+                self._count(key, round(delta * scale))
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         """The paged-cache slot of each position in [start, end) (int64, on the KV's device)."""
@@ -275,9 +323,10 @@ class WorkerSide:
         return slots.to(self._views[0].k.device)
 
     def close(self) -> None:
-        """Stop answering lookups, drop every pin, let write-behinds finish and close the
-        tiers. Idempotent."""
+        """Stop answering lookups, finish the queued saves, drop every pin, let write-behinds
+        finish and close the tiers. Idempotent."""
         self.server.close()
+        self.saver.close()
         with self._pins_lock:
             pins, self._pins = list(self._pins.values()), {}
         for _, pin, _ in pins:

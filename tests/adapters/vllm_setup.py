@@ -186,6 +186,9 @@ def run_worker(rig: Rig, scheduler_output, forward=None) -> tuple[set[int], set[
         rig.worker.wait_for_save()
     sending, _ = rig.worker.get_finished(scheduler_output.finished_req_ids)
     errors = rig.worker.get_block_ids_with_load_errors()
+    # Saves land off the step; waiting for them keeps the next lookup (and the figures)
+    # deterministic. Without the wait a lookup may miss a save still in flight: a miss.
+    rig.worker.worker.saver.join()
     rig.last_stats = rig.worker.get_kv_connector_stats()
     rig.worker.clear_connector_metadata()
     return errors, set(sending or ())
