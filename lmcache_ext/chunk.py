@@ -40,6 +40,7 @@ MAX_DIGEST = 32
 # digest, then the checksum last (it covers everything before it and the payload).
 _FIELDS = struct.Struct(f"<4sHBB{MAX_DIMS}IIQ16sB{MAX_DIGEST}s")
 _CHECKSUM = struct.Struct("<Q")
+FIELDS_SIZE = _FIELDS.size  # header bytes the checksum or tag covers (with the payload)
 TAG_SIZE = 32  # BLAKE3's default output
 assert _FIELDS.size + max(_CHECKSUM.size, TAG_SIZE) <= HEADER_SIZE
 MIN_SECRET_BYTES = 32
