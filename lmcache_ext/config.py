@@ -95,12 +95,26 @@ TABLE: tuple[ConfigKey, ...] = (
               nullable=True, check=_disk_location),
     ConfigKey("max_local_disk_size", float, 0.0, "Disk tier budget; required with local_disk.",
               "GiB", check=_non_negative),
+    ConfigKey("local_disk_auth_key_env", str, None,
+              "Like remote_auth_key_env, for the disk tier (for a directory on a shared or "
+              "network file system); null = unkeyed checksums.", nullable=True),
+    ConfigKey("local_disk_auth_previous_key_env", str, None,
+              "Like remote_auth_previous_key_env, for the disk tier.", nullable=True),
     ConfigKey("remote_url", str, None, "Shared store, e.g. redis://host:6379; null = off.",
               nullable=True, check=_remote_scheme),
     ConfigKey("remote_key_prefix", str, "lmcache-ext",
               "Prefix of every key in the shared store (before the namespace id)."),
     ConfigKey("remote_password_env", str, None,
               "Name of an env var holding the shared store's password (keeps it out of files).",
+              nullable=True),
+    ConfigKey("remote_auth_key_env", str, None,
+              "Name of an env var holding a secret (>= 32 bytes) that signs and checks every "
+              "chunk in the shared store (BLAKE3 keyed); null = unauthenticated: anyone who can "
+              "write to the store can make this endpoint serve KV of their choosing.",
+              nullable=True),
+    ConfigKey("remote_auth_previous_key_env", str, None,
+              "During a key rotation: name of an env var holding the previous secret, still "
+              "accepted when reading the shared store (never used to sign); null = none.",
               nullable=True),
     ConfigKey("remote_timeout_s", float, 1.0, "Timeout of every call to the shared store.", "s",
               check=_positive),
@@ -171,9 +185,13 @@ class EngineConfig:
     max_local_cpu_size: float = _default("max_local_cpu_size")
     local_disk: str | None = _default("local_disk")
     max_local_disk_size: float = _default("max_local_disk_size")
+    local_disk_auth_key_env: str | None = _default("local_disk_auth_key_env")
+    local_disk_auth_previous_key_env: str | None = _default("local_disk_auth_previous_key_env")
     remote_url: str | None = _default("remote_url")
     remote_key_prefix: str = _default("remote_key_prefix")
     remote_password_env: str | None = _default("remote_password_env")
+    remote_auth_key_env: str | None = _default("remote_auth_key_env")
+    remote_auth_previous_key_env: str | None = _default("remote_auth_previous_key_env")
     remote_timeout_s: float = _default("remote_timeout_s")
     remote_backoff_s: float = _default("remote_backoff_s")
     remote_ttl_s: float = _default("remote_ttl_s")

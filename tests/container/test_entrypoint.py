@@ -53,6 +53,8 @@ EVERY_KEY = {
     "chunk_size": "512", "local_cpu": "false", "max_local_cpu_size": "1.5",
     "local_disk": "{disk}", "max_local_disk_size": "0.5", "remote_url": "redis://cache:6379",
     "remote_key_prefix": "tenant-a", "remote_password_env": "REDIS_PASSWORD",
+    "remote_auth_key_env": "KV_KEY", "remote_auth_previous_key_env": "KV_OLD_KEY",
+    "local_disk_auth_key_env": "KV_DISK_KEY", "local_disk_auth_previous_key_env": "KV_OLD_DISK",
     "remote_timeout_s": "2.5", "remote_backoff_s": "9", "remote_ttl_s": "3600",
     "remote_serde": "naive", "save_unfull_chunk": "true", "extra_config": '{"use_odirect": true}',
     "pre_caching_hash_algorithm": "xxh3_128", "model_name": "my-model", "cache_salt": "s1",
