@@ -52,7 +52,7 @@ test: setup
 	$(VLLM_VENV_CPU)/bin/python -m pytest -q tests/real_engine
 
 lint: setup
-	$(VENV)/bin/ruff check lmcache_ext tests benchmarks sagemaker_tests
+	$(VENV)/bin/ruff check --no-cache lmcache_ext tests benchmarks sagemaker_tests
 
 # Without CONFIG, the env vars below give the default job its tiers (any LMCACHE_* already set
 # wins); with CONFIG=file, the file alone decides (env vars would override it).
