@@ -13,8 +13,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
 
+from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
 from lmcache_ext.testing.vllm_engine import synthetic_prompt
 
 CHUNK = 256
