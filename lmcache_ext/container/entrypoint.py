@@ -233,7 +233,8 @@ def _no_route(env: Mapping[str, str], settings: LmiSettings, routes: Routes) -> 
         log.info("kv_transfer_config names kv_connector %s: not taken over, handing over "
                  "unchanged", routes.other_connector)
         return Handover(env, cache_on=False)
-    cache = sorted(o.source for n, o in settings.options.items() if n.startswith("lmcache_"))
+    cache = sorted(o.source for n, o in settings.options.items()
+                   if n.startswith("lmcache_") and n != "lmcache_auto_config")
     if cache:
         raise SetupError(f"{cache[0]} is set but nothing switches the cache on, so vLLM would "
                          f"run without it; set {KV_ENV}="

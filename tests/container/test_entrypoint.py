@@ -131,3 +131,9 @@ def test_the_shell_entrypoint_of_the_image(tmp_path):
     assert run.returncode == 0, run.log
     assert run.env["OPTION_KV_TRANSFER_CONFIG"] == SEED_KV
     assert "LMCache is switched on by kv_transfer_config" in run.log
+
+
+def test_auto_config_false_is_the_cache_off(tmp_path):
+    run = run_entrypoint(tmp_path, {"OPTION_LMCACHE_AUTO_CONFIG": "false"})
+    assert run.returncode == 0, run.log
+    assert "cache off" in run.log and run.env["OPTION_LMCACHE_AUTO_CONFIG"] == "false"
