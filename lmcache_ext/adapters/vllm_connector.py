@@ -2,8 +2,10 @@
 
 Configure with ``--kv-transfer-config '{"kv_connector": "LMCacheExtConnector",
 "kv_connector_module_path": "lmcache_ext.adapters.vllm_connector", "kv_role": "kv_both",
-"kv_connector_extra_config": {...engine keys...}}'``. The engine's config is ``load_config``'s
-(file + env + defaults), with ``kv_connector_extra_config`` as overrides.
+"kv_connector_extra_config": {...engine keys...}}'``, or with LMCache's name
+``LMCacheConnectorV1`` (or ``--kv-offloading-backend lmcache``): the package's vLLM plugin
+(``vllm_plugin``) resolves those to this class. The engine's config is ``load_config``'s
+(file + env + defaults), with the offloading size and ``kv_connector_extra_config`` as overrides.
 
 This class is a thin face over two sides that may live in different processes:
 - the scheduler side (``vllm_scheduler``, in vLLM's engine core): hashes each prompt once, asks

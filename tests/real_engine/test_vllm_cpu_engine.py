@@ -108,3 +108,21 @@ def test_same_process_engine_hits_without_a_socket(engine_factory):
     _, cached = cold_then_evicted(engine)
     assert cached == HIT
     assert "reaches the cache of worker rank" not in engine.log_text()  # no socket was used
+
+
+@pytest.mark.parametrize("route", ["kv_transfer_config", "offloading_backend"])
+def test_lmcaches_names_run_our_connector_in_a_real_engine(engine_factory, route):
+    """Scenario: a user switches LMCache on the LMCache way (no module path, or vLLM's
+    --kv-offloading-backend lmcache); the engine core is a process of its own, so the plugin
+    must be loaded there by vLLM itself. Our tiers serve the hit."""
+    if route == "kv_transfer_config":
+        spec = {"kv_transfer": {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both",
+                                "kv_connector_extra_config": {"max_local_cpu_size": 0.5}}}
+    else:
+        spec = {"extra": {"kv_offloading_backend": "lmcache", "kv_offloading_size": 0.5}}
+    engine = engine_factory(route, **spec)
+    _, cached = cold_then_evicted(engine)
+    assert cached == HIT
+    name = "LMCacheConnectorV1" if route == "kv_transfer_config" else "LMCacheMPConnector"
+    assert f"kv_connector {name} (from " in engine.log_text()
+    assert "runs as lmcache-ext's LMCacheExtConnector" in engine.log_text()
