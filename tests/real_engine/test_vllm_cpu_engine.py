@@ -110,19 +110,16 @@ def test_same_process_engine_hits_without_a_socket(engine_factory):
     assert "reaches the cache of worker rank" not in engine.log_text()  # no socket was used
 
 
-@pytest.mark.parametrize("route", ["kv_transfer_config", "offloading_backend"])
-def test_lmcaches_names_run_our_connector_in_a_real_engine(engine_factory, route):
-    """Scenario: a user switches LMCache on the LMCache way (no module path, or vLLM's
-    --kv-offloading-backend lmcache); the engine core is a process of its own, so the plugin
-    must be loaded there by vLLM itself. Our tiers serve the hit."""
-    if route == "kv_transfer_config":
-        spec = {"kv_transfer": {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both",
-                                "kv_connector_extra_config": {"max_local_cpu_size": 0.5}}}
-    else:
-        spec = {"extra": {"kv_offloading_backend": "lmcache", "kv_offloading_size": 0.5}}
-    engine = engine_factory(route, **spec)
+def test_lmcaches_offloading_backend_runs_our_connector_in_a_real_engine(engine_factory):
+    """Scenario: a user switches LMCache on the vLLM way (--kv-offloading-backend lmcache: vLLM
+    configures LMCacheMPConnector); the engine core is a process of its own, so the plugin must be
+    loaded there by vLLM itself. Our tiers serve the hit. (LMCacheConnectorV1 takes the same
+    path; it ran here too, and tests/container/test_lmi_routes.py resolves it on every vLLM.)"""
+    engine = engine_factory("offloading", extra={"kv_offloading_backend": "lmcache",
+                                                 "kv_offloading_size": 0.5})
     _, cached = cold_then_evicted(engine)
     assert cached == HIT
-    name = "LMCacheConnectorV1" if route == "kv_transfer_config" else "LMCacheMPConnector"
-    assert f"kv_connector {name} (from " in engine.log_text()
-    assert "runs as lmcache-ext's LMCacheExtConnector" in engine.log_text()
+    log = engine.log_text()
+    assert "kv_connector LMCacheMPConnector (from kv_offloading_backend=lmcache) runs as " \
+        "lmcache-ext's LMCacheExtConnector" in log
+    assert log.count("runs as lmcache-ext's") == 1  # the scheduler side says it, once
