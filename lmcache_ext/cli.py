@@ -61,6 +61,8 @@ def config_check(args: argparse.Namespace) -> int:
                   f"less than max_local_disk_size ({config.max_local_disk_size} GiB): chunks "
                   f"that find no room are not stored")
     _check_integrity(config)
+    for name, source in config.not_applicable.items():
+        print(f"{name} ({source}): an LMCache-only key, not applicable to lmcache-ext; ignored")
     print(f"config OK: tiers {', '.join(tiers)}")
     return 0
 

@@ -40,6 +40,14 @@ def test_config_check_passes_a_good_config():
     assert result.returncode == 0 and "config OK" in result.stdout
 
 
+def test_config_check_accepts_lmis_lmcache_only_keys():
+    """Scenario: the env LMI's auto-config leaves behind; it used to exit 2 ("unknown key")."""
+    result = cli("config", "check", env={"LMCACHE_ENABLE_LAZY_MEMORY_ALLOCATOR": "true"})
+    assert result.returncode == 0, result.stderr
+    assert "enable_lazy_memory_allocator (env LMCACHE_ENABLE_LAZY_MEMORY_ALLOCATOR): an " \
+        "LMCache-only key, not applicable" in result.stdout
+
+
 def test_config_check_lists_every_problem_and_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("chunk_size: 10\nlocal_disk: /tmp/x\n")

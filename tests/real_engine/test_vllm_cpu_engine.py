@@ -108,3 +108,18 @@ def test_same_process_engine_hits_without_a_socket(engine_factory):
     _, cached = cold_then_evicted(engine)
     assert cached == HIT
     assert "reaches the cache of worker rank" not in engine.log_text()  # no socket was used
+
+
+def test_lmcaches_offloading_backend_runs_our_connector_in_a_real_engine(engine_factory):
+    """Scenario: a user switches LMCache on the vLLM way (--kv-offloading-backend lmcache: vLLM
+    configures LMCacheMPConnector); the engine core is a process of its own, so the plugin must be
+    loaded there by vLLM itself. Our tiers serve the hit. (LMCacheConnectorV1 takes the same
+    path; it ran here too, and tests/container/test_lmi_routes.py resolves it on every vLLM.)"""
+    engine = engine_factory("offloading", extra={"kv_offloading_backend": "lmcache",
+                                                 "kv_offloading_size": 0.5})
+    _, cached = cold_then_evicted(engine)
+    assert cached == HIT
+    log = engine.log_text()
+    assert "kv_connector LMCacheMPConnector (from kv_offloading_backend=lmcache) runs as " \
+        "lmcache-ext's LMCacheExtConnector" in log
+    assert log.count("runs as lmcache-ext's") == 1  # the scheduler side says it, once
