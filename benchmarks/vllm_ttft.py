@@ -51,8 +51,10 @@ CONTEXTS = (1025, 2049, 4097, 7937)  # whole chunks + 1; 8192 is the model's lim
 HEADLINE = 4097
 WARM_REPEATS = 3
 VLLM_KV_GIB = "2"  # vLLM's own KV cache per worker (VLLM_CPU_KVCACHE_SPACE)
+# The peer's own LMCache runs (our vLLM plugin would otherwise take its connector names over).
 LMCACHE_ENV = {"LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_MAX_LOCAL_CPU_SIZE": "2",
-               "LMCACHE_LOCAL_CPU": "True", "LMCACHE_DISABLE_BANNER": "1"}
+               "LMCACHE_LOCAL_CPU": "True", "LMCACHE_DISABLE_BANNER": "1",
+               "LMCACHE_EXT_TAKEOVER": "false"}
 LMCACHE_MP_PORT = 5599
 
 
