@@ -70,21 +70,23 @@ def test_multiprocess_engine_hits_every_tier_and_a_stalled_worker_side_is_a_miss
     assert "reaches the cache of worker rank 0" in log and "cannot reach" not in log
     writer.close()
 
+    # A stopped Redis holds the worker's lookup for remote_timeout_s, well past the scheduler's
+    # worker_lookup_timeout_s (its default, 2 s: roomy enough for a first Redis lookup on a
+    # busy 2-CPU machine, where 0.5 s once was not).
     reader = engine_factory("reader", cache={**tiers, "local_cpu": False,
-                                             "worker_lookup_timeout_s": 0.5,
-                                             "remote_timeout_s": 1.0})
+                                             "remote_timeout_s": 6.0})
     from_disk = reader.generate(PROMPT, TOKENS)
-    assert (from_disk.cached_tokens, from_disk.token_ids) == (HIT, output)
+    assert (from_disk.cached_tokens, from_disk.token_ids) == (HIT, output), reader.log_tail()
     assert delete_chunk_files(disk) >= 4
     reader.reset_prefix_cache()
     from_redis = reader.generate(PROMPT, TOKENS)
-    assert (from_redis.cached_tokens, from_redis.token_ids) == (HIT, output)
+    assert (from_redis.cached_tokens, from_redis.token_ids) == (HIT, output), reader.log_tail()
 
     delete_chunk_files(disk)  # promoted back to disk by the Redis hit
     os.kill(redis.process.pid, signal.SIGSTOP)
     reader.reset_prefix_cache()
     stalled = reader.generate(PROMPT, TOKENS)
-    assert (stalled.cached_tokens, stalled.token_ids) == (0, output)
+    assert (stalled.cached_tokens, stalled.token_ids) == (0, output), reader.log_tail()
     assert "cannot reach the KV cache of worker rank 0" in reader.log_text()
 
 
