@@ -1,7 +1,8 @@
 # lmcache-ext layered on the SageMaker LMI image (DJL Serving + vLLM).
 # Build: docker build -t lmcache-ext-lmi .   (another LMI: --build-arg BASE_IMAGE=...)
 # The base's torch, vLLM and CUDA are kept as they are: the package goes in with --no-deps, then
-# only the small pure-Python packages it needs that the base may lack.
+# only the small pure-Python packages it needs that the base may lack. Its vLLM plugin (entry
+# point lmcache_ext) makes every LMCache route run lmcache-ext; the build checks it is there.
 ARG BASE_IMAGE=763104351884.dkr.ecr.us-west-2.amazonaws.com/djl-inference:0.36.0-lmi27.0.0-cu130
 FROM ${BASE_IMAGE}
 
@@ -26,7 +27,9 @@ COPY lmcache_ext /opt/lmcache-ext/src/lmcache_ext
 RUN ${PYTHON} -m pip install --no-cache-dir --no-deps /opt/lmcache-ext/src \
     && ${PYTHON} -m pip install --no-cache-dir "pyyaml>=6.0" "xxhash>=3.4" \
          "prometheus-client>=0.20" "redis>=5.0" "hiredis>=3.0" \
-    && ${PYTHON} -c "import lmcache_ext.container.entrypoint"
+    && ${PYTHON} -c "import lmcache_ext.container.entrypoint" \
+    && ${PYTHON} -c "from importlib.metadata import entry_points as e; \
+assert 'lmcache_ext' in e(group='vllm.general_plugins').names, 'vLLM plugin not registered'"
 
 COPY container/ /opt/lmcache-ext/container/
 RUN chmod 0755 /opt/lmcache-ext/container/entrypoint.sh

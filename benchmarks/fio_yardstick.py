@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 MIB = 1 << 20
 HUGE_PAGE = 2 * MIB
-INSTALL_HINT = "fio not installed (apt-get install -y fio): fio figures are null"
+INSTALL_HINT = ("fio not installed (`make setup` installs it; or apt-get install -y fio): "
+                "fio figures are null")
 _NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 _LINE_MAX = 8000  # fio reads job-file lines into 8192-byte buffers and cuts longer ones short
 

@@ -25,10 +25,15 @@ import json
 import os
 import platform
 import re
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +53,11 @@ CONTEXTS = (1025, 2049, 4097, 7937)  # whole chunks + 1; 8192 is the model's lim
 HEADLINE = 4097
 WARM_REPEATS = 3
 VLLM_KV_GIB = "2"  # vLLM's own KV cache per worker (VLLM_CPU_KVCACHE_SPACE)
+# The peer's own LMCache runs (our vLLM plugin would otherwise take its connector names over).
+LMCACHE_ENV = {"LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_MAX_LOCAL_CPU_SIZE": "2",
+               "LMCACHE_LOCAL_CPU": "True", "LMCACHE_DISABLE_BANNER": "1",
+               "LMCACHE_EXT_TAKEOVER": "false"}
+LMCACHE_MP_PORT = 5599
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,8 @@ class Config:
     extra: dict = field(default_factory=dict)  # other LLM(...) arguments (the peers)
     env: dict = field(default_factory=dict)
     python: str | None = None  # another venv's interpreter (a peer installed apart)
+    sidecar: tuple[str, ...] = ()  # a server the engine needs, started first (module + args)
+    sidecar_port: int = 0
 
 
 def configs(workdir: str, redis_url: str, lmcache_python: str) -> list[Config]:
@@ -86,8 +98,21 @@ def configs(workdir: str, redis_url: str, lmcache_python: str) -> list[Config]:
                extra={"kv_offloading_backend": "native", "kv_offloading_size": 2.0}),
         Config("lmcache", "LMCache's connector (LMCacheConnectorV1)",
                kv_transfer={"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"},
-               env={"LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_MAX_LOCAL_CPU_SIZE": "2"},
-               python=lmcache_python),
+               env=LMCACHE_ENV, python=lmcache_python),
+        Config("lmcache_mp", "LMCache's multi-process server (LMCacheMPConnector)",
+               kv_transfer={"kv_connector": "LMCacheMPConnector",
+                            "kv_connector_module_path":
+                                "lmcache.integration.vllm.lmcache_mp_connector",
+                            "kv_role": "kv_both",
+                            "kv_connector_extra_config": {"lmcache.mp.host": "tcp://localhost",
+                                                          "lmcache.mp.port": LMCACHE_MP_PORT}},
+               env=LMCACHE_ENV, python=lmcache_python, sidecar_port=LMCACHE_MP_PORT,
+               sidecar=("lmcache.v1.multiprocess.http_server", "--host", "localhost",
+                        "--port", str(LMCACHE_MP_PORT), "--http-host", "localhost",
+                        "--http-port", str(LMCACHE_MP_PORT + 1), "--chunk-size", str(CHUNK),
+                        "--l1-size-gb", "2", "--eviction-policy", "LRU",
+                        "--supported-transfer-mode", "engine_driven", "--disable-metrics",
+                        "--disable-observability")),
     ]
 
 
@@ -101,6 +126,43 @@ def measure(config: Config, contexts: tuple[int, ...], python: str, log_dir: Pat
     if config.python and not Path(config.python).exists():
         return {"error": f"no interpreter at {config.python}: scripts/setup_lmcache_peer.sh "
                          f"makes the LMCache venv"}
+    with sidecar(config, log_dir):
+        return _measure(config, spec, contexts, python, log_dir)
+
+
+@contextmanager
+def sidecar(config: Config, log_dir: Path) -> Iterator[None]:
+    """The server a configuration needs (LMCache's MP server), up before the engine and
+    stopped, with its children, after it."""
+    if not config.sidecar:
+        yield
+        return
+    log = open(log_dir / f"{config.name}-server.log", "w")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen([config.python, "-m", *config.sidecar], stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, **config.env})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", config.sidecar_port)) == 0:
+                    break
+            time.sleep(0.5)
+        yield
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def _measure(config: Config, spec: EngineSpec, contexts: tuple[int, ...], python: str,
+             log_dir: Path) -> dict:
     began = time.perf_counter()
     log_path = log_dir / f"{config.name}.log"
     try:
@@ -123,8 +185,11 @@ def measure(config: Config, contexts: tuple[int, ...], python: str, log_dir: Pat
                 "cold_s": round(cold.seconds, 4), "warm_s": round(warm_s, 4),
                 "speedup": round(cold.seconds / warm_s, 2),
                 "cached_tokens": warm[-1].cached_tokens}
+        log = engine.log_text()
     headline = result["by_context"].get(str(HEADLINE)) or \
         result["by_context"][str(contexts[-1])]
+    if config.evict and (config.cache or config.kv_transfer) and not headline["cached_tokens"]:
+        result["note"] = "no hits: " + root_cause(log, "nothing in the engine's log")
     return {**headline, **result}
 
 
@@ -148,6 +213,8 @@ def print_table(report: dict) -> None:
         if "error" in entry:
             print(f"{name:<22} error: {entry['error'][:100]}")
             continue
+        if "note" in entry:
+            print(f"{name:<22} note: {entry['note'][:100]}")
         for length, row in entry["by_context"].items():
             print(f"{name:<22} {length:>5} {row['cold_s']:>8.3f} {row['warm_s']:>8.3f} "
                   f"{row['speedup']:>7.1f}x {row['cached_tokens']:>7}")

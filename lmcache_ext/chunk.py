@@ -5,20 +5,34 @@ The header says what the bytes are (dtype, shape, token count), whose they are (
 digest, so a file renamed or a value swapped behind our back is caught) and carries an xxh3-64
 checksum over the header fields and the payload. Parsing is ``struct`` and ``torch.frombuffer``:
 bytes from disk or the network are data, never code (no pickle anywhere).
+
+Two format versions share the header fields and differ in what follows them:
+- version 1 (unkeyed): an xxh3-64 checksum. It catches damage, not forgery: anyone who can write
+  to the store can make a value that passes.
+- version 2 (keyed, ``ChunkAuth``): a 32-byte BLAKE3 keyed-mode tag over the same bytes, with a
+  secret only the endpoints hold. A reader with a key accepts only version 2 values whose tag one
+  of its keys makes; a reader without one accepts only version 1. A reader that predates
+  version 2 refuses it as a bad version: a miss, never wrong KV.
+A value that fails the check of a keyed reader (unkeyed, tagged with another key, altered, or an
+authentic value replayed under another key's name) raises ``ChunkForged``; anything that is not a
+well-formed chunk raises ``ChunkCorrupt`` (its base class).
 """
 
 from __future__ import annotations
 
+import hmac
 import struct
 from dataclasses import dataclass
 
+import blake3
 import torch
 import xxhash
 
 from lmcache_ext.keys import ChunkKey
 
 MAGIC = b"LMXK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # unkeyed: xxh3-64 checksum
+KEYED_FORMAT_VERSION = 2  # BLAKE3 keyed tag (ChunkAuth)
 HEADER_SIZE = 128
 MAX_DIMS = 6
 MAX_DIGEST = 32
@@ -26,7 +40,12 @@ MAX_DIGEST = 32
 # digest, then the checksum last (it covers everything before it and the payload).
 _FIELDS = struct.Struct(f"<4sHBB{MAX_DIMS}IIQ16sB{MAX_DIGEST}s")
 _CHECKSUM = struct.Struct("<Q")
-assert _FIELDS.size + _CHECKSUM.size <= HEADER_SIZE
+FIELDS_SIZE = _FIELDS.size  # header bytes the checksum or tag covers (with the payload)
+TAG_SIZE = 32  # BLAKE3's default output
+assert _FIELDS.size + max(_CHECKSUM.size, TAG_SIZE) <= HEADER_SIZE
+MIN_SECRET_BYTES = 32
+# Turns an operator's secret (any text) into BLAKE3's 32-byte key; the context names this use.
+_KEY_CONTEXT = "lmcache-ext 2026 chunk format v2 integrity key"
 
 DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float8_e4m3fn: 4,
@@ -53,6 +72,50 @@ class KVLayout:
 
 class ChunkCorrupt(ValueError):
     """Bytes that are not a valid chunk for the key asked for. Tiers turn it into a miss."""
+
+
+class ChunkForged(ChunkCorrupt):
+    """A well-formed value that a keyed reader must not trust: no tag, a tag none of its keys
+    makes, or an authentic value stored under another key's name. Tiers count it as forged."""
+
+
+class ChunkAuth:
+    """The keys of keyed chunks: ``sign`` with the current one, ``verify`` with it or, during a
+    rotation, the previous one. Secrets are turned into BLAKE3 keys once, here; the secrets
+    themselves are not kept and never appear in ``repr``. Thread-safe (immutable)."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, secret: bytes, previous: bytes | None = None):
+        """Raises ValueError for a secret shorter than ``MIN_SECRET_BYTES`` (callers name the
+        config key)."""
+        secrets = [secret] + ([previous] if previous is not None else [])
+        for value in secrets:
+            if len(value) < MIN_SECRET_BYTES:
+                raise ValueError(f"the secret is {len(value)} bytes; at least "
+                                 f"{MIN_SECRET_BYTES} are needed (e.g. openssl rand -hex 32)")
+        self._keys: tuple[bytes, ...] = tuple(
+            blake3.blake3(value, derive_key_context=_KEY_CONTEXT).digest() for value in secrets)
+
+    def __repr__(self) -> str:
+        return f"ChunkAuth({len(self._keys)} key(s))"
+
+    @property
+    def rotating(self) -> bool:
+        """True while a previous key is still accepted."""
+        return len(self._keys) > 1
+
+    def sign(self, fields: bytes, payload: torch.Tensor) -> bytes:
+        return _tag(self._keys[0], fields, payload)
+
+    def verify(self, fields: bytes, payload: torch.Tensor, tag: bytes) -> bool:
+        return any(hmac.compare_digest(_tag(k, fields, payload), tag) for k in self._keys)
+
+
+def _tag(key: bytes, fields: bytes, payload: torch.Tensor) -> bytes:
+    hasher = blake3.blake3(fields, key=key)
+    hasher.update(payload.numpy())  # buffer protocol: no copy; blake3 drops the GIL for big ones
+    return hasher.digest()
 
 
 @dataclass(frozen=True)
@@ -87,26 +150,35 @@ def _checksum(fields: bytes, payload: torch.Tensor) -> int:
     return hasher.intdigest()
 
 
-def encode_header(key: ChunkKey, meta: ChunkMeta, payload: torch.Tensor) -> bytes:
-    """The 128-byte header for ``payload`` (flat uint8, ``meta.nbytes`` long) under ``key``."""
+def encode_header(key: ChunkKey, meta: ChunkMeta, payload: torch.Tensor,
+                  auth: ChunkAuth | None = None) -> bytes:
+    """The 128-byte header for ``payload`` (flat uint8, ``meta.nbytes`` long) under ``key``:
+    version 1 with an xxh3 checksum, or version 2 with a keyed tag when ``auth`` is given."""
     if meta.dtype not in DTYPE_CODES:
         raise ValueError(f"dtype {meta.dtype} cannot be stored")
     if len(meta.shape) > MAX_DIMS or len(key.digest) > MAX_DIGEST:
         raise ValueError("shape or key digest too large for the chunk header")
     shape = tuple(meta.shape) + (0,) * (MAX_DIMS - len(meta.shape))
+    version = FORMAT_VERSION if auth is None else KEYED_FORMAT_VERSION
     fields = _FIELDS.pack(
-        MAGIC, FORMAT_VERSION, DTYPE_CODES[meta.dtype], len(meta.shape), *shape, meta.num_tokens,
+        MAGIC, version, DTYPE_CODES[meta.dtype], len(meta.shape), *shape, meta.num_tokens,
         meta.nbytes, key.namespace.encode()[:16], len(key.digest), key.digest,
     )
-    header = fields + _CHECKSUM.pack(_checksum(fields, payload))
-    return header.ljust(HEADER_SIZE, b"\0")
+    check = _CHECKSUM.pack(_checksum(fields, payload)) if auth is None else \
+        auth.sign(fields, payload)
+    return (fields + check).ljust(HEADER_SIZE, b"\0")
 
 
-def decode(key: ChunkKey, data: torch.Tensor) -> tuple[ChunkMeta, torch.Tensor]:
+def decode(key: ChunkKey, data: torch.Tensor,
+           auth: ChunkAuth | None = None) -> tuple[ChunkMeta, torch.Tensor]:
     """Check ``data`` (flat uint8: header then payload, maybe padded) and return (meta, payload).
 
     The payload is a view into ``data``. Raises ``ChunkCorrupt`` on any mismatch: a short buffer,
-    wrong magic or version, a key that is not ``key``, a size that does not add up, a bad checksum.
+    wrong magic or version, a size that does not add up, a bad checksum, a key that is not
+    ``key``. With ``auth`` only keyed (version 2) values pass, and ``ChunkForged`` is raised for
+    an unkeyed value, a tag none of its keys makes, or an authentic value of another key (a
+    replay: the tag covers the key in the header). Without ``auth`` a keyed value is a
+    ``ChunkCorrupt`` (this reader cannot check it).
     """
     if data.numel() < HEADER_SIZE:
         raise ChunkCorrupt(f"{data.numel()} bytes is shorter than a header")
@@ -117,20 +189,29 @@ def decode(key: ChunkKey, data: torch.Tensor) -> tuple[ChunkMeta, torch.Tensor]:
         raise ChunkCorrupt(str(exc)) from exc
     shape_all = rest[:MAX_DIMS]
     num_tokens, nbytes, namespace, digest_len, digest = rest[MAX_DIMS:]
-    if magic != MAGIC or version != FORMAT_VERSION:
+    if magic != MAGIC or version not in (FORMAT_VERSION, KEYED_FORMAT_VERSION):
         raise ChunkCorrupt(f"bad magic/version {magic!r}/{version}")
+    if auth is None and version == KEYED_FORMAT_VERSION:
+        raise ChunkCorrupt("a keyed value, and no key is configured to check it")
+    if auth is not None and version != KEYED_FORMAT_VERSION:
+        raise ChunkForged("an unkeyed value where only keyed ones are accepted")
     if code not in CODE_DTYPES or not 0 < ndim <= MAX_DIMS:
         raise ChunkCorrupt(f"bad dtype code {code} or ndim {ndim}")
-    if namespace.rstrip(b"\0").decode(errors="replace") != key.namespace[:16] or \
-            digest[:digest_len] != key.digest:
-        raise ChunkCorrupt("the chunk belongs to another key")
     meta = ChunkMeta(CODE_DTYPES[code], tuple(shape_all[:ndim]), num_tokens)
     if meta.nbytes != nbytes or data.numel() < HEADER_SIZE + nbytes:
         raise ChunkCorrupt(f"payload of {data.numel() - HEADER_SIZE} bytes, header says {nbytes}")
     payload = data[HEADER_SIZE:HEADER_SIZE + nbytes]
-    (stored,) = _CHECKSUM.unpack_from(head, _FIELDS.size)
-    if stored != _checksum(head[:_FIELDS.size], payload):
-        raise ChunkCorrupt("checksum mismatch")
+    fields = head[:_FIELDS.size]
+    if auth is None:
+        (stored,) = _CHECKSUM.unpack_from(head, _FIELDS.size)
+        if stored != _checksum(fields, payload):
+            raise ChunkCorrupt("checksum mismatch")
+    elif not auth.verify(fields, payload, head[_FIELDS.size:_FIELDS.size + TAG_SIZE]):
+        raise ChunkForged("its tag is not made by this endpoint's key")
+    if namespace.rstrip(b"\0").decode(errors="replace") != key.namespace[:16] or \
+            digest[:digest_len] != key.digest:
+        wrong = ChunkCorrupt if auth is None else ChunkForged
+        raise wrong("the chunk belongs to another key")
     return meta, payload
 
 

@@ -39,7 +39,8 @@ def config_show(args: argparse.Namespace) -> int:
 
 
 def config_check(args: argparse.Namespace) -> int:
-    """Validate the config and, for a disk tier, its directory (writable, room, O_DIRECT)."""
+    """Validate the config, the disk tier's directory (writable, room, O_DIRECT) and the chunk
+    keys' env vars; say how each shared tier's chunks are checked (keyed or not)."""
     config = _load(args)
     tiers = ["cpu"] if config.local_cpu else []
     tiers += ["disk"] if config.disk_dir else []
@@ -59,8 +60,22 @@ def config_check(args: argparse.Namespace) -> int:
             print(f"local_disk: {config.disk_dir} has {found.free_bytes / GIB:.2f} GiB free, "
                   f"less than max_local_disk_size ({config.max_local_disk_size} GiB): chunks "
                   f"that find no room are not stored")
+    _check_integrity(config)
+    for name, source in config.not_applicable.items():
+        print(f"{name} ({source}): an LMCache-only key, not applicable to lmcache-ext; ignored")
     print(f"config OK: tiers {', '.join(tiers)}")
     return 0
+
+
+def _check_integrity(config: EngineConfig) -> None:
+    """Raise ConfigError for a chunk key env var that is unset or too short; print the notes."""
+    from lmcache_ext.storage.auth import chunk_auth, integrity_notes  # imports torch: only here
+
+    for tier, enabled in (("remote", config.remote_url), ("disk", config.local_disk)):
+        if enabled:
+            chunk_auth(config, tier)
+    for warning, text in integrity_notes(config):
+        print(f"{'WARNING: ' if warning else ''}{text}")
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -28,9 +28,17 @@ log = logging.getLogger(__name__)
 ENV_PREFIXES = ("LMCACHE_", "OPTION_LMCACHE_")  # lowest precedence first
 CONFIG_FILE_ENVS = ("OPTION_LMCACHE_CONFIG_FILE", "LMCACHE_CONFIG_FILE")  # first set wins
 # Env names under our prefixes that are not engine keys: read by other parts, never an error.
-RESERVED_ENV_SUFFIXES = frozenset(
-    {"CONFIG_FILE", "AUTO_CONFIG", "LOG_LEVEL", "USE_EXPERIMENTAL", "TRACK_USAGE"}
-)
+RESERVED_ENV_SUFFIXES = frozenset({"CONFIG_FILE", "AUTO_CONFIG", "LOG_LEVEL", "EXT_TAKEOVER"})
+# LMCache's own keys that have no meaning here (LMI's auto-config exports some of them, LMCache
+# files carry others). Accepted from a file or env and said in the log as not applicable; never
+# an error, never a value. The one list of them: add a key here, nowhere else.
+NOT_APPLICABLE_KEYS = frozenset({
+    "use_experimental", "track_usage",  # LMCache's switches for its v1 engine / telemetry
+    "enable_lazy_memory_allocator", "lazy_memory_initial_ratio",  # LMI's auto-config sets it
+    "lazy_memory_expand_trigger_ratio", "lazy_memory_step_ratio", "lazy_memory_safe_size",
+    "enable_async_loading", "numa_mode", "lookup_timeout_ms",
+    "internal_api_server_enabled", "internal_api_server_host", "internal_api_server_port_start",
+})
 REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
 HASH_ALGORITHMS = ("sha256", "xxh3_128")
 
@@ -95,12 +103,26 @@ TABLE: tuple[ConfigKey, ...] = (
               nullable=True, check=_disk_location),
     ConfigKey("max_local_disk_size", float, 0.0, "Disk tier budget; required with local_disk.",
               "GiB", check=_non_negative),
+    ConfigKey("local_disk_auth_key_env", str, None,
+              "Like remote_auth_key_env, for the disk tier (for a directory on a shared or "
+              "network file system); null = unkeyed checksums.", nullable=True),
+    ConfigKey("local_disk_auth_previous_key_env", str, None,
+              "Like remote_auth_previous_key_env, for the disk tier.", nullable=True),
     ConfigKey("remote_url", str, None, "Shared store, e.g. redis://host:6379; null = off.",
               nullable=True, check=_remote_scheme),
     ConfigKey("remote_key_prefix", str, "lmcache-ext",
               "Prefix of every key in the shared store (before the namespace id)."),
     ConfigKey("remote_password_env", str, None,
               "Name of an env var holding the shared store's password (keeps it out of files).",
+              nullable=True),
+    ConfigKey("remote_auth_key_env", str, None,
+              "Name of an env var holding a secret (>= 32 bytes) that signs and checks every "
+              "chunk in the shared store (BLAKE3 keyed); null = unauthenticated: anyone who can "
+              "write to the store can make this endpoint serve KV of their choosing.",
+              nullable=True),
+    ConfigKey("remote_auth_previous_key_env", str, None,
+              "During a key rotation: name of an env var holding the previous secret, still "
+              "accepted when reading the shared store (never used to sign); null = none.",
               nullable=True),
     ConfigKey("remote_timeout_s", float, 1.0, "Timeout of every call to the shared store.", "s",
               check=_positive),
@@ -180,9 +202,13 @@ class EngineConfig:
     max_local_cpu_size: float = _default("max_local_cpu_size")
     local_disk: str | None = _default("local_disk")
     max_local_disk_size: float = _default("max_local_disk_size")
+    local_disk_auth_key_env: str | None = _default("local_disk_auth_key_env")
+    local_disk_auth_previous_key_env: str | None = _default("local_disk_auth_previous_key_env")
     remote_url: str | None = _default("remote_url")
     remote_key_prefix: str = _default("remote_key_prefix")
     remote_password_env: str | None = _default("remote_password_env")
+    remote_auth_key_env: str | None = _default("remote_auth_key_env")
+    remote_auth_previous_key_env: str | None = _default("remote_auth_previous_key_env")
     remote_timeout_s: float = _default("remote_timeout_s")
     remote_backoff_s: float = _default("remote_backoff_s")
     remote_ttl_s: float = _default("remote_ttl_s")
@@ -204,6 +230,8 @@ class EngineConfig:
     use_layerwise: bool = _default("use_layerwise")
     # Where each key's value came from ("default", "file /x.yaml", "env LMCACHE_X", "override").
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # LMCache-only keys that were set, each with its source; they change nothing here.
+    not_applicable: Mapping[str, str] = field(default_factory=dict, compare=False)
     # Derived once at construction.
     cpu_budget_bytes: int = field(init=False)
     disk_budget_bytes: int = field(init=False)
@@ -225,7 +253,8 @@ class EngineConfig:
         return self.sources.get(key, "default")
 
 
-_KEY_FIELDS = {f.name for f in fields(EngineConfig) if f.init and f.name != "sources"}
+_KEY_FIELDS = {f.name for f in fields(EngineConfig)
+               if f.init and f.name not in ("sources", "not_applicable")}
 assert _KEY_FIELDS == set(_BY_NAME), "EngineConfig fields and TABLE disagree"
 
 
@@ -398,10 +427,14 @@ def load_config(
 def _build(layers: list[tuple[str, Mapping[str, Any], bool]]) -> EngineConfig:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    ignored: dict[str, str] = {}
     problems: list[str] = []
     for source, mapping, is_text in layers:
         for name, raw in mapping.items():
             key = _BY_NAME.get(str(name))
+            if key is None and str(name) in NOT_APPLICABLE_KEYS:
+                ignored[str(name)] = source
+                continue
             if key is None:
                 shown = f"env {source.split()[-1]}" if is_text else f"key {name!r}"
                 problems.append(f"{shown} ({source}): unknown key"
@@ -421,7 +454,10 @@ def _build(layers: list[tuple[str, Mapping[str, Any], bool]]) -> EngineConfig:
     problems += _cross_checks(values, sources)
     if problems:
         raise ConfigError(problems)
-    return EngineConfig(**values, sources=sources)
+    for name, source in ignored.items():
+        log.info("%s (%s): an LMCache-only key, not applicable to lmcache-ext; ignored",
+                 name, source)
+    return EngineConfig(**values, sources=sources, not_applicable=ignored)
 
 
 def _cross_checks(given: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
@@ -452,6 +488,8 @@ def describe(config: EngineConfig) -> list[str]:
         lines.append(f"{key.name} = {json.dumps(value)}{unit}  ({config.source_of(key.name)})")
     if config.disk_dir:
         lines.append(f"(disk tier directory resolves to {config.disk_dir})")
+    for name, source in config.not_applicable.items():
+        lines.append(f"(not applicable: {name}  ({source}), an LMCache-only key: ignored)")
     return lines
 
 

@@ -22,6 +22,7 @@ from lmcache_ext.config import EngineConfig, describe
 from lmcache_ext.keys import ChunkKey, ChunkSpan, KeyNamespace, PrefixHasher
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import Chunk, ChunkLease, StorageTier, TieredStore, build_tiers
+from lmcache_ext.storage.auth import integrity_notes
 from lmcache_ext.units import GIB
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class CacheEngine:
             log.info("  %s", line)
         for tier in self.storage.tiers:
             log.info("  tier %s: %.2f GiB", tier.name, tier.usage().capacity_bytes / GIB)
+        for warning, text in integrity_notes(self.config):
+            log.log(logging.WARNING if warning else logging.INFO, "  %s", text)
 
     # ------------------------------------------------------------------ the API
 

@@ -27,6 +27,7 @@ class TierCounters:
     evictions: Counter
     rejected: Counter  # puts refused for lack of room (everything else pinned)
     corrupt: Counter  # chunks whose header or checksum failed; each one was a miss
+    forged: Counter  # well-formed chunks a keyed tier refused (tag, key, replay); each a miss
     errors: Counter  # I/O or network failures; each one was a miss or an unstored chunk
     dropped: Counter  # write-behinds dropped because this tier's queue was full
     promoted: Counter  # chunks found here and copied up to a faster tier
@@ -63,6 +64,8 @@ class EngineMetrics:
                 ("evictions", "Chunks evicted from the tier."),
                 ("rejected", "Puts refused: no room that could be freed."),
                 ("corrupt", "Chunks that failed their header or checksum (served as misses)."),
+                ("forged", "Well-formed chunks whose keyed tag failed: unkeyed, signed with "
+                           "another key, altered or replayed (served as misses, deleted)."),
                 ("errors", "I/O or network errors (served as misses)."),
                 ("dropped", "Write-behinds dropped because the tier's queue was full."),
                 ("promoted", "Chunks found in the tier and copied to a faster one."),

@@ -14,6 +14,8 @@ declare -A PACKAGE_OF=(
     [redis-cli]=redis-tools       # the Redis Cluster test creates its cluster with it
     [fio]=fio                     # the disk benchmark's yardstick
     [openssl]=openssl             # the TLS test makes its own certificate
+    [gcc]=gcc                     # scripts/cuda_stubs.py builds the torch 2.11 venv's stubs
+    [readelf]=binutils            # ... from torch's own symbol tables
 )
 
 missing=()

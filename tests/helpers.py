@@ -21,6 +21,14 @@ LLAMA_LIKE = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value
               "hidden_size": 4096, "intermediate_size": 14336, "vocab_size": 128256,
               "torch_dtype": "bfloat16"}
 
+# A tiny Llama that vLLM's config code accepts (only its config.json is ever read).
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 1000,
+    "max_position_embeddings": 2048, "torch_dtype": "bfloat16",
+}
+
 
 def key(n: int, namespace: str = "test000000000000") -> ChunkKey:
     return ChunkKey(namespace, hashlib.sha256(n.to_bytes(8, "little")).digest())

@@ -40,6 +40,14 @@ def test_config_check_passes_a_good_config():
     assert result.returncode == 0 and "config OK" in result.stdout
 
 
+def test_config_check_accepts_lmis_lmcache_only_keys():
+    """Scenario: the env LMI's auto-config leaves behind; it used to exit 2 ("unknown key")."""
+    result = cli("config", "check", env={"LMCACHE_ENABLE_LAZY_MEMORY_ALLOCATOR": "true"})
+    assert result.returncode == 0, result.stderr
+    assert "enable_lazy_memory_allocator (env LMCACHE_ENABLE_LAZY_MEMORY_ALLOCATOR): an " \
+        "LMCache-only key, not applicable" in result.stdout
+
+
 def test_config_check_lists_every_problem_and_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("chunk_size: 10\nlocal_disk: /tmp/x\n")
@@ -72,3 +80,21 @@ def test_config_check_fails_on_a_disk_directory_that_cannot_be_made(tmp_path):
     result = cli("config", "check", env=env)
     assert result.returncode == 2
     assert "local_disk" in result.stderr and "env LMCACHE_LOCAL_DISK" in result.stderr
+
+
+def test_config_check_says_the_shared_store_is_unauthenticated_without_a_key():
+    result = cli("config", "check", env={"LMCACHE_REMOTE_URL": "redis://cache:6379"})
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: remote tier: UNAUTHENTICATED" in result.stdout
+
+
+def test_config_check_says_keyed_and_checks_the_key_env_var():
+    env = {"LMCACHE_REMOTE_URL": "redis://cache:6379", "LMCACHE_REMOTE_AUTH_KEY_ENV": "KV_KEY"}
+    result = cli("config", "check", env={**env, "KV_KEY": "x" * 32})
+    assert result.returncode == 0, result.stderr
+    assert "remote tier: chunks keyed" in result.stdout and "UNAUTH" not in result.stdout
+    unset = cli("config", "check", env=env)
+    assert unset.returncode == 2 and "remote_auth_key_env: 'KV_KEY'" in unset.stderr
+    short = cli("config", "check", env={**env, "KV_KEY": "tooshort-secret"})
+    assert short.returncode == 2 and "at least 32" in short.stderr
+    assert "tooshort-secret" not in short.stderr + short.stdout

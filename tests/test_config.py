@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_ext.config import TABLE, ConfigError, EngineConfig, load_config, resolve_disk_dir
+from lmcache_ext.config import (
+    TABLE,
+    ConfigError,
+    EngineConfig,
+    describe,
+    load_config,
+    resolve_disk_dir,
+)
 from lmcache_ext.units import GIB
 from tests.helpers import SEED_CPU, SEED_NVME
 
@@ -143,6 +150,32 @@ def test_env_null_turns_a_tier_off(tmp_path):
 def test_reserved_env_names_are_not_keys():
     config = load_config(env={"LMCACHE_LOG_LEVEL": "debug", "OPTION_LMCACHE_AUTO_CONFIG": "true"})
     assert isinstance(config, EngineConfig)
+
+
+# What LMI's auto-config (djl_python/lmcache_utils.py, set_lmcache_env_vars) exports, exactly.
+LMI_AUTO_EXPORTS = {"LMCACHE_MAX_LOCAL_CPU_SIZE": "180", "LMCACHE_MAX_LOCAL_DISK_SIZE": "900",
+                    "LMCACHE_LOCAL_DISK": "file:///tmp/cache/",
+                    "LMCACHE_ENABLE_LAZY_MEMORY_ALLOCATOR": "true",
+                    "LMCACHE_EXTRA_CONFIG": '{"use_odirect": true}'}
+
+
+def test_lmis_auto_config_exports_are_read_and_lmcache_only_keys_are_not_applicable():
+    """Scenario: LMI's auto-config ran before vLLM; our workers read what it exported."""
+    config = load_config(env=LMI_AUTO_EXPORTS)
+    assert (config.max_local_cpu_size, config.max_local_disk_size) == (180.0, 900.0)
+    assert config.disk_dir == "/tmp/cache" and config.use_odirect
+    assert config.not_applicable == {
+        "enable_lazy_memory_allocator": "env LMCACHE_ENABLE_LAZY_MEMORY_ALLOCATOR"}
+    assert "(not applicable: enable_lazy_memory_allocator  (env " \
+        "LMCACHE_ENABLE_LAZY_MEMORY_ALLOCATOR), an LMCache-only key: ignored)" in describe(config)
+
+
+def test_lmcache_only_keys_in_a_file_are_not_applicable_either(tmp_path):
+    path = write(tmp_path, "chunk_size: 256\nenable_lazy_memory_allocator: true\n"
+                           "use_experimental: true\n")
+    config = load_config(path=path, env={})
+    assert set(config.not_applicable) == {"enable_lazy_memory_allocator", "use_experimental"}
+    assert config == load_config(env={})  # they change nothing
 
 
 def test_lmcache_builtin_hash_reads_as_sha256():

@@ -2,8 +2,10 @@
 
 Configure with ``--kv-transfer-config '{"kv_connector": "LMCacheExtConnector",
 "kv_connector_module_path": "lmcache_ext.adapters.vllm_connector", "kv_role": "kv_both",
-"kv_connector_extra_config": {...engine keys...}}'``. The engine's config is ``load_config``'s
-(file + env + defaults), with ``kv_connector_extra_config`` as overrides.
+"kv_connector_extra_config": {...engine keys...}}'``, or with LMCache's name
+``LMCacheConnectorV1`` (or ``--kv-offloading-backend lmcache``): the package's vLLM plugin
+(``vllm_plugin``) resolves those to this class. The engine's config is ``load_config``'s
+(file + env + defaults), with the offloading size and ``kv_connector_extra_config`` as overrides.
 
 This class is a thin face over two sides that may live in different processes:
 - the scheduler side (``vllm_scheduler``, in vLLM's engine core): hashes each prompt once, asks
@@ -32,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from lmcache_ext import kernels
 from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.vllm_metadata import LMCacheExtMetadata
+from lmcache_ext.adapters.vllm_plugin import describe_takeover, offloading_overrides
 from lmcache_ext.adapters.vllm_scheduler import SchedulerSide
 from lmcache_ext.adapters.vllm_stats import (
     GAUGE_PREFIX,
@@ -43,7 +46,7 @@ from lmcache_ext.adapters.vllm_stats import (
 from lmcache_ext.adapters.vllm_worker import WorkerSide
 from lmcache_ext.adapters.worker_channel import WorkerCaches
 from lmcache_ext.chunk import KVLayout
-from lmcache_ext.config import load_config
+from lmcache_ext.config import EngineConfig, load_config
 from lmcache_ext.cost import CostModel
 from lmcache_ext.emf import EmfReporter, on_sagemaker
 from lmcache_ext.engine import CacheEngine, key_namespace
@@ -120,12 +123,13 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise ValueError("lmcache-ext's connector does not support pipeline parallelism "
                              "(pipeline_parallel_size > 1); use tensor parallelism")
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self.config = load_config(env=os.environ, overrides=extra)
+        self.config = self.effective_config(vllm_config)
         layout = _layout_from(kv_cache_config)
         block_size = vllm_config.cache_config.block_size
         model = _model_name(vllm_config)
         world = vllm_config.parallel_config.tensor_parallel_size
+        if role == KVConnectorRole.SCHEDULER and (line := describe_takeover(vllm_config)):
+            log.info("%s", line)  # the scheduler side exists once per engine: said once
         engine_key = str(self._kv_transfer_config.engine_id)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
@@ -146,6 +150,16 @@ class LMCacheExtConnector(KVConnectorBase_V1):
             rank = vllm_compat.tp_rank(world)
             engine = CacheEngine(self.config, layout, model, rank, world)
             self.worker = WorkerSide(engine, block_size, engine_key, rank)
+
+    @staticmethod
+    def effective_config(vllm_config: VllmConfig) -> EngineConfig:
+        """The engine config this connector runs with in ``vllm_config``: ``load_config``
+        (file + env) with the offloading route's size, then ``kv_connector_extra_config``, as
+        overrides. Raises ConfigError naming the bad key."""
+        extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+        world = vllm_config.parallel_config.tensor_parallel_size
+        overrides = {**offloading_overrides(vllm_config, world), **extra}
+        return load_config(env=os.environ, overrides=overrides)
 
     @property
     def engine(self) -> CacheEngine:

@@ -1,7 +1,8 @@
 """``OPTION_LMCACHE_AUTO_CONFIG=true``: size the CPU and disk tiers for the machine at start.
 
 Reads free RAM (``/proc/meminfo`` MemAvailable), free disk under the cache directory, the number
-of tensor-parallel workers and, if it can find the model's ``config.json``, its KV bytes per token
+of tensor-parallel workers and the model as LMI reads them (``lmi_settings``) and, if it can find
+the model's ``config.json``, its KV bytes per token
 (so the log says how many tokens each tier holds). Sizes are per worker (each worker keeps its
 own shard, as in LMCache). Headroom for the model server: 20% of free RAM plus 4 GiB per worker
 (vLLM's processes, weight loading, pinned staging buffers); 10% of free disk.
@@ -13,10 +14,10 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmcache_ext.container.lmi_settings import LmiSettings
 from lmcache_ext.sizing.advisor import ModelShape, fmt_tokens, read_model_config
 from lmcache_ext.units import GIB
 
@@ -24,7 +25,6 @@ RAM_SHARE = 0.8
 WORKER_RESERVE_GIB = 4.0
 DISK_SHARE = 0.9
 MIN_TIER_GIB = 0.5  # below this a tier holds too few chunks to be worth having
-DEFAULT_MODEL_DIR = "/opt/ml/model"
 
 
 @dataclass(frozen=True)
@@ -45,36 +45,24 @@ def mem_available_bytes(meminfo: str = "/proc/meminfo") -> int:
     raise OSError(f"{meminfo} has no MemAvailable line")
 
 
-def count_workers(env: Mapping[str, str]) -> tuple[int, str]:
-    """(tensor-parallel workers, how we know). LMI's default degree is all visible GPUs."""
-    degree = env.get("OPTION_TENSOR_PARALLEL_DEGREE", "max").strip()
-    if degree.isdigit() and int(degree) > 0:
-        return int(degree), f"OPTION_TENSOR_PARALLEL_DEGREE={degree}"
-    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
-    if visible:
-        return len(visible.split(",")), f"CUDA_VISIBLE_DEVICES={visible}"
-    gpus = len(glob.glob("/proc/driver/nvidia/gpus/*"))
-    if gpus:
-        return gpus, f"{gpus} GPUs in /proc/driver/nvidia/gpus"
-    return 1, "no GPU found: 1 worker"
-
-
-def find_model_config(env: Mapping[str, str]) -> Path | None:
-    """config.json of OPTION_MODEL_ID (a folder, or a cached HF id), or /opt/ml/model."""
-    model_id = env.get("OPTION_MODEL_ID", "")
-    candidates = [Path(model_id) / "config.json"] if model_id else []
-    if model_id and not model_id.startswith("/") and "/" in model_id:
-        hf_home = env.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+def find_model_config(settings: LmiSettings) -> Path | None:
+    """config.json of the model LMI loads (a folder, or a cached HF id), or the model dir's."""
+    model_id, _source = settings.model_id
+    candidates = [Path(model_id) / "config.json"]
+    if not model_id.startswith("/") and "/" in model_id:
+        hf_home = settings.env.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
         pattern = f"{hf_home}/hub/models--{model_id.replace('/', '--')}/snapshots/*/config.json"
         candidates += [Path(p) for p in sorted(glob.glob(pattern))]
-    candidates.append(Path(env.get("SM_MODEL_DIR", DEFAULT_MODEL_DIR)) / "config.json")
+    candidates.append(Path(settings.model_dir) / "config.json")
     return next((path for path in candidates if path.is_file()), None)
 
 
-def _model_line(env: Mapping[str, str]) -> tuple[ModelShape | None, str]:
-    path = find_model_config(env)
+def _model_line(settings: LmiSettings) -> tuple[ModelShape | None, str]:
+    path = find_model_config(settings)
     if path is None:
-        return None, "model config.json not found (OPTION_MODEL_ID, /opt/ml/model): sizes in GiB"
+        model_id, source = settings.model_id
+        return None, (f"model {model_id} ({source}): config.json not found here, sizes in GiB "
+                      f"only")
     try:
         model = read_model_config(path)
     except (OSError, ValueError, KeyError) as exc:
@@ -105,10 +93,10 @@ def size_disk(directory: str, existing: int, workers: int,
                         f"worker{_tokens(model, per_worker, workers)}")
 
 
-def auto_size(env: Mapping[str, str], disk_dir: str | None, disk_existing: int) -> AutoSizes:
+def auto_size(settings: LmiSettings, disk_dir: str | None, disk_existing: int) -> AutoSizes:
     """Size the tiers; ``disk_dir`` must exist (the caller created it) or be None (no disk)."""
-    workers, how = count_workers(env)
-    model, model_line = _model_line(env)
+    workers, how = settings.tp_degree()
+    model, model_line = _model_line(settings)
     cpu, cpu_line = size_cpu(mem_available_bytes(), workers, model)
     lines = [f"workers: {workers} ({how})", model_line, cpu_line]
     problem = None

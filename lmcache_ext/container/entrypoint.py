@@ -1,24 +1,26 @@
-"""The container's entrypoint: turn ``OPTION_*`` env vars into the engine's config and vLLM's
-KV-transfer config, check them, then exec LMI's entrypoint with the same arguments.
+"""The container's entrypoint: read LMI's settings the way LMI does, check the cache config they
+switch on, then exec LMI's entrypoint with the same arguments.
 
 Runs before ``/usr/local/bin/dockerd-entrypoint.sh`` (``LMI_ENTRYPOINT`` names another next
-stage, e.g. a stand-in in tests). What it does, in order:
-1. ``OPTION_KV_TRANSFER_CONFIG`` must be JSON with a ``kv_role``. The seed's connector name
-   ``LMCacheConnectorV1`` (and our own ``LMCacheExtConnector``) become ours: class + module path;
-   other keys are kept; the rewritten JSON is exported back for LMI (which passes it to vLLM).
-   Another connector (e.g. NixlConnector) is handed over unchanged and our checks are skipped.
-2. ``OPTION_LMCACHE_CONFIG_FILE`` is also exported as ``LMCACHE_CONFIG_FILE`` (what the engine and
-   LMCache read); the config (file + every ``OPTION_LMCACHE_<KEY>``) must validate.
-3. The disk tier's directory is created if missing, must be writable and have room for
-   ``max_local_disk_size`` (policy: an error, never a silent clamp; free space counts the cache's
-   own files, which a restart reuses). O_DIRECT is probed there once and the result said once (a
-   warning, not an error: the disk tier then runs buffered, as it says itself).
-4. ``OPTION_LMCACHE_AUTO_CONFIG=true`` sizes the tiers (``autoconfig``) and exports
-   ``OPTION_LMCACHE_MAX_LOCAL_CPU_SIZE`` / ``_DISK_SIZE``, except where the user set one by env.
-5. The effective config is logged one line per key with its source.
-Any failure exits 2 with a message naming the env var, before LMI starts: an endpoint with a
-broken cache config fails fast instead of serving without the cache. ``OPTION_LMCACHE_*`` set
-without ``OPTION_KV_TRANSFER_CONFIG`` is such a failure (vLLM would silently run without it).
+stage, e.g. a stand-in in tests). LMI's settings are ``serving.properties`` in the model
+directory over ``OPTION_*`` env vars (``lmi_settings``). LMCache is switched on by any of:
+``option.kv_transfer_config`` naming ``LMCacheConnectorV1`` (env or serving.properties),
+``option.lmcache_auto_config=true``, ``option.kv_offloading_backend=lmcache``. Whichever it is,
+vLLM runs our connector in LMCache's place: the ``lmcache_ext`` vLLM plugin
+(``adapters/vllm_plugin``) resolves LMCache's names to ours in every vLLM process, so this
+entrypoint rewrites nothing for that; it says once which route switched the cache on, and:
+1. checks the route's settings (JSON with a ``kv_role``; a size for the offloading backend);
+2. resolves ``option.lmcache_config_file`` against the model directory and exports it as
+   ``OPTION_LMCACHE_CONFIG_FILE`` / ``LMCACHE_CONFIG_FILE`` (absolute), and exports
+   serving.properties' ``option.lmcache_<key>`` as ``OPTION_LMCACHE_<KEY>`` (the engine reads env);
+3. auto-config (``option.lmcache_auto_config=true``) gives LMI's documented result with our
+   cache: LMCache's connector name, a disk tier in ``/tmp/cache`` with O_DIRECT, both tiers
+   sized at start (``autoconfig``), and an error when a config file is also named (LMI's rule).
+   Set by env, the variable is consumed here so LMI does not size a second time;
+4. validates the config, creates the disk directory (writable, room for its budget, O_DIRECT
+   probed and said once) and logs the effective config one line per key with its source.
+Any failure exits 2 with a message naming the env var or the serving.properties line, before LMI
+starts. ``LMCACHE_EXT_TAKEOVER=false`` hands everything over unchanged: LMCache itself runs.
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lmcache_ext.adapters.vllm_plugin import OUR_CONNECTOR, TAKEOVER_ENV, takeover_enabled
 from lmcache_ext.config import (
     ConfigError,
     EngineConfig,
     config_file_from_env,
     describe,
     load_config,
-    parse_bool,
 )
+from lmcache_ext.container.lmi_settings import LmiSettings, SettingsError, read_settings
+from lmcache_ext.container.routes import LMI_AUTO_KV, RouteError, Routes, find_routes
 from lmcache_ext.units import GIB
 
 if TYPE_CHECKING:  # direct_io imports torch: the entrypoint loads it only for a disk tier
@@ -50,16 +54,17 @@ log = logging.getLogger("lmcache_ext.entrypoint")
 LMI_ENTRYPOINT_ENV = "LMI_ENTRYPOINT"
 DEFAULT_LMI_ENTRYPOINT = "/usr/local/bin/dockerd-entrypoint.sh"
 KV_ENV = "OPTION_KV_TRANSFER_CONFIG"
-AUTO_ENVS = ("OPTION_LMCACHE_AUTO_CONFIG", "LMCACHE_AUTO_CONFIG")  # first set wins
-OUR_CONNECTOR = "LMCacheExtConnector"
-OUR_MODULE = "lmcache_ext.adapters.vllm_connector"
-MAPPED_CONNECTORS = frozenset({"LMCacheConnectorV1", "LMCacheConnector", OUR_CONNECTOR})
-KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
+AUTO_ENV = "OPTION_LMCACHE_AUTO_CONFIG"
+CONFIG_FILE_ENV = "OPTION_LMCACHE_CONFIG_FILE"
+PLUGIN_NAME = "lmcache_ext"  # the entry point's name in pyproject.toml
+# LMI's auto-config result besides the sizes (djl_python/lmcache_utils.py: LMCACHE_DIR, O_DIRECT).
+AUTO_DEFAULTS = {"LOCAL_DISK": "file:///tmp/cache/", "EXTRA_CONFIG": '{"use_odirect": true}'}
 EXIT_SETUP_ERROR = 2
+PRE_SIZING = {"max_local_disk_size": 1.0}  # any valid size: replaced by auto-config's
 
 
 class SetupError(Exception):
-    """A problem that must stop the container before LMI starts; the text names the env var."""
+    """A problem that must stop the container before LMI starts; the text names the setting."""
 
 
 @dataclass(frozen=True)
@@ -70,43 +75,22 @@ class Handover:
     cache_on: bool
 
 
-# ------------------------------------------------------------------ OPTION_KV_TRANSFER_CONFIG
-
-
-def translate_kv_config(text: str) -> tuple[dict, bool]:
-    """(rewritten config, is ours). Raises SetupError naming OPTION_KV_TRANSFER_CONFIG."""
-    try:
-        kv = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SetupError(f"{KV_ENV}={text!r} is not valid JSON: {exc}") from exc
-    if not isinstance(kv, dict):
-        raise SetupError(f"{KV_ENV}={text!r} must be a JSON object")
-    if kv.get("kv_role") not in KV_ROLES:
-        raise SetupError(f"{KV_ENV}={text!r} needs \"kv_role\", one of {', '.join(KV_ROLES)}")
-    name = kv.get("kv_connector")
-    if not name:
-        raise SetupError(f"{KV_ENV}={text!r} needs \"kv_connector\" (e.g. LMCacheConnectorV1)")
-    if name not in MAPPED_CONNECTORS:
-        return kv, False
-    mapped = {**kv, "kv_connector": OUR_CONNECTOR, "kv_connector_module_path": OUR_MODULE}
-    if name != OUR_CONNECTOR or kv.get("kv_connector_module_path") != OUR_MODULE:
-        log.info("%s: kv_connector %s (module %s) -> %s (module %s)", KV_ENV, name,
-                 kv.get("kv_connector_module_path", "vLLM's built-in"), OUR_CONNECTOR, OUR_MODULE)
-    return mapped, True
-
-
 # ------------------------------------------------------------------ config and disk checks
 
 
-def _load(env: Mapping[str, str]) -> EngineConfig:
+def _load(env: Mapping[str, str], exported: Mapping[str, str],
+          overrides: Mapping[str, float] | None = None) -> EngineConfig:
+    """The config the engine will build from ``env``; ``exported``: env var -> the
+    serving.properties line it was copied from, so an error names the line."""
     named = config_file_from_env(env)
     if named and not os.path.isfile(named[0]):
-        raise SetupError(f"{named[1]}={named[0]}: no such file")
+        raise SetupError(f"{exported.get(named[1], named[1])}={named[0]}: no such file")
     try:
-        return load_config(env=env)
+        return load_config(env=env, overrides=overrides)
     except ConfigError as exc:
-        where = f" (config file from {named[1]})" if named else ""
-        raise SetupError(f"{exc}{where}") from exc
+        notes = [f"{var} comes from {line}" for var, line in exported.items() if var in str(exc)]
+        where = f" (config file from {exported.get(named[1], named[1])})" if named else ""
+        raise SetupError(f"{exc}{where}" + "".join(f"\n  ({n})" for n in notes)) from exc
 
 
 def _cache_bytes(directory: str) -> int:
@@ -141,7 +125,7 @@ def check_disk_room(config: EngineConfig, found: DirectoryCheck, existing: int) 
             f"max_local_disk_size: {config.max_local_disk_size} GiB "
             f"({config.source_of('max_local_disk_size')}) does not fit in {config.disk_dir}: "
             f"{free / GIB:.1f} GiB free (cache files included); lower it, or set "
-            f"OPTION_LMCACHE_AUTO_CONFIG=true to size it")
+            f"{AUTO_ENV}=true to size it")
 
 
 def say_odirect(config: EngineConfig, found: DirectoryCheck) -> None:
@@ -154,29 +138,73 @@ def say_odirect(config: EngineConfig, found: DirectoryCheck) -> None:
         log.info("disk probe: %s; use_odirect is off", reason)
 
 
+# ------------------------------------------------------------------ LMI's settings into env
+
+
+def export_settings(env: dict[str, str], settings: LmiSettings) -> dict[str, str]:
+    """Put what the engine must read into ``env``: the config file made absolute against the
+    model directory, and serving.properties' ``option.lmcache_<key>`` (which LMI does not
+    export) as ``OPTION_LMCACHE_<KEY>``. Returns env var -> serving.properties line."""
+    exported: dict[str, str] = {}
+    for name, option in settings.options.items():
+        var = "OPTION_" + name.upper()
+        if name.startswith("lmcache_") and not option.source.startswith("env ") and \
+                name not in ("lmcache_config_file", "lmcache_auto_config"):
+            env[var] = option.value
+            exported[var] = option.source
+    if (named := settings.config_file()) is not None:
+        raw = settings.get("lmcache_config_file")
+        if raw.value.strip() != named.value:
+            log.info("%s=%s resolves to %s (against the model directory, as LMI does)",
+                     named.source, raw.value.strip(), named.value)
+        env[CONFIG_FILE_ENV] = env["LMCACHE_CONFIG_FILE"] = named.value
+        exported[CONFIG_FILE_ENV] = named.source
+    elif (own := config_file_from_env(env)) is not None:
+        env["LMCACHE_CONFIG_FILE"] = own[0]
+    return exported
+
+
+def check_plugins_allowed(env: Mapping[str, str]) -> None:
+    allowed = env.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in [p.strip() for p in allowed.split(",")]:
+        raise SetupError(f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME}, the plugin that "
+                         f"makes vLLM run lmcache-ext: add it, or set {TAKEOVER_ENV}=false")
+
+
 # ------------------------------------------------------------------ auto-config
 
 
-def _auto_requested(env: Mapping[str, str]) -> bool:
-    for name in AUTO_ENVS:
-        if not env.get(name, "").strip():
-            continue
-        try:
-            return parse_bool(env[name])
-        except ValueError as exc:
-            raise SetupError(f"{name}={env[name]!r}: {exc}") from exc
-    return False
+def start_auto_config(env: dict[str, str], settings: LmiSettings, routes: Routes) -> None:
+    """LMI's rule (a config file too is an error), its connector and disk tier; consume the
+    variable when it came from env so that LMI does not size the tiers a second time."""
+    if (named := settings.get("lmcache_config_file")) is not None:
+        raise SetupError(f"{routes.auto.source}=true and {named.source} are both set: LMI "
+                         "refuses auto-configuration with a config file; remove one")
+    if routes.kv is None:
+        env[KV_ENV] = json.dumps(LMI_AUTO_KV)
+    for key, value in AUTO_DEFAULTS.items():
+        if not any(p + key in env for p in ("OPTION_LMCACHE_", "LMCACHE_")):
+            env["OPTION_LMCACHE_" + key] = value
+            log.info("auto-config: OPTION_LMCACHE_%s=%s (as LMI's auto-config)", key, value)
+    if routes.auto_from_env:
+        env.pop(AUTO_ENV)
+        log.info("auto-config: %s consumed here (LMI's own sizing does not run)", AUTO_ENV)
+    else:
+        log.warning("auto-config: %s is in serving.properties, so LMI's auto-config runs too and "
+                    "exports LMCACHE_* sizes; the OPTION_LMCACHE_* sizes set here win",
+                    routes.auto.source)
 
 
-def apply_auto_config(env: dict[str, str], config: EngineConfig, existing: int) -> None:
+def apply_auto_config(env: dict[str, str], settings: LmiSettings, config: EngineConfig,
+                      existing: int) -> None:
     """Export auto-sized tier budgets into ``env``; a size the user set by env is kept."""
     from lmcache_ext.container.autoconfig import auto_size
 
-    sizes = auto_size(env, config.disk_dir, existing)
+    sizes = auto_size(settings, config.disk_dir, existing)
     for line in sizes.lines:
         log.info("auto-config: %s", line)
     if sizes.problem:
-        raise SetupError(f"OPTION_LMCACHE_AUTO_CONFIG: {sizes.problem}")
+        raise SetupError(f"{AUTO_ENV}: {sizes.problem}")
     for key, value in (("MAX_LOCAL_CPU_SIZE", sizes.cpu_gib),
                        ("MAX_LOCAL_DISK_SIZE", sizes.disk_gib)):
         set_by = [p + key for p in ("OPTION_LMCACHE_", "LMCACHE_") if p + key in env]
@@ -192,43 +220,65 @@ def apply_auto_config(env: dict[str, str], config: EngineConfig, existing: int) 
 # ------------------------------------------------------------------ the whole hand-over
 
 
-def _cache_vars(env: Mapping[str, str]) -> list[str]:
-    return sorted(k for k in env if k.startswith("OPTION_LMCACHE_"))
+def _routes(env: Mapping[str, str]) -> tuple[LmiSettings, Routes]:
+    try:
+        settings = read_settings(env)
+        return settings, find_routes(settings)
+    except (SettingsError, RouteError) as exc:
+        raise SetupError(str(exc)) from exc
+
+
+def _no_route(env: Mapping[str, str], settings: LmiSettings, routes: Routes) -> Handover:
+    if routes.other_connector:
+        log.info("kv_transfer_config names kv_connector %s: not taken over, handing over "
+                 "unchanged", routes.other_connector)
+        return Handover(env, cache_on=False)
+    cache = sorted(o.source for n, o in settings.options.items()
+                   if n.startswith("lmcache_") and n != "lmcache_auto_config")
+    if cache:
+        raise SetupError(f"{cache[0]} is set but nothing switches the cache on, so vLLM would "
+                         f"run without it; set {KV_ENV}="
+                         '{"kv_connector":"LMCacheConnectorV1", "kv_role":"kv_both"} '
+                         f"(or {AUTO_ENV}=true)")
+    log.info("cache off: no kv_transfer_config, auto-config or offloading backend names "
+             "LMCache; handing over unchanged")
+    return Handover(env, cache_on=False)
 
 
 def prepare(environ: Mapping[str, str]) -> Handover:
     """Everything before the exec; raises SetupError. Pure but for the disk checks and logs."""
     env = dict(environ)
-    text = env.get(KV_ENV, "").strip()
-    if not text:
-        if _cache_vars(env):
-            raise SetupError(f"{_cache_vars(env)[0]} is set but {KV_ENV} is not, so vLLM would "
-                             f"run without the cache; set {KV_ENV}="
-                             '{"kv_connector":"LMCacheConnectorV1", "kv_role":"kv_both"}')
-        log.info("cache off: %s is not set; handing over unchanged", KV_ENV)
+    try:
+        takeover = takeover_enabled(env)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
+    settings, routes = _routes(env)
+    if not routes.found:
+        return _no_route(env, settings, routes)
+    on_by = ", ".join(routes.found)
+    if not takeover:
+        log.info("%s=false: LMCache itself runs (switched on by %s); lmcache-ext checks nothing",
+                 TAKEOVER_ENV, on_by)
         return Handover(env, cache_on=False)
-    kv, ours = translate_kv_config(text)
-    if not ours:
-        log.info("%s names kv_connector %s, not lmcache-ext: handing over unchanged", KV_ENV,
-                 kv["kv_connector"])
-        return Handover(env, cache_on=False)
-    env[KV_ENV] = json.dumps(kv)
-    named = config_file_from_env(env)
-    if named and env.get("LMCACHE_CONFIG_FILE") != named[0]:
-        log.info("LMCACHE_CONFIG_FILE=%s (from %s)", named[0], named[1])
-        env["LMCACHE_CONFIG_FILE"] = named[0]
-    config = _load(env)
+    check_plugins_allowed(env)
+    log.info("LMCache is switched on by %s: vLLM runs lmcache-ext's %s in its place (the %s "
+             "vLLM plugin; %s=false runs LMCache)", on_by, OUR_CONNECTOR, PLUGIN_NAME,
+             TAKEOVER_ENV)
+    exported = export_settings(env, settings)
+    if routes.auto is not None:
+        start_auto_config(env, settings, routes)
+    # Before sizing, a disk tier may lack its size: that load only finds the directory.
+    config = _load(env, exported, PRE_SIZING if routes.auto is not None else None)
     found, existing = prepare_disk(config) if config.disk_dir else (None, 0)
-    if _auto_requested(env):
-        apply_auto_config(env, config, existing)
-        config = _load(env)
+    if routes.auto is not None:
+        apply_auto_config(env, settings, config, existing)
+        config = _load(env, exported)
     if found is not None:
         check_disk_room(config, found, existing)
         say_odirect(config, found)
     for line in describe(config):
         log.info("config: %s", line)
     return Handover(env, cache_on=True)
-
 
 def next_stage(env: Mapping[str, str]) -> str:
     name = env.get(LMI_ENTRYPOINT_ENV, DEFAULT_LMI_ENTRYPOINT)

@@ -2,7 +2,9 @@
 
 Layout: ``<directory>/<namespace id>/<key digest hex>``; each file is a chunk (128-byte checksummed
 header, then the KV) padded to 4096 bytes. Another namespace's directory is never read, so keys of
-another model or KV layout are never served.
+another model or KV layout are never served. With ``local_disk_auth_key_env`` set (a directory on
+a shared or network file system) files are keyed chunks (format version 2): a file that fails the
+tag is a miss, counted as ``forged``, and deleted, as a corrupt one is.
 
 Bookkeeping is apart from the I/O: ``DiskIndex`` (``disk_index.py``, no file I/O) decides what is
 stored, what is evicted and how many bytes of the budget are held; this tier does the I/O and
@@ -29,50 +31,43 @@ import threading
 import time
 from collections.abc import Sequence
 
-from lmcache_ext.chunk import HEADER_SIZE, ChunkCorrupt, ChunkMeta, as_kv, decode, encode_header
+from lmcache_ext.chunk import (
+    HEADER_SIZE,
+    ChunkAuth,
+    ChunkCorrupt,
+    ChunkForged,
+    ChunkMeta,
+    as_kv,
+    decode,
+    encode_header,
+)
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics, TierCounters
 from lmcache_ext.storage import direct_io
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier, TierUsage
 from lmcache_ext.storage.direct_io import TEMP_PREFIX, AlignedBuffer, unlink_quietly
 from lmcache_ext.storage.disk_index import DiskEntry, DiskIndex, Reservation
+from lmcache_ext.storage.log_every import LOG_INTERVAL_S, EveryInterval
 from lmcache_ext.units import GIB
 
 log = logging.getLogger(__name__)
 _CHUNK_NAME = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")  # 16- or 32-byte key digests
-LOG_INTERVAL_S = 30.0
-
-
-class _EveryInterval:
-    """True at most once per ``seconds``: errors that repeat are logged, not flooded."""
-
-    def __init__(self, seconds: float):
-        self._seconds = seconds
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next:
-                return False
-            self._next = now + self._seconds
-            return True
-
-
 class DiskTier(StorageTier):
     """Chunks as files under ``directory/namespace``. Thread-safe; never raises after start.
 
     ``__init__`` raises OSError naming the path if the directory cannot be created or written.
     ``odirect_active`` says whether reads and writes bypass the page cache (decided once, by a
     probe, and logged loudly when ``use_odirect`` was asked for and cannot be honoured).
+    ``auth``: sign and check files with these keys (format version 2); None: unkeyed.
     """
 
     name = "disk"
 
     def __init__(self, directory: str, budget_bytes: int, namespace: str,
-                 use_odirect: bool = False, counters: TierCounters | None = None):
+                 use_odirect: bool = False, counters: TierCounters | None = None,
+                 auth: ChunkAuth | None = None):
         self.namespace = namespace
+        self.auth = auth
         self.directory = os.path.join(os.path.abspath(directory), namespace)
         self.budget_bytes = budget_bytes
         self._counters = counters or EngineMetrics().for_tier(self.name)
@@ -80,8 +75,8 @@ class DiskTier(StorageTier):
         self._lock = threading.Lock()
         self._write_buffers = threading.local()  # one reused aligned buffer per writer thread
         self._buffers = direct_io.BufferCache()  # read buffers, recycled when leases end
-        self._write_log = _EveryInterval(LOG_INTERVAL_S)
-        self._read_log = _EveryInterval(LOG_INTERVAL_S)
+        self._write_log = EveryInterval(LOG_INTERVAL_S)
+        self._read_log = EveryInterval(LOG_INTERVAL_S)
         started = time.perf_counter()
         _make_directory(self.directory)
         self.odirect_active, self.odirect_reason = self._decide_odirect(use_odirect)
@@ -129,10 +124,10 @@ class DiskTier(StorageTier):
             return None
         buffer, nbytes = data
         try:
-            meta, payload = decode(key, buffer.tensor[:nbytes])
+            meta, payload = decode(key, buffer.tensor[:nbytes], self.auth)
         except ChunkCorrupt as exc:
             self._buffers.give_back(buffer)
-            self._drop(name, entry, str(exc))
+            self._drop(name, entry, str(exc), forged=isinstance(exc, ChunkForged))
             return None
         return ChunkLease(Chunk(as_kv(meta, payload)), lambda: self._buffers.give_back(buffer))
 
@@ -267,18 +262,21 @@ class DiskTier(StorageTier):
             with self._lock:
                 self._index.release(entry for _, entry in doomed)
 
-    def _drop(self, name: str, entry: DiskEntry, why: str, vanished: bool = False) -> None:
-        """A chunk file that could not be served: count it, delete it (if still ours).
-        ``vanished``: the file was missing, which is no fault if it was evicted meanwhile."""
+    def _drop(self, name: str, entry: DiskEntry, why: str, vanished: bool = False,
+              forged: bool = False) -> None:
+        """A chunk file that could not be served: count it (as corrupt, or ``forged``), delete
+        it (if still ours). ``vanished``: the file was missing, which is no fault if it was
+        evicted meanwhile."""
         with self._lock:
             ours = self._index.remove(name, expected=entry) is not None
             doomed = self._retire([entry]) if ours else []
         if vanished and not ours:
             return  # evicted between the lookup and the open: an ordinary miss
-        self._counters.corrupt.inc()
+        (self._counters.forged if forged else self._counters.corrupt).inc()
         if self._read_log.due():
-            log.warning("disk tier: chunk %s in %s is unusable (%s); deleted, served as a miss",
-                        name, self.directory, why)
+            log.warning("disk tier: chunk %s in %s is %s (%s); deleted, served as a miss (logged "
+                        "at most every %.0f s)", name, self.directory,
+                        "forged" if forged else "unusable", why, LOG_INTERVAL_S)
         self._delete(doomed)
 
     def _read(self, name: str, max_bytes: int) -> tuple[AlignedBuffer, int] | None:
@@ -318,7 +316,7 @@ class DiskTier(StorageTier):
         end = HEADER_SIZE + meta.nbytes
         payload = buffer.tensor[HEADER_SIZE:end]
         as_kv(meta, payload).copy_(chunk.kv)  # chunk.kv may be a strided slice
-        header = encode_header(key, meta, payload)
+        header = encode_header(key, meta, payload, self.auth)
         buffer.view[:HEADER_SIZE] = header
         buffer.tensor[end:size].zero_()  # no stale bytes of an earlier chunk on disk
         return buffer.view[:size]

@@ -1,9 +1,13 @@
 """Remote tier: a shared Redis / Valkey (or Redis Cluster) store, one cache across instances.
 
 Values are the chunk format (``chunk.encode_header`` + raw KV): bytes from the network are data,
-checked on read (header, key, checksum) and never unpickled. Keys are
-``{remote_key_prefix}:{namespace id}:{digest hex}``. No TTL unless ``remote_ttl_s`` > 0: the
-server's ``maxmemory`` + ``allkeys-lru`` policy is the capacity.
+checked on read (header, key, checksum) and never unpickled. With ``remote_auth_key_env`` set the
+values are keyed (format version 2, a BLAKE3 tag under a secret the endpoints share and the store
+never sees): a value that fails the tag (written without the key, with another key, altered, or
+replayed under another key's name) is a miss, counted as ``forged``, deleted, and logged at most
+every 30 s. Without it anyone who can write to the store can plant KV; the start-up log says so.
+Keys are ``{remote_key_prefix}:{namespace id}:{digest hex}``. No TTL unless ``remote_ttl_s`` > 0:
+the server's ``maxmemory`` + ``allkeys-lru`` policy is the capacity.
 
 Faults degrade to misses: every call is bounded by ``remote_timeout_s`` (connect and read), redis-py
 does not retry (this tier decides), and after ``ERRORS_BEFORE_BACKOFF`` consecutive failures the
@@ -29,11 +33,22 @@ from typing import Any
 
 import torch
 
-from lmcache_ext.chunk import HEADER_SIZE, ChunkCorrupt, as_kv, decode, encode_header, payload_view
+from lmcache_ext.chunk import (
+    HEADER_SIZE,
+    ChunkAuth,
+    ChunkCorrupt,
+    ChunkForged,
+    as_kv,
+    decode,
+    encode_header,
+    payload_view,
+)
 from lmcache_ext.config import ConfigError, EngineConfig, default_of
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics, TierCounters
+from lmcache_ext.storage.auth import chunk_auth
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier, TierUsage
+from lmcache_ext.storage.log_every import LOG_INTERVAL_S, EveryInterval
 from lmcache_ext.storage.redis_url import RedisTarget, parse_redis_url
 
 try:
@@ -68,7 +83,8 @@ _silence_frombuffer_warning()
 
 @dataclass(frozen=True)
 class RemoteSettings:
-    """Everything the tier needs from the config, resolved (password included)."""
+    """Everything the tier needs from the config, resolved (password and chunk keys included).
+    ``auth`` None: unkeyed values (format version 1)."""
 
     target: RedisTarget
     key_prefix: str = default_of("remote_key_prefix")
@@ -76,10 +92,12 @@ class RemoteSettings:
     backoff_s: float = default_of("remote_backoff_s")
     ttl_s: float = default_of("remote_ttl_s")
     max_connections: int = MAX_CONNECTIONS
+    auth: ChunkAuth | None = None
 
     @staticmethod
     def from_config(config: EngineConfig, env: Mapping[str, str] | None = None) -> RemoteSettings:
-        """Raises ConfigError naming the key for a URL or password env var that does not work."""
+        """Raises ConfigError naming the key for a URL, password or key env var that does not
+        work."""
         env = os.environ if env is None else env
         try:
             target = parse_redis_url(config.remote_url or "")
@@ -91,7 +109,8 @@ class RemoteSettings:
                                    f"an env var that is not set"])
             target = target.with_password(env[config.remote_password_env])
         return RemoteSettings(target, config.remote_key_prefix, config.remote_timeout_s,
-                              config.remote_backoff_s, config.remote_ttl_s)
+                              config.remote_backoff_s, config.remote_ttl_s,
+                              auth=chunk_auth(config, "remote", env))
 
 
 class _Breaker:
@@ -177,11 +196,13 @@ class RemoteTier(StorageTier):
         self._client: Any = None
         self._last_usage = TierUsage(UNKNOWN, 0, UNKNOWN)
         self._ttl_ms = int(settings.ttl_s * 1000)
+        self._bad_value_log = EveryInterval(LOG_INTERVAL_S)
         target = settings.target
         log.info("remote tier: %s (cluster: %s, TLS: %s, timeout %.2f s, back-off %.1f s, "
-                 "TTL %s, namespace %s)", target.display(), target.cluster, target.tls,
+                 "TTL %s, namespace %s, chunks %s)", target.display(), target.cluster, target.tls,
                  settings.timeout_s, settings.backoff_s,
-                 f"{settings.ttl_s:g} s" if self._ttl_ms else "none", namespace or "-")
+                 f"{settings.ttl_s:g} s" if self._ttl_ms else "none", namespace or "-",
+                 "keyed" if settings.auth else "UNAUTHENTICATED")
 
     @property
     def backing_off(self) -> bool:
@@ -217,10 +238,16 @@ class RemoteTier(StorageTier):
         try:
             if len(data) < HEADER_SIZE:  # frombuffer refuses b""; decode would say "short" too
                 raise ChunkCorrupt(f"{len(data)} bytes is shorter than a header")
-            meta, payload = decode(key, torch.frombuffer(data, dtype=torch.uint8))
+            meta, payload = decode(key, torch.frombuffer(data, dtype=torch.uint8),
+                                   self.settings.auth)
         except ChunkCorrupt as exc:
-            self._counters.corrupt.inc()
-            log.warning("remote tier: %s is corrupt (%s); deleting it", name.decode(), exc)
+            forged = isinstance(exc, ChunkForged)
+            (self._counters.forged if forged else self._counters.corrupt).inc()
+            if self._bad_value_log.due():
+                log.warning("remote tier: %s is %s (%s); deleted, served as a miss (logged at "
+                            "most every %.0f s; see the tier's corrupt and forged counts)",
+                            name.decode(), "forged" if forged else "corrupt", exc,
+                            LOG_INTERVAL_S)
             self._call(lambda c: c.delete(name))
             return None
         return ChunkLease(Chunk(as_kv(meta, payload)))  # nothing to pin: the bytes are ours
@@ -229,7 +256,7 @@ class RemoteTier(StorageTier):
         try:
             kv = chunk.kv if chunk.kv.device.type == "cpu" else chunk.kv.cpu()
             payload = payload_view(kv)  # a copy only when the KV is strided
-            header = encode_header(key, chunk.meta, payload)
+            header = encode_header(key, chunk.meta, payload, self.settings.auth)
         except Exception:
             log.exception("remote tier: cannot encode a chunk; not stored")
             self._counters.errors.inc()

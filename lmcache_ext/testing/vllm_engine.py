@@ -35,9 +35,8 @@ def synthetic_prompt(length: int, seed: int = 0) -> list[int]:
 
 def default_model_dir() -> Path:
     """The converted default model (SmolLM2-135M-Instruct) that `make setup` prepares."""
-    path = Path(os.environ.get("LMCACHE_EXT_MODEL_DIR",
-                               Path.home() / ".cache" / "lmcache-ext" / "models"))
-    path = path / "SmolLM2-135M-Instruct"
+    from lmcache_ext.serving.model import DEFAULT_MODEL_NAME, model_cache_dir
+    path = model_cache_dir() / DEFAULT_MODEL_NAME
     if not (path / "config.json").exists():
         raise RuntimeError(f"no converted model at {path}: `make setup` converts it")
     return path

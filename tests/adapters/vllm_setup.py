@@ -31,19 +31,16 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from lmcache_ext.adapters import vllm_compat, vllm_connector, worker_channel
+from tests.helpers import TINY_LLAMA
 
-BLOCK_SIZE, CHUNK, LAYERS, KV_HEADS, HEAD_DIM = 16, 32, 2, 2, 16
+BLOCK_SIZE, CHUNK = 16, 32
+LAYERS, KV_HEADS, HEAD_DIM = (TINY_LLAMA[k] for k in ("num_hidden_layers",
+                                                      "num_key_value_heads", "head_dim"))
 DTYPE = torch.bfloat16
 NUM_BLOCKS = 40
 CONNECTOR = "LMCacheExtConnector"
 MODULE = "lmcache_ext.adapters.vllm_connector"
 LAYER_NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-    "num_attention_heads": 4, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
-    "num_hidden_layers": LAYERS, "intermediate_size": 128, "vocab_size": 1000,
-    "max_position_embeddings": 2048, "torch_dtype": "bfloat16",
-}
 
 
 @dataclass

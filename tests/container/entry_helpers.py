@@ -46,18 +46,30 @@ def stand_in(folder: Path) -> Path:
     return path
 
 
+def lmi_stand_in(folder: Path) -> Path:
+    """An executable that runs tests/container/lmi_stand_in.py (LMI, then vLLM's resolution)."""
+    path = folder / "lmi-and-vllm.py"
+    script = REPO / "tests" / "container" / "lmi_stand_in.py"
+    path.write_text(f"#!{sys.executable}\nimport runpy\n"
+                    f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    path.chmod(0o755)
+    return path
+
+
 def run_entrypoint(tmp: Path, env: dict[str, str], args: tuple[str, ...] = ("serve",),
-                   command: list[str] | None = None) -> Run:
+                   command: list[str] | None = None, next_stage: Path | None = None,
+                   timeout: float = 60) -> Run:
     """Start the entrypoint with only ``env`` on top of a clean environment (no LMCACHE/OPTION_
-    vars from the caller), the stand-in as next stage, and the model dir under ``tmp``."""
+    /VLLM_PLUGINS vars from the caller), the recording stand-in (or ``next_stage``) as next
+    stage, and the model dir under ``tmp``."""
     record = tmp / "record.json"
     record.unlink(missing_ok=True)
     clean = {k: v for k, v in os.environ.items()
-             if "LMCACHE" not in k and not k.startswith("OPTION_")}
-    full = {**clean, "LMI_ENTRYPOINT": str(stand_in(tmp)), "STAND_IN_RECORD": str(record),
-            "SM_MODEL_DIR": str(tmp / "no-model"), **env}
+             if "LMCACHE" not in k and not k.startswith("OPTION_") and k != "VLLM_PLUGINS"}
+    full = {**clean, "LMI_ENTRYPOINT": str(next_stage or stand_in(tmp)),
+            "STAND_IN_RECORD": str(record), "SM_MODEL_DIR": str(tmp / "no-model"), **env}
     command = command or [sys.executable, "-m", "lmcache_ext.container.entrypoint"]
     done = subprocess.run([*command, *args], env=full, capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+                          timeout=timeout, cwd=REPO)
     seen = json.loads(record.read_text()) if record.exists() else None
     return Run(done.returncode, done.stderr + done.stdout, seen)

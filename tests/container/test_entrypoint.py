@@ -20,20 +20,34 @@ def test_the_seeds_env_vars_turn_our_cache_on(tmp_path):
                                     "OPTION_KV_TRANSFER_CONFIG": SEED_KV})
     assert run.returncode == 0, run.log
     assert run.record["argv"] == ["serve"]
-    assert run.kv == {**OURS, "kv_role": "kv_both"}
+    # Handed over as written: vLLM's registry (our plugin) decides the class, see test_lmi_routes.
+    assert run.env["OPTION_KV_TRANSFER_CONFIG"] == SEED_KV
     assert run.env["LMCACHE_CONFIG_FILE"] == str(SEED_CPU)  # what LMI would export, set early
-    assert "kv_connector LMCacheConnectorV1 (module vLLM's built-in) -> LMCacheExtConnector" \
-        in run.log
+    assert "LMCache is switched on by kv_transfer_config (env OPTION_KV_TRANSFER_CONFIG): vLLM " \
+        "runs lmcache-ext's LMCacheExtConnector in its place" in run.log
     assert f"max_local_cpu_size = 5.0 GiB  (file {SEED_CPU})" in run.log
     assert "chunk_size = 256 tokens" in run.log
 
 
-def test_our_own_connector_name_works_and_extra_keys_are_kept(tmp_path):
+def test_our_own_connector_name_works_and_the_config_is_handed_over_unchanged(tmp_path):
     kv = {"kv_connector": "LMCacheExtConnector", "kv_role": "kv_both",
           "kv_connector_extra_config": {"chunk_size": 512}, "kv_buffer_device": "cuda"}
+    for given in (kv, {**kv, **OURS}):
+        run = run_entrypoint(tmp_path, {"OPTION_KV_TRANSFER_CONFIG": json.dumps(given)})
+        assert run.returncode == 0, run.log
+        assert run.kv == given
+        assert "LMCache is switched on by kv_transfer_config" in run.log
+
+
+def test_lmcaches_own_module_path_is_the_users_choice(tmp_path):
+    """Scenario: LMCache's docs name its module; vLLM's factory then imports it, not us."""
+    kv = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both",
+          "kv_connector_module_path": "lmcache.integration.vllm.lmcache_connector_v1"}
     run = run_entrypoint(tmp_path, {"OPTION_KV_TRANSFER_CONFIG": json.dumps(kv)})
     assert run.returncode == 0, run.log
-    assert run.kv == {**kv, **OURS}
+    assert run.kv == kv
+    assert "kv_connector LMCacheConnectorV1 (module lmcache.integration.vllm." \
+        "lmcache_connector_v1): not taken over" in run.log
 
 
 def test_the_nvme_seed_config_with_its_directory_moved_by_env(tmp_path):
@@ -53,6 +67,8 @@ EVERY_KEY = {
     "chunk_size": "512", "local_cpu": "false", "max_local_cpu_size": "1.5",
     "local_disk": "{disk}", "max_local_disk_size": "0.5", "remote_url": "redis://cache:6379",
     "remote_key_prefix": "tenant-a", "remote_password_env": "REDIS_PASSWORD",
+    "remote_auth_key_env": "KV_KEY", "remote_auth_previous_key_env": "KV_OLD_KEY",
+    "local_disk_auth_key_env": "KV_DISK_KEY", "local_disk_auth_previous_key_env": "KV_OLD_DISK",
     "remote_timeout_s": "2.5", "remote_backoff_s": "9", "remote_ttl_s": "3600",
     "remote_serde": "naive", "save_unfull_chunk": "true", "extra_config": '{"use_odirect": true}',
     "pre_caching_hash_algorithm": "xxh3_128", "model_name": "my-model", "cache_salt": "s1",
@@ -116,4 +132,11 @@ def test_the_shell_entrypoint_of_the_image(tmp_path):
                                     "LMI_PYTHON": sys.executable},
                          command=[str(REPO / "container" / "entrypoint.sh")])
     assert run.returncode == 0, run.log
-    assert run.kv["kv_connector"] == "LMCacheExtConnector"
+    assert run.env["OPTION_KV_TRANSFER_CONFIG"] == SEED_KV
+    assert "LMCache is switched on by kv_transfer_config" in run.log
+
+
+def test_auto_config_false_is_the_cache_off(tmp_path):
+    run = run_entrypoint(tmp_path, {"OPTION_LMCACHE_AUTO_CONFIG": "false"})
+    assert run.returncode == 0, run.log
+    assert "cache off" in run.log and run.env["OPTION_LMCACHE_AUTO_CONFIG"] == "false"

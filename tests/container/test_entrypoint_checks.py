@@ -36,7 +36,17 @@ FAILURES = [
      "OPTION_KV_TRANSFER_CONFIG", "JSON object"),
     ("cache vars without kv", lambda t: {"OPTION_LMCACHE_CONFIG_FILE": str(SEED_CPU),
                                          "OPTION_KV_TRANSFER_CONFIG": None},
-     "OPTION_LMCACHE_CONFIG_FILE", "OPTION_KV_TRANSFER_CONFIG is not"),
+     "OPTION_LMCACHE_CONFIG_FILE", "nothing switches the cache on"),
+    ("auto-config with a config file", lambda t: {"OPTION_LMCACHE_AUTO_CONFIG": "true",
+                                                  "OPTION_LMCACHE_CONFIG_FILE": str(SEED_CPU)},
+     "OPTION_LMCACHE_CONFIG_FILE", "LMI refuses auto-configuration with a config file"),
+    ("offloading without a size", lambda t: {"OPTION_KV_OFFLOADING_BACKEND": "lmcache",
+                                             "OPTION_KV_TRANSFER_CONFIG": None},
+     "OPTION_KV_OFFLOADING_BACKEND", "vLLM offloads only with a size"),
+    ("takeover not a boolean", lambda t: {"LMCACHE_EXT_TAKEOVER": "perhaps"},
+     "LMCACHE_EXT_TAKEOVER", "boolean"),
+    ("plugin left out", lambda t: {"VLLM_PLUGINS": "other_plugin"},
+     "VLLM_PLUGINS", "lmcache_ext"),
     ("bad value", lambda t: {"OPTION_LMCACHE_CHUNK_SIZE": "100"},
      "OPTION_LMCACHE_CHUNK_SIZE", "multiple of 16"),
     ("unknown key", lambda t: {"OPTION_LMCACHE_CHUNK_SIZ": "256"},
@@ -92,15 +102,29 @@ def test_auto_config_sizes_both_tiers_from_the_machine(tmp_path):
     assert "OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE kept as 0.1" in run.log
 
 
-def test_auto_config_overrides_the_files_sizes_and_fills_the_disk(tmp_path):
-    config = tmp_path / "lmcache_config.yaml"
-    config.write_text(f"local_disk: file://{tmp_path}/nvme/\nmax_local_disk_size: 5.0\n"
-                      "max_local_cpu_size: 5.0\n")
-    run = run_entrypoint(tmp_path, {
-        "OPTION_KV_TRANSFER_CONFIG": SEED_KV, "OPTION_LMCACHE_AUTO_CONFIG": "1",
-        "OPTION_LMCACHE_CONFIG_FILE": str(config), "OPTION_TENSOR_PARALLEL_DEGREE": "2"})
+def test_auto_config_alone_is_lmis_documented_usage(tmp_path):
+    """Scenario: LMI's documented auto-config, no OPTION_KV_TRANSFER_CONFIG (used to exit 2):
+    LMI's connector name, a disk tier with O_DIRECT, both tiers sized; the variable is consumed
+    so that LMI does not size a second time."""
+    cache = tmp_path / "cache"
+    run = run_entrypoint(tmp_path, {"OPTION_LMCACHE_AUTO_CONFIG": "true",
+                                    "OPTION_LMCACHE_LOCAL_DISK": f"file://{cache}/",
+                                    "TENSOR_PARALLEL_DEGREE": "2"})
     assert run.returncode == 0, run.log
-    assert float(run.env["OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE"]) > 0
-    assert "workers: 2 (OPTION_TENSOR_PARALLEL_DEGREE=2)" in run.log
-    assert "model config.json not found" in run.log
-    assert "(env OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE)" in run.log
+    assert run.kv == {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+    assert "OPTION_LMCACHE_AUTO_CONFIG" not in run.env
+    assert run.env["OPTION_LMCACHE_EXTRA_CONFIG"] == '{"use_odirect": true}'
+    assert float(run.env["OPTION_LMCACHE_MAX_LOCAL_DISK_SIZE"]) > 0 and cache.is_dir()
+    assert "workers: 2 (env TENSOR_PARALLEL_DEGREE=2)" in run.log
+    assert "LMCache is switched on by auto-config (env OPTION_LMCACHE_AUTO_CONFIG=true)" in run.log
+
+
+def test_auto_configs_disk_is_lmis_directory_unless_set(tmp_path):
+    """Without a local_disk of the user's, auto-config uses LMI's /tmp/cache (checked here only
+    as far as the handed-over env: the test must not fill this machine's /tmp/cache)."""
+    run = run_entrypoint(tmp_path, {"OPTION_LMCACHE_AUTO_CONFIG": "true",
+                                    "LMCACHE_LOCAL_DISK": str(tmp_path / "mine"),
+                                    "LMCACHE_MAX_LOCAL_DISK_SIZE": "0.1"})
+    assert run.returncode == 0, run.log
+    assert "OPTION_LMCACHE_LOCAL_DISK" not in run.env  # the user's LMCACHE_LOCAL_DISK is kept
+    assert "LMCACHE_MAX_LOCAL_DISK_SIZE kept as 0.1" in run.log

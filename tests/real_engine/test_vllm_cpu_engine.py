@@ -75,21 +75,23 @@ def test_multiprocess_engine_hits_every_tier_and_a_stalled_worker_side_is_a_miss
     assert "reaches the cache of worker rank 0" in log and "cannot reach" not in log
     writer.close()
 
+    # A stopped Redis holds the worker's lookup for remote_timeout_s, well past the scheduler's
+    # worker_lookup_timeout_s (its default, 2 s: roomy enough for a first Redis lookup on a
+    # busy 2-CPU machine, where 0.5 s once was not).
     reader = engine_factory("reader", cache={**tiers, "local_cpu": False,
-                                             "worker_lookup_timeout_s": 0.5,
-                                             "remote_timeout_s": 1.0})
+                                             "remote_timeout_s": 6.0})
     from_disk = reader.generate(PROMPT, TOKENS)
-    assert (from_disk.cached_tokens, from_disk.token_ids) == (HIT, output)
+    assert (from_disk.cached_tokens, from_disk.token_ids) == (HIT, output), reader.log_tail()
     assert delete_chunk_files(disk) >= 4
     reader.reset_prefix_cache()
     from_redis = reader.generate(PROMPT, TOKENS)
-    assert (from_redis.cached_tokens, from_redis.token_ids) == (HIT, output)
+    assert (from_redis.cached_tokens, from_redis.token_ids) == (HIT, output), reader.log_tail()
 
     delete_chunk_files(disk)  # promoted back to disk by the Redis hit
     os.kill(redis.process.pid, signal.SIGSTOP)
     reader.reset_prefix_cache()
     stalled = reader.generate(PROMPT, TOKENS)
-    assert (stalled.cached_tokens, stalled.token_ids) == (0, output)
+    assert (stalled.cached_tokens, stalled.token_ids) == (0, output), reader.log_tail()
     assert "cannot reach the KV cache of worker rank 0" in reader.log_text()
 
 
@@ -115,3 +117,18 @@ def test_same_process_engine_hits_without_a_socket(engine_factory):
     assert cached == HIT
     assert "vLLM prefills" in engine.log_text()  # the policy judged with a measured speed
     assert "reaches the cache of worker rank" not in engine.log_text()  # no socket was used
+
+
+def test_lmcaches_offloading_backend_runs_our_connector_in_a_real_engine(engine_factory):
+    """Scenario: a user switches LMCache on the vLLM way (--kv-offloading-backend lmcache: vLLM
+    configures LMCacheMPConnector); the engine core is a process of its own, so the plugin must be
+    loaded there by vLLM itself. Our tiers serve the hit. (LMCacheConnectorV1 takes the same
+    path; it ran here too, and tests/container/test_lmi_routes.py resolves it on every vLLM.)"""
+    engine = engine_factory("offloading", extra={"kv_offloading_backend": "lmcache",
+                                                 "kv_offloading_size": 0.5})
+    _, cached = cold_then_evicted(engine)
+    assert cached == HIT
+    log = engine.log_text()
+    assert "kv_connector LMCacheMPConnector (from kv_offloading_backend=lmcache) runs as " \
+        "lmcache-ext's LMCacheExtConnector" in log
+    assert log.count("runs as lmcache-ext's") == 1  # the scheduler side says it, once

@@ -1,0 +1,1 @@
+"""SageMaker stateful sessions: the wire protocol, open sessions, and the pins they hold."""
