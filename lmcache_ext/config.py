@@ -153,6 +153,15 @@ TABLE: tuple[ConfigKey, ...] = (
     ConfigKey("save_decode_cache", bool, False,
               "vLLM connector: also store whole chunks completed during decode (prompt + "
               "output) when a request finishes."),
+    ConfigKey("staging_chunks", int, 4,
+              "vLLM connector: chunk-sized transfer buffers per worker on the KV's device, "
+              "allocated once; every save (and a GPU's loads) moves KV through them, so the "
+              "transfer memory does not grow with the prompt.", "chunks", check=_positive),
+    ConfigKey("async_load", str, "slow_tiers",
+              "vLLM connector: which hits load in the background while other requests keep "
+              "decoding (the request waits in WAITING_FOR_REMOTE_KVS): slow_tiers = a hit with "
+              "any chunk outside the CPU tier; always; never (every load in the step).",
+              choices=("slow_tiers", "always", "never")),
     ConfigKey("worker_lookup_timeout_s", float, 2.0,
               "vLLM connector: how long the scheduler waits for the workers' caches to answer "
               "a lookup (pinning slower tiers' chunks included); no answer in time = a miss.",
@@ -222,6 +231,8 @@ class EngineConfig:
     cost_aware_retrieval: bool = _default("cost_aware_retrieval")
     min_retrieve_tokens: int = _default("min_retrieve_tokens")
     save_decode_cache: bool = _default("save_decode_cache")
+    staging_chunks: int = _default("staging_chunks")
+    async_load: str = _default("async_load")
     worker_lookup_timeout_s: float = _default("worker_lookup_timeout_s")
     worker_lookup_backoff_s: float = _default("worker_lookup_backoff_s")
     emf_metrics: bool | None = _default("emf_metrics")

@@ -107,6 +107,17 @@ def _emf_reporter(config: Any, model: str) -> EmfReporter | None:
                        emf_metrics, merge=merge_into, gauge_prefix=GAUGE_PREFIX)
 
 
+def _recompute_failed_loads(vllm_config: VllmConfig) -> None:
+    """A load can fail after the lookup counted it (a chunk evicted, its file deleted, its Redis
+    key flushed or failing its checksum): that must be a miss. vLLM's default policy fails the
+    request instead; its scheduler reads the policy after making this connector, so set it."""
+    transfer = vllm_config.kv_transfer_config
+    if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
+        transfer.kv_load_failure_policy = "recompute"
+        log.info("lmcache-ext: kv_load_failure_policy=recompute: a load that fails is "
+                 "recomputed, never a failed request")
+
+
 def _model_name(vllm_config: VllmConfig) -> str:
     model = vllm_config.model_config
     revision = getattr(model, "revision", None)
@@ -144,8 +155,9 @@ class LMCacheExtConnector(KVConnectorBase_V1):
                              self.config.min_retrieve_tokens, self.config.cost_aware_retrieval)
             self.scheduler = SchedulerSide(PrefixHasher(namespace, self.config.save_unfull_chunk),
                                            caches, block_size, self.config.save_decode_cache,
-                                           cost)
+                                           cost, self.config.async_load)
             self._emf = _emf_reporter(self.config, model)
+            _recompute_failed_loads(vllm_config)
         else:
             rank = vllm_compat.tp_rank(world)
             engine = CacheEngine(self.config, layout, model, rank, world)
@@ -178,13 +190,14 @@ class LMCacheExtConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens every rank's cache holds beyond ``num_computed_tokens`` and worth loading
-        (``cost_aware_retrieval``, ``min_retrieve_tokens``), pinned until loaded; loads are
-        synchronous (in the step)."""
-        return self.scheduler.matched_tokens(request, num_computed_tokens), False
+        (``cost_aware_retrieval``, ``min_retrieve_tokens``), pinned until loaded, and whether
+        they load in the background (``async_load``: the request then waits unscheduled while
+        other requests keep running; else the load runs in the step, before its forward)."""
+        return self.scheduler.matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
-        self.scheduler.allocated(request, num_external_tokens)
+        self.scheduler.allocated(request, list(blocks.get_block_ids()[0]), num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LMCacheExtMetadata:
         return self.scheduler.build_meta(scheduler_output)
@@ -199,6 +212,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: Any) -> None:
         """The workers' figures of a step (summed over ranks) feed the cost model."""
         super().update_connector_output(connector_output)
+        self.scheduler.loads_finished(set(connector_output.finished_recving or ()))
         stats = getattr(connector_output, "kv_connector_stats", None)
         if isinstance(stats, LMCacheExtStats):
             self.scheduler.observe(stats)
@@ -220,12 +234,17 @@ class LMCacheExtConnector(KVConnectorBase_V1):
             self.worker.timer.begin()  # before the forward pass (the prefill speed)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        """Loads synchronously. vLLM calls this before the forward pass where a step has sync
-        loads (ours always are), else after it, just before ``wait_for_save``."""
+        """Runs the step's loads in the step and hands its background loads to the loader
+        thread. vLLM calls this before the forward pass where a step has loads in the step,
+        else after it, just before ``wait_for_save``."""
         ops = getattr(self._get_connector_metadata(), "loads", ())
+        in_step = [op for op in ops if not op.background]
         for op in ops:
+            if op.background:
+                self.worker.load_in_background(op)
+        for op in in_step:
             self._load_errors.update(self.worker.load(op))
-        if ops:
+        if in_step:
             self.worker.timer.begin()  # the forward pass starts after our loads
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -241,17 +260,23 @@ class LMCacheExtConnector(KVConnectorBase_V1):
             for op in getattr(self._get_connector_metadata(), "saves", ()):
                 self.worker.save(op)
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None,
+                                                                set[str] | None]:
         """Saves the finished requests' decode chunks, then reports them as finished sending
-        so vLLM frees their blocks. Their ids are in this step's ``finished_req_ids`` (the
-        same scheduler output carries the save). Called every step, also without a forward
-        (vLLM 0.23 then skips ``wait_for_save``, so these saves cannot live there)."""
-        if not self.has_connector_metadata():
-            return None, None
-        ops = getattr(self._get_connector_metadata(), "finishing", ())
+        so vLLM frees their blocks (their ids are in this step's ``finished_req_ids``: the
+        same scheduler output carries the save); reports the background loads done since the
+        last step as finished receiving. Called every step, also without a forward (vLLM 0.23
+        then skips ``wait_for_save``, so these saves cannot live there)."""
+        # The blocks a background load could not fill go out in this same step's
+        # get_block_ids_with_load_errors: vLLM marks them for recompute before it schedules
+        # the request.
+        loaded, failed_blocks = self.worker.take_background_loads()
+        self._load_errors.update(failed_blocks)
+        ops = getattr(self._get_connector_metadata(), "finishing", ()) \
+            if self.has_connector_metadata() else ()
         for op in ops:
             self.worker.save(op)  # a failed save is logged and counted; the blocks go back
-        return {op.req_id for op in ops} or None, None
+        return {op.req_id for op in ops} or None, loaded or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -15,7 +15,8 @@ class TransferOp:
     ``digests`` are the chained digests of the request's chunks from the first (hashed once, by
     the scheduler; each rank names its copy with its own namespace), over ``num_tokens`` tokens:
     chunk i covers [i * chunk_size, min((i + 1) * chunk_size, num_tokens)). A load also names
-    the pin its lookup took (``pin_id``), which the worker drops once the load is done.
+    the pin its lookup took (``pin_id``), which the worker drops once the load is done. A
+    ``background`` load runs off the step; the worker reports it finished in ``get_finished``.
     """
 
     req_id: str
@@ -25,6 +26,7 @@ class TransferOp:
     start: int
     end: int
     pin_id: int = 0
+    background: bool = False
 
 
 @dataclass

@@ -52,15 +52,20 @@ class _RequestState:
     num_external: int = 0  # tokens to load, set at allocation, consumed by the next metadata
     pin_id: int = 0  # the ranks' pin from the last lookup (0: none held)
     saved: bool = False
+    num_local: int = 0  # vLLM's own hit at the last lookup: a background load starts there
+    load_async: bool = False  # the last lookup's hit loads in the background
+    loading: bool = False  # a background load is in flight (until the workers report it)
 
 
 class SchedulerSide:
     """Used from vLLM's scheduler thread only."""
 
     def __init__(self, hasher: PrefixHasher, caches: WorkerCaches, block_size: int,
-                 save_decode_cache: bool, cost: CostModel):
+                 save_decode_cache: bool, cost: CostModel, async_load: str = "slow_tiers"):
         self.hasher = hasher
         self.cost = cost
+        self.async_load = async_load  # config's async_load: slow_tiers, always or never
+        self._background: list[TransferOp] = []  # background loads for the next metadata
         self.stats = LMCacheExtStats()  # this side's figures since vLLM last took them
         self.chunk_size = hasher.chunk_size
         self.block_size = block_size
@@ -83,11 +88,12 @@ class SchedulerSide:
 
     # -------------------------------------------------------------- vLLM's questions
 
-    def matched_tokens(self, request: Request, num_computed: int) -> int:
-        """Tokens every rank holds beyond ``num_computed`` (pinned for this request)."""
+    def matched_tokens(self, request: Request, num_computed: int) -> tuple[int, bool]:
+        """Tokens every rank holds beyond ``num_computed`` (pinned for this request), and
+        whether they load in the background (``async_load``)."""
         state = self._state(request)
         if not state.cacheable:
-            return 0
+            return 0, False
         pin_id = next(self._pin_ids)
         first = num_computed // self.chunk_size
         timeouts = self.caches.timeouts
@@ -103,7 +109,11 @@ class SchedulerSide:
         matched = max(hit - num_computed, 0)
         self.stats.add("lookup_tokens", max(state.num_prompt - 1 - num_computed, 0))
         self.stats.add("hit_tokens", matched)
-        return matched
+        slow = any(answer.slow[first:chunks])
+        state.num_local = num_computed
+        state.load_async = matched > 0 and (self.async_load == "always" or
+                                            (self.async_load == "slow_tiers" and slow))
+        return matched, state.load_async
 
     def _worth_loading(self, answer: LookupAnswer, first: int) -> int:
         """Chunks from the first to count as held: all of ``answer``'s up to ``first`` (in
@@ -133,16 +143,32 @@ class SchedulerSide:
         stats, self.stats = self.stats, LMCacheExtStats()
         return stats
 
-    def allocated(self, request: Request, num_external: int) -> None:
+    def allocated(self, request: Request, block_ids: list[int], num_external: int) -> None:
+        """vLLM allocated the request's blocks (``block_ids``: all of them, vLLM's own hit
+        first). A background load is planned now: the request waits for it unscheduled, so
+        no later step's scheduler output would carry it."""
         state = self._state(request)
         state.num_external = num_external
         if num_external == 0:
             self._release(request.request_id, state)  # nothing to load: the pin has no use
+        elif state.load_async:
+            start, end = state.num_local, state.num_local + num_external
+            state.block_ids = list(block_ids)
+            self._background.append(TransferOp(
+                request.request_id, state.digests[:-(-end // self.chunk_size)],
+                state.num_prompt, list(block_ids), start, end, state.pin_id, background=True))
+            state.num_external, state.loading = 0, True
+
+    def loads_finished(self, req_ids: set[str]) -> None:
+        """The workers finished these background loads (vLLM reports them to its scheduler)."""
+        for req_id in req_ids:
+            if (state := self._requests.get(req_id)) is not None:
+                state.loading = False
 
     def build_meta(self, scheduler_output: SchedulerOutput) -> LMCacheExtMetadata:
-        meta = LMCacheExtMetadata(finishing=self._finishing,
+        meta = LMCacheExtMetadata(loads=self._background, finishing=self._finishing,
                                   num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens)
-        self._finishing = []
+        self._finishing, self._background = [], []
         cached = scheduler_output.scheduled_cached_reqs
         # A request preempted and resumed in the same step was re-planned at its allocation.
         scheduled = {r.req_id for r in scheduler_output.scheduled_new_reqs} | set(cached.req_ids)
@@ -196,6 +222,8 @@ class SchedulerSide:
         if state is None:
             return False
         self._release(request.request_id, state)
+        if state.loading:  # aborted while its KV loads: vLLM holds the blocks until it is done
+            return False
         op = self._decode_save(request, state, block_ids) if self.save_decode_cache else None
         if op is None:
             return False

@@ -15,14 +15,16 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from lmcache_ext import kernels
 from lmcache_ext.adapters import vllm_compat
+from lmcache_ext.adapters.background import BackgroundJobs
+from lmcache_ext.adapters.staging import StagingArea
 from lmcache_ext.adapters.vllm_metadata import TransferOp
-from lmcache_ext.adapters.vllm_saver import BackgroundSaver
 from lmcache_ext.adapters.vllm_stats import TIER_EVENTS, LMCacheExtStats
 from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest, RankAnswer
 from lmcache_ext.chunk import KVLayout
@@ -32,6 +34,7 @@ from lmcache_ext.keys import ChunkSpan
 log = logging.getLogger(__name__)
 TIER_SAMPLE_S = 1.0  # how often the tiers' counters and usage are read into the stats
 MAX_PENDING_SAVES = 8  # saves copied out and waiting for the saver thread (their KV held)
+MAX_PENDING_LOADS = 1024  # background loads queued (each holds a pin, no memory)
 
 
 class ForwardTimer:
@@ -102,8 +105,15 @@ class WorkerSide:
         engine.probe_read_speeds()  # the cost model needs every tier's speed from the start
         self._sample_tiers()  # the baseline (the probe's writes are not the service's)
         self.stats.reset()
-        self.saver = BackgroundSaver(f"lmcache-ext-save-r{rank}", MAX_PENDING_SAVES,
-                                     self._save_failed)
+        self.saver = BackgroundJobs(f"lmcache-ext-save-r{rank}", MAX_PENDING_SAVES,
+                                    self._save_failed)
+        # Background loads: each holds only its pin, so the queue is as long as vLLM's batch.
+        self.loader = BackgroundJobs(f"lmcache-ext-load-r{rank}", MAX_PENDING_LOADS,
+                                     lambda: None)
+        self._load_stream: Any = None  # the loader's CUDA stream (GPU only)
+        self._loaded: set[str] = set()  # background loads done, not reported to vLLM yet
+        self._loaded_failed_blocks: set[int] = set()  # the blocks those could not fill
+        self._loaded_lock = threading.Lock()
         # how long a lookup waits for saves in flight: well inside the scheduler's deadline
         self.save_wait_s = engine.config.worker_lookup_timeout_s / 4
         self.server = CacheServer(engine_key, rank, self)
@@ -120,6 +130,8 @@ class WorkerSide:
         paged = vllm_compat.paged_layout(caches[0], layout.num_kv_heads, layout.head_dim, backend)
         self._views = kernels.paged_kv_layers(caches, paged, layout.num_kv_heads, layout.head_dim)
         self.timer = ForwardTimer(self._views[0].k.device, self.engine.config.chunk_size)
+        self.staging = StagingArea(layout, self.engine.config.chunk_size, self._views[0].k.device,
+                                   self.engine.config.staging_chunks)
         found = KVLayout(len(caches), layout.num_kv_heads, layout.head_dim, self._views[0].k.dtype)
         if found != layout:
             raise kernels.UnsupportedLayout(f"vLLM's KV caches are {found}, its KV cache "
@@ -193,7 +205,17 @@ class WorkerSide:
                 # kv: [layers, 2, span tokens, H, D] in the tier's buffer, held while we copy
                 lo, hi = max(span.start, op.start), min(span.end, op.end)
                 part = kv[:, :, lo - span.start:hi - span.start]
-                kernels.scatter(part.to(device), self._views, slots[lo - op.start:hi - op.start])
+                where = slots[lo - op.start:hi - op.start]
+                if part.device == device:  # CPU: scatter straight from the tier's buffer
+                    kernels.scatter(part, self._views, where)
+                    return
+                buffer = self.staging.acquire()  # GPU: one host-to-device hop per chunk
+                staged = buffer[:, :, :hi - lo]
+                staged.copy_(part)
+                kernels.scatter(staged, self._views, where)
+                used = torch.cuda.Event()
+                used.record()
+                self.staging.release(buffer, used)
             loaded = min(self.engine.retrieve_spans(spans, copy), op.end)
         except Exception:
             log.exception("lmcache-ext: load of request %s failed; it will be recomputed",
@@ -216,6 +238,35 @@ class WorkerSide:
         first, last = max(loaded, op.start) // self.block_size, (op.end - 1) // self.block_size
         return set(op.block_ids[first:last + 1])
 
+    def load_in_background(self, op: TransferOp) -> None:
+        """Queue ``op`` (a load into blocks nothing else uses until it is done) on the loader
+        thread; ``take_background_loads`` reports it once done, failed blocks included."""
+        self.loader.submit(lambda: self._background_load(op))
+
+    def _background_load(self, op: TransferOp) -> None:
+        failed: set[int] = set(op.block_ids)  # if even the load's own handling fails
+        try:
+            if self._views and self._views[0].k.is_cuda:
+                if self._load_stream is None:
+                    self._load_stream = torch.cuda.Stream(device=self._views[0].k.device)
+                with torch.cuda.stream(self._load_stream):
+                    failed = self.load(op)
+                self._load_stream.synchronize()  # the blocks hold the KV before vLLM is told
+            else:
+                failed = self.load(op)
+        finally:
+            with self._loaded_lock:
+                self._loaded.add(op.req_id)
+                self._loaded_failed_blocks.update(failed)
+
+    def take_background_loads(self) -> tuple[set[str], set[int]]:
+        """The requests whose background loads finished since the last call, and the blocks
+        those loads could not fill (vLLM recomputes them)."""
+        with self._loaded_lock:
+            done, self._loaded = self._loaded, set()
+            failed, self._loaded_failed_blocks = self._loaded_failed_blocks, set()
+        return done, failed
+
     def save(self, op: TransferOp) -> None:
         """Store the request's chunks in [0, end) that the engine lacks (gathering only those:
         a chunk before them that is evicted meanwhile is skipped, never stored from memory
@@ -232,34 +283,48 @@ class WorkerSide:
             self._count("save_s", time.perf_counter() - began)  # the step's share only
 
     def _save(self, op: TransferOp) -> None:
+        """Gather each chunk the engine lacks into a staging buffer (waiting for one if all are
+        in flight) and queue its store on the saver thread, which gives the buffer back."""
         spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens) if s.end <= op.end]
         present = self.engine.storage.prefix_length([s.key for s in spans])
-        start = spans[present - 1].end if present else 0
-        if start >= op.end:
-            return  # the engine has every chunk already: copy nothing
-        layout = self.engine.layout
         device = self._views[0].k.device
-        # buf: [layers, 2, end - start, kv_heads, head_dim] on the KV's device
-        buf = torch.empty(layout.shape(op.end - start), dtype=layout.dtype, device=device)
-        kernels.gather(self._views, self._slots(op.block_ids, start, op.end).to(device), buf)
-        ready = None
-        if buf.is_cuda:  # the copy to the host waits for the gather on a stream of its own
-            ready = torch.cuda.Event()
-            ready.record()
+        for span in spans[present:]:
+            buffer = self.staging.acquire()
+            part = buffer[:, :, :span.num_tokens]  # [layers, 2, tokens, kv_heads, head_dim]
+            try:
+                kernels.gather(self._views, self._slots(op.block_ids, span.start, span.end),
+                               part)
+            except Exception:
+                self.staging.release(buffer)
+                raise
+            gathered = None
+            if device.type == "cuda":  # the saver's copy waits for the gather, on its stream
+                gathered = torch.cuda.Event()
+                gathered.record()
+            self.saver.submit(self._store_job(span, buffer, part, gathered))
+
+    def _store_job(self, span: ChunkSpan, buffer: torch.Tensor, part: torch.Tensor,
+                   gathered: Any) -> Callable[[], None]:
+        queued = time.perf_counter()
 
         def store() -> None:
-            host = buf
-            if ready is not None:
-                stream = self._copy_stream()
-                stream.wait_event(ready)
-                with torch.cuda.stream(stream):
-                    host = buf.to("cpu")
-            stored = self.engine.store_spans(spans, host, start)
+            used = None
+            try:
+                if gathered is None:
+                    stored = self.engine.store_spans([span], part, span.start)
+                else:  # GPU: the tier's put is the one device-to-host copy
+                    stream = self._copy_stream()
+                    stream.wait_event(gathered)
+                    with torch.cuda.stream(stream):
+                        stored = self.engine.store_spans([span], part, span.start)
+                        used = torch.cuda.Event()
+                        used.record()
+            finally:
+                self.staging.release(buffer, used)
             if self.rank == 0:
                 self._count("stored_tokens", stored)
                 self._count("store_s", time.perf_counter() - queued)
-        queued = time.perf_counter()
-        self.saver.submit(store)
+        return store
 
     def _copy_stream(self) -> Any:
         """The saver thread's CUDA stream for device -> host copies (made on first use)."""
@@ -326,6 +391,7 @@ class WorkerSide:
         """Stop answering lookups, finish the queued saves, drop every pin, let write-behinds
         finish and close the tiers. Idempotent."""
         self.server.close()
+        self.loader.close()
         self.saver.close()
         with self._pins_lock:
             pins, self._pins = list(self._pins.values()), {}

@@ -40,6 +40,8 @@ from typing import Any, Protocol
 
 import zmq
 
+from lmcache_ext.storage.cpu import CPUTier
+
 log = logging.getLogger(__name__)
 POLL_S = 0.1  # how often the worker's thread looks at its stop flag
 
@@ -64,11 +66,14 @@ class RankAnswer:
     tiers: tuple[tuple[str, int], ...] = ()  # runs of (tier, chunks) from chunk 0
     chunk_s: Mapping[str, float] = field(default_factory=dict)  # s to read one chunk, by tier
 
+    def chunk_tiers(self) -> list[str]:
+        """The tier of each held chunk ("" where the answer did not say)."""
+        names = [tier for tier, count in self.tiers for _ in range(count)]
+        return (names + [""] * self.chunks)[:self.chunks]
+
     def load_s(self) -> list[float]:
         """Seconds to read each held chunk (0 where the tier is not measured yet)."""
-        seconds = [self.chunk_s.get(tier, 0.0) for tier, count in self.tiers
-                   for _ in range(count)]
-        return (seconds + [0.0] * self.chunks)[:self.chunks]
+        return [self.chunk_s.get(tier, 0.0) for tier in self.chunk_tiers()]
 
     def to_json(self) -> dict[str, Any]:
         return {"chunks": self.chunks, "tiers": [list(run) for run in self.tiers],
@@ -91,6 +96,8 @@ class LookupAnswer:
 
     chunks: int  # held by every rank from the first
     load_s: list[float]  # per chunk in [0, chunks): the slowest rank's read time
+    # per chunk in [0, chunks): True where some rank holds it outside its CPU tier
+    slow: list[bool] = field(default_factory=list)
 
 
 def combine(answers: Sequence[RankAnswer]) -> LookupAnswer:
@@ -99,7 +106,9 @@ def combine(answers: Sequence[RankAnswer]) -> LookupAnswer:
         return LookupAnswer(0, [])
     chunks = min(a.chunks for a in answers)
     per_rank = [a.load_s()[:chunks] for a in answers]
-    return LookupAnswer(chunks, [max(times) for times in zip(*per_rank, strict=True)])
+    tiers = [a.chunk_tiers()[:chunks] for a in answers]
+    slow = [any(t != CPUTier.name for t in names) for names in zip(*tiers, strict=True)]
+    return LookupAnswer(chunks, [max(times) for times in zip(*per_rank, strict=True)], slow)
 
 
 class CacheService(Protocol):

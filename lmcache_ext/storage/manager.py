@@ -19,6 +19,7 @@ from lmcache_ext.config import default_of
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics, RunningAverage, TierCounters
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier
+from lmcache_ext.storage.cpu import CPUTier
 from lmcache_ext.storage.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -142,9 +143,12 @@ class TieredStore:
         write-behind), the chunk is written straight through to the slower tiers on this thread
         instead of being lost: backpressure, not data loss.
         """
-        if self.tiers[0].put(key, chunk):
+        if self.tiers[0].name != CPUTier.name:
+            chunk = _on_host(chunk)  # files and the network take host bytes
+        if self.tiers[0].put(key, chunk):  # the CPU tier copies from any device: one hop
             self._write_behind(key, range(len(self._behind)))
             return True
+        chunk = _on_host(chunk)
         stored = False
         for tier in self.tiers[1:]:
             try:
@@ -186,3 +190,9 @@ class TieredStore:
             if lease is None:  # evicted already (everything else pinned): nothing to copy from
                 return
             self._behind[index].submit(key, lease)
+
+
+def _on_host(chunk: Chunk) -> Chunk:
+    """``chunk`` with its KV in host memory (a GPU's chunk comes from the connector's staging
+    buffer when no CPU tier takes it first: one chunk-sized copy)."""
+    return chunk if chunk.kv.device.type == "cpu" else Chunk(chunk.kv.cpu())

@@ -59,6 +59,35 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class DecodeDuringHit:
+    """Times (s, from the decoding request's start) of each token of a decoding request, and
+    when a second request arrived and got its first token, with that request's cached tokens
+    and output."""
+
+    token_times: list[float]
+    hit_added: float
+    hit_done: float
+    hit_cached: int
+    hit_token_ids: list[int]
+
+    def tokens_while_hit_waited(self) -> int:
+        """Tokens the decoding request produced after the second request arrived and before
+        that request's first token."""
+        return sum(1 for t in self.token_times if self.hit_added < t < self.hit_done)
+
+    def itl_before_s(self) -> list[float]:
+        """Inter-token times of the decoding request before the second request arrived."""
+        times = [t for t in self.token_times if t <= self.hit_added]
+        return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+    def itl_while_hit_waited_s(self) -> list[float]:
+        """Inter-token times ending after the second request arrived, up to its first token
+        (a load in the step shows here as one long gap)."""
+        pairs = zip(self.token_times, self.token_times[1:], strict=False)
+        return [b - a for a, b in pairs if self.hit_added < b <= self.hit_done + 1e-9]
+
+
+@dataclass(frozen=True)
 class Generation:
     token_ids: list[int]
     cached_tokens: int  # prompt tokens vLLM did not compute (its prefix cache + the connector)
@@ -99,6 +128,17 @@ class EngineProcess:
     def generate(self, prompt: list[int], max_tokens: int = 1) -> Generation:
         reply = self._call({"op": "generate", "prompt": prompt, "max_tokens": max_tokens})
         return Generation(reply["token_ids"], reply["cached_tokens"], reply["seconds"])
+
+    def decode_during_hit(self, decode_prompt: list[int], decode_tokens: int,
+                          hit_prompt: list[int], inject_after: int) -> DecodeDuringHit:
+        """One request decodes ``decode_tokens`` tokens; once it has ``inject_after`` of them
+        a second request (``hit_prompt``, one token) arrives: what the first request's tokens
+        did meanwhile, and what the second got."""
+        reply = self._call({"op": "decode_during_hit", "decode_prompt": decode_prompt,
+                            "decode_tokens": decode_tokens, "hit_prompt": hit_prompt,
+                            "inject_after": inject_after})
+        return DecodeDuringHit(reply["token_times"], reply["hit_added"], reply["hit_done"],
+                               reply["hit_cached"], reply["hit_token_ids"])
 
     def reset_prefix_cache(self) -> None:
         """Evict vLLM's own prefix cache (lmcache-ext's tiers keep everything)."""
@@ -176,6 +216,8 @@ def _serve(llm, replies) -> None:
                 reply = {"token_ids": list(out.outputs[0].token_ids),
                          "cached_tokens": int(out.num_cached_tokens or 0),
                          "seconds": time.perf_counter() - began}
+            elif message["op"] == "decode_during_hit":
+                reply = _decode_during_hit(llm, message)
             elif message["op"] == "reset_prefix_cache":
                 reply = {"reset": bool(llm.reset_prefix_cache())}
             else:
@@ -183,6 +225,42 @@ def _serve(llm, replies) -> None:
         except Exception as exc:  # the test sees the error; the engine keeps serving
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(reply), file=replies, flush=True)
+
+
+def _decode_during_hit(llm, message: dict) -> dict:
+    """Drives vLLM's engine step by step (the offline ``generate`` cannot add a request while
+    another runs) and notes when each token appears."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    engine = llm.llm_engine
+    decode = SamplingParams(max_tokens=message["decode_tokens"], temperature=0.0,
+                            ignore_eos=True)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    engine.add_request("decode", TokensPrompt(prompt_token_ids=message["decode_prompt"]),
+                       decode)
+    began = time.perf_counter()
+    times: list[float] = []
+    hit_added = hit_done = None
+    hit_cached, hit_tokens = 0, []
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter() - began
+        for out in outputs:
+            if out.request_id.startswith("decode"):
+                times += [now] * (len(out.outputs[0].token_ids) - len(times))
+                if hit_added is None and len(times) >= message["inject_after"]:
+                    engine.add_request("hit", TokensPrompt(
+                        prompt_token_ids=message["hit_prompt"]), one)
+                    hit_added = time.perf_counter() - began
+            elif out.request_id.startswith("hit") and out.outputs[0].token_ids and \
+                    hit_done is None:
+                hit_done = now
+                hit_cached = int(out.num_cached_tokens or 0)
+                hit_tokens = list(out.outputs[0].token_ids)
+    if hit_added is None or hit_done is None:
+        raise RuntimeError("the second request never ran: inject_after >= decode_tokens?")
+    return {"token_times": times, "hit_added": hit_added, "hit_done": hit_done,
+            "hit_cached": hit_cached, "hit_token_ids": hit_tokens}
 
 
 def main() -> None:

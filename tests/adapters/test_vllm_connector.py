@@ -15,6 +15,7 @@ from tests.adapters.vllm_setup import (
     HEAD_DIM,
     LAYER_NAMES,
     Rig,
+    complete,
     make_request,
     make_rig,
     step,
@@ -281,3 +282,146 @@ def test_a_partial_block_load_fills_only_the_positions_asked_for(tmp_path, layou
     assert torch.equal(got[:95].view(torch.int16),
                        expected_kv(PROMPT_A, range(95)).view(torch.int16))
     assert torch.count_nonzero(got[95].view(torch.int16)) == 0
+
+
+# ---------------------------------------------------------------------- background loads
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_a_background_load_waits_unscheduled_then_runs_on_its_loaded_kv(tmp_path, layout,
+                                                                         backend):
+    """Scenario (async_load=always): B's hit loads off the step. vLLM holds B unscheduled
+    (WAITING_FOR_REMOTE_KVS) while the loader fills its blocks; once the worker reports it
+    finished receiving, B is scheduled with the loaded tokens computed, its blocks hold A's KV
+    bit for bit, and nothing stays pinned."""
+    from vllm.v1.request import RequestStatus
+    rig = rig_for(tmp_path, layout, backend, async_load="always")
+    save_prompt_a(rig, backend)
+    b = make_request("b", PROMPT_B)
+    assert rig.connector.get_num_new_matched_tokens(b, 0) == (64, True)
+    zero_caches(rig)
+    rig.scheduler.add_request(b)
+    output = rig.scheduler.schedule()
+    assert output.scheduled_new_reqs == [] and b.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    (op,) = output.kv_connector_metadata.loads
+    assert (op.req_id, op.start, op.end, op.background) == ("b", 0, 64, True)
+    _, errors = complete(rig, output)
+    assert errors == set() and rig.scheduler.finished_recving_kv_req_ids == {"b"}
+    assert rig.worker.worker.num_pins() == 0 and pinned_chunks(rig) == 0
+    got = read_kv(rig, backend, op.block_ids, range(64))
+    assert torch.equal(got.view(torch.int16), expected_kv(PROMPT_B, range(64)).view(torch.int16))
+    output = rig.scheduler.schedule()
+    (new,) = output.scheduled_new_reqs
+    assert (new.req_id, new.num_computed_tokens) == ("b", 64)
+    assert list(new.block_ids[0])[:4] == op.block_ids[:4]  # the blocks the load filled
+    assert output.kv_connector_metadata.loads == []  # loaded once, never again in the step
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_slow_tiers_load_in_the_background_and_cpu_hits_in_the_step(tmp_path, layout, backend):
+    """async_load=slow_tiers (the default): a hit held in the CPU tier loads in the step (it
+    is faster there); the same hit held only on disk loads in the background."""
+    rig = rig_for(tmp_path, layout, backend)
+    save_prompt_a(rig, backend)
+    assert rig.connector.get_num_new_matched_tokens(make_request("b", PROMPT_B), 0) == (64, False)
+    (tmp_path / "disk").mkdir()
+    disk = rig_for(tmp_path / "disk", layout, backend, local_cpu=False,
+                   local_disk=str(tmp_path / "kv"), max_local_disk_size=0.01)
+    save_prompt_a(disk, backend)
+    assert disk.connector.get_num_new_matched_tokens(make_request("b", PROMPT_B), 0) == (64, True)
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_a_background_load_that_finds_a_chunk_gone_is_recomputed_from_there(tmp_path, layout,
+                                                                            backend):
+    """Scenario: the second chunk vanishes before the background load reads it. The blocks it
+    could not fill are reported in the step that reports the load finished, and vLLM
+    schedules B with only the first chunk computed: it recomputes the rest, never reads the
+    unfilled blocks as KV."""
+    rig = rig_for(tmp_path, layout, backend, async_load="always")
+    save_prompt_a(rig, backend)
+    rig.scheduler.add_request(make_request("b", PROMPT_B))
+    output = rig.scheduler.schedule()
+    (op,) = output.kv_connector_metadata.loads
+    engine = rig.worker.engine
+    key = engine.spans(PROMPT_B)[1].key
+    tier = engine.storage.tiers[0]
+    tier._index[key].pins = 0  # drop our pin's hold so the chunk can go
+    assert tier.remove(key)
+    _, errors = complete(rig, output)
+    assert errors == {op.block_ids[2], op.block_ids[3]}
+    (new,) = rig.scheduler.schedule().scheduled_new_reqs
+    assert (new.req_id, new.num_computed_tokens) == ("b", 32)
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_a_request_aborted_while_its_background_load_runs_leaks_nothing(tmp_path, layout,
+                                                                        backend):
+    """Scenario: B is aborted after its background load was handed to the worker. vLLM keeps
+    B's blocks until the worker reports the load done, then frees them; no pin stays, and a
+    later request still hits."""
+    from vllm.v1.request import RequestStatus
+    rig = rig_for(tmp_path, layout, backend, async_load="always")
+    save_prompt_a(rig, backend)
+    rig.scheduler.add_request(make_request("b", PROMPT_B))
+    output = rig.scheduler.schedule()
+    free_before = rig.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    rig.scheduler.finish_requests("b", RequestStatus.FINISHED_ABORTED)
+    assert rig.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free_before
+    assert complete(rig, output)[1] == set()
+    assert rig.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() > free_before
+    assert "b" not in rig.scheduler.requests
+    assert rig.connector.num_pinned_requests() == 0 and pinned_chunks(rig) == 0
+    c = make_request("c", PROMPT_B)
+    assert rig.connector.get_num_new_matched_tokens(c, 0) == (64, True)
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_a_failed_load_in_the_step_is_recomputed_never_a_failed_request(tmp_path, layout,
+                                                                       backend):
+    """vLLM's default kv_load_failure_policy fails a request whose load failed; the connector
+    sets it to recompute. Scenario: a chunk vanishes before B's load in the step: B is
+    rescheduled from the first chunk it did load and finishes normally."""
+    from vllm.v1.engine import FinishReason
+    rig = rig_for(tmp_path, layout, backend)
+    assert rig.scheduler.recompute_kv_load_failures
+    save_prompt_a(rig, backend)
+    rig.scheduler.add_request(make_request("b", PROMPT_B))
+    output = rig.scheduler.schedule()
+    blocks = list(output.scheduled_new_reqs[0].block_ids[0])
+    engine = rig.worker.engine
+    key = engine.spans(PROMPT_B)[1].key
+    engine.storage.tiers[0]._index[key].pins = 0
+    assert engine.storage.tiers[0].remove(key)
+    _, errors = complete(rig, output)
+    assert errors == {blocks[2], blocks[3]}
+    b = rig.scheduler.requests["b"]
+    assert not b.is_finished() and b.num_computed_tokens == 32
+    step(rig)
+    assert b.is_finished() and b.get_finished_reason() == FinishReason.LENGTH
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_a_16x_longer_prompt_moves_through_the_same_fixed_staging_buffers(tmp_path, layout,
+                                                                          backend):
+    """Bounded transfer memory: saves move KV chunk by chunk through ``staging_chunks``
+    buffers allocated once. A 1-chunk prompt and a 16-chunk prompt leave the staging area as
+    it was (two chunks' worth), and the 16 chunks that went through its two buffers come back
+    bit for bit."""
+    rig = rig_for(tmp_path, layout, backend, staging_chunks=2)
+    staging = rig.worker.worker.staging
+    engine = rig.worker.engine
+    chunk_bytes = engine.layout.dtype.itemsize * int(torch.Size(engine.layout.shape(CHUNK))
+                                                     .numel())
+    assert (staging.count, staging.allocated_bytes) == (2, 2 * chunk_bytes)
+    short, long = list(range(5000, 5000 + CHUNK)), list(range(6000, 6000 + 16 * CHUNK))
+    forward = FakeForward(rig, backend, {"short": short, "long": long})
+    for name, prompt in (("short", short), ("long", long)):
+        rig.scheduler.add_request(make_request(name, prompt))
+        step(rig, forward)
+        assert engine.lookup(prompt) == len(prompt)
+        assert (staging.count, staging.allocated_bytes) == (2, 2 * chunk_bytes)
+    stored = torch.zeros(engine.layout.shape(len(long)), dtype=engine.layout.dtype)
+    assert engine.retrieve(long, stored) == len(long)
+    want = expected_kv(long, range(len(long))).permute(1, 2, 0, 3, 4)
+    assert torch.equal(stored.view(torch.int16), want.view(torch.int16))

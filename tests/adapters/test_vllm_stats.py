@@ -82,7 +82,7 @@ def test_a_failed_load_is_counted(tmp_path, layout, backend):
         for span in rig.worker.engine.spans(PROMPT_B):
             tier.remove(span.key)
     from tests.adapters.vllm_setup import run_worker
-    errors, _ = run_worker(rig, output, forward)
+    errors, _, _ = run_worker(rig, output, forward)
     assert errors and rig.last_stats.data["failed_loads"] == 1
 
 

@@ -170,41 +170,50 @@ def make_request(req_id: str, prompt: list[int], max_tokens: int = 1, **kwargs) 
                    block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256), **kwargs)
 
 
-def run_worker(rig: Rig, scheduler_output, forward=None) -> tuple[set[int], set[str]]:
+def run_worker(rig: Rig, scheduler_output, forward=None) -> tuple[set[int], set[str], set[str]]:
     """What a model runner does with the connector for one step; ``forward`` stands in for the
-    model writing this step's KV. Returns the block ids reported as failed loads and the
-    requests reported as finished sending (their blocks may now be freed)."""
+    model writing this step's KV. Returns the block ids reported as failed loads, the
+    requests reported as finished sending (their blocks may now be freed) and those reported
+    as finished receiving (background loads done)."""
     rig.worker.bind_connector_metadata(scheduler_output.kv_connector_metadata)
     rig.worker.start_load_kv(None)
+    # Background loads run on the loader thread; waiting for them here makes each test's
+    # steps deterministic (vLLM itself never waits: it polls get_finished every step).
+    rig.worker.worker.loader.join()
     ran = scheduler_output.total_num_scheduled_tokens > 0
     if forward is not None and ran:
         forward(scheduler_output)
     if ran or vllm_compat.WAIT_FOR_SAVE_WITHOUT_FORWARD:
         rig.worker.wait_for_save()
-    sending, _ = rig.worker.get_finished(scheduler_output.finished_req_ids)
+    sending, recving = rig.worker.get_finished(scheduler_output.finished_req_ids)
     errors = rig.worker.get_block_ids_with_load_errors()
     # Saves land off the step; waiting for them keeps the next lookup (and the figures)
     # deterministic. Without the wait a lookup may miss a save still in flight: a miss.
     rig.worker.worker.saver.join()
     rig.last_stats = rig.worker.get_kv_connector_stats()
     rig.worker.clear_connector_metadata()
-    return errors, set(sending or ())
+    return errors, set(sending or ()), set(recving or ())
 
 
 def step(rig: Rig, forward=None, token: int = 7):
     """schedule -> worker -> update_from_output, one token sampled per scheduled request."""
-    output = rig.scheduler.schedule()
-    errors, sending = run_worker(rig, output, forward)
+    return complete(rig, rig.scheduler.schedule(), forward, token)
+
+
+def complete(rig: Rig, output, forward=None, token: int = 7):
+    """worker -> update_from_output for a step already scheduled (``output``)."""
+    errors, sending, recving = run_worker(rig, output, forward)
     req_ids = [r.req_id for r in output.scheduled_new_reqs] + list(
         output.scheduled_cached_reqs.req_ids)
     runner = ModelRunnerOutput(req_ids=req_ids,
                                req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                sampled_token_ids=[[token] for _ in req_ids], logprobs=None,
                                prompt_logprobs_dict={}, pooler_output=[])
-    if errors or sending or rig.last_stats is not None:  # as vLLM's model runner mixin does
+    if errors or sending or recving or rig.last_stats is not None:  # as vLLM's mixin does
         from vllm.v1.outputs import KVConnectorOutput
         runner.kv_connector_output = KVConnectorOutput(invalid_block_ids=errors,
                                                        finished_sending=sending or None,
+                                                       finished_recving=recving or None,
                                                        kv_connector_stats=rig.last_stats)
     for outputs in rig.scheduler.update_from_output(output, runner).values():
         stats = outputs.scheduler_stats

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from lmcache_ext.adapters.vllm_saver import BackgroundSaver
+from lmcache_ext.adapters.background import BackgroundJobs
 from tests.adapters.test_vllm_connector import (
     LAYOUTS,
     PROMPT_A,
@@ -57,7 +57,7 @@ def test_the_step_waits_for_the_copy_out_only(tmp_path, layout, backend, monkeyp
 
 def test_a_full_queue_makes_the_caller_wait_and_jobs_run_in_order():
     failures: list[int] = []
-    saver = BackgroundSaver("test-saver", 1, lambda: failures.append(1))
+    saver = BackgroundJobs("test-saver", 1, lambda: failures.append(1))
     gate, done = threading.Event(), []
     saver.submit(gate.wait)  # the thread is busy with this one
     assert not saver.wait_idle(0.05)  # a lookup waits this long at most, then answers

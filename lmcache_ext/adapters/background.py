@@ -1,10 +1,11 @@
-"""Saves off vLLM's step: the worker copies a save's KV out of the paged blocks in the step (the
-blocks may be reused right after it) and hands the rest (the tiers' writes, their checksums,
-the bookkeeping) to one background thread, in order.
+"""The worker side's work off vLLM's step: one background thread per kind of job, in order.
 
-The queue is bounded (``max_pending`` saves, each holding its copied-out KV): when it is full the
-step waits for the oldest save to finish (back-pressure, counted) rather than drop KV or grow
-without bound.
+Saves: the worker copies a save's KV out of the paged blocks in the step (the blocks may be
+reused right after it) and hands the rest (the tiers' writes, their checksums, the bookkeeping)
+to the saver. Background loads: the loader reads the tiers and fills the request's blocks while
+vLLM runs other requests. The queue is bounded (``max_pending`` jobs; a save holds its copied-out
+KV): when it is full the caller waits for the oldest job to finish (back-pressure, counted)
+rather than drop work or grow without bound.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
-class BackgroundSaver:
-    """Runs save jobs one at a time on a daemon thread, in submission order. ``submit`` and
+class BackgroundJobs:
+    """Runs jobs one at a time on a daemon thread, in submission order. ``submit`` and
     ``join`` are for one caller thread (vLLM's model runner), ``wait_idle`` for any thread; a
     job that raises is logged and passed to ``on_error``, never to the caller."""
 
@@ -41,11 +42,11 @@ class BackgroundSaver:
             self._queue.put(job)
 
     def join(self) -> None:
-        """Wait until every submitted save has finished."""
+        """Wait until every submitted job has finished."""
         self._queue.join()
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Wait at most ``timeout_s`` for the saves submitted so far (and any after them) to
+        """Wait at most ``timeout_s`` for the jobs submitted so far (and any after them) to
         finish; True if none is left. Thread-safe."""
         with self._idle:
             return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
@@ -64,7 +65,7 @@ class BackgroundSaver:
                     return
                 job()
             except Exception:
-                log.exception("lmcache-ext: a background save failed (skipped)")
+                log.exception("lmcache-ext: a background job failed (skipped)")
                 self._on_error()
             finally:
                 if job is not None:

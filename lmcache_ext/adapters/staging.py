@@ -1,0 +1,49 @@
+"""The worker's transfer memory: a few chunk-sized buffers on the KV's device, allocated once.
+
+Every save moves its KV out of vLLM's paged blocks through these buffers one chunk at a time
+(gather into a buffer, then the saver thread copies it into the CPU tier's buffer: on a GPU that
+copy is the one device-to-host hop, into the tier's pinned memory). A load from a GPU's tiers
+goes the other way (tier buffer -> staging buffer -> scatter). So the memory a transfer needs is
+``staging_chunks`` chunks whatever the prompt's length: a 1M-token prompt of a 7B model would
+otherwise ask for a 56 GB temporary. When every buffer is in flight the next transfer waits for
+the oldest (counted in ``waits``).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+from typing import Any
+
+import torch
+
+from lmcache_ext.chunk import KVLayout
+
+
+class StagingArea:
+    """Thread-safe. ``acquire`` a buffer ``[layers, 2, chunk_size, kv_heads, head_dim]``,
+    use a leading slice of it, ``release`` it (on a GPU with the event after its last use)."""
+
+    def __init__(self, layout: KVLayout, chunk_size: int, device: torch.device, count: int):
+        shape = layout.shape(chunk_size)
+        self._free: queue.Queue[tuple[torch.Tensor, Any]] = queue.Queue()
+        for _ in range(count):
+            self._free.put((torch.empty(shape, dtype=layout.dtype, device=device), None))
+        self.count = count
+        self.allocated_bytes = count * math.prod(shape) * layout.dtype.itemsize
+        self.waits = 0  # acquires that found every buffer in flight
+
+    def acquire(self) -> torch.Tensor:
+        try:
+            buffer, used = self._free.get_nowait()
+        except queue.Empty:
+            self.waits += 1
+            buffer, used = self._free.get()
+        if used is not None:
+            used.synchronize()  # the GPU has finished the copies that last read or wrote it
+        return buffer
+
+    def release(self, buffer: torch.Tensor, used: Any = None) -> None:
+        """Give ``buffer`` back; ``used`` (a CUDA event recorded after its last copy) makes the
+        next ``acquire`` wait for that copy."""
+        self._free.put((buffer, used))

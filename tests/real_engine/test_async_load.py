@@ -1,0 +1,50 @@
+"""Background loads in a real vLLM engine: a hit from a slow tier loads while other requests
+keep decoding (vLLM holds it in WAITING_FOR_REMOTE_KVS until the workers report it loaded)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
+from lmcache_ext.testing.slow_proxy import SlowProxy
+from lmcache_ext.testing.vllm_engine import synthetic_prompt
+
+CHUNK = 256
+HIT_PROMPT = synthetic_prompt(2100, seed=7)  # 8 whole chunks and a partial one
+HIT = 2048
+DECODE_PROMPT = synthetic_prompt(40, seed=8)
+CHUNK_DELAY_S = 0.05  # the slow tier: every request to Redis waits 50 ms on the way
+
+
+@pytest.fixture
+def slow_redis(tmp_path):
+    try:
+        redis_server_binary()
+    except RuntimeError as exc:  # a missing server fails with the fix; never a skip
+        pytest.fail(str(exc), pytrace=False)
+    server = RedisServer(tmp_path / "redis").start()
+    with SlowProxy("127.0.0.1", server.port, CHUNK_DELAY_S) as proxy:
+        yield proxy
+    server.stop()
+
+
+def test_a_slow_tier_hit_loads_while_another_request_keeps_decoding(engine_factory,
+                                                                    slow_redis):
+    """Scenario: a prompt stored in Redis behind a 50 ms link (no CPU tier); evicted from
+    vLLM's own cache, it arrives while another request decodes. Its load runs in the
+    background: the decoding request keeps producing tokens meanwhile (a load in the step
+    would stall it for the whole load: one token at most), and the hit's output is the cold
+    run's."""
+    engine = engine_factory("async", cache={"chunk_size": CHUNK, "local_cpu": False,
+                                            "remote_url": slow_redis.url(),
+                                            "remote_timeout_s": 10.0})
+    cold = engine.generate(HIT_PROMPT, 1)
+    assert cold.cached_tokens == 0
+    engine.reset_prefix_cache()
+    # Its saves cross the slow link too: a first hit makes sure every chunk is in Redis.
+    assert engine.generate(HIT_PROMPT, 1).cached_tokens == HIT
+    engine.reset_prefix_cache()
+    run = engine.decode_during_hit(DECODE_PROMPT, 48, HIT_PROMPT, inject_after=4)
+    assert (run.hit_cached, run.hit_token_ids) == (HIT, cold.token_ids), run
+    assert run.tokens_while_hit_waited() >= 3, (run, engine.log_tail())
+    assert len(run.token_times) == 48
