@@ -15,7 +15,9 @@ class TransferOp:
     ``digests`` are the chained digests of the request's chunks from the first (hashed once, by
     the scheduler; each rank names its copy with its own namespace), over ``num_tokens`` tokens:
     chunk i covers [i * chunk_size, min((i + 1) * chunk_size, num_tokens)). A load also names
-    the pin its lookup took (``pin_id``), which the worker drops once the load is done.
+    the pin its lookup took (``pin_id``), which the worker drops once the load is done. A save of
+    a request in a SageMaker session names the session (``session``): the worker keeps the
+    saved conversation pinned for it until the session is closed or expires.
     """
 
     req_id: str
@@ -25,6 +27,7 @@ class TransferOp:
     start: int
     end: int
     pin_id: int = 0
+    session: str | None = None
 
 
 @dataclass
