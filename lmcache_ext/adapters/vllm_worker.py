@@ -5,7 +5,9 @@ scheduler's lookups (``worker_channel.CacheService``: count the held chunks, pin
 load), and moves bytes: a load copies each cached chunk straight from the tier's buffer into the
 request's paged blocks (one copy per chunk; only the positions vLLM asked for), a save gathers the
 chunks the engine lacks and stores them. A failed or short load reports its blocks as load
-errors so vLLM recomputes them; a failed save is logged and counted, never raised.
+errors so vLLM recomputes them; a failed save is logged and counted, never raised. A save that
+names a SageMaker session also keeps the saved conversation pinned for it (``worker_sessions``)
+until the session is closed (``release_session``) or expires.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lmcache_ext import kernels
 from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.vllm_metadata import TransferOp
 from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest
+from lmcache_ext.adapters.worker_sessions import WorkerSessions
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.engine import CacheEngine, PrefixPin
 from lmcache_ext.keys import ChunkSpan
@@ -39,6 +42,9 @@ class WorkerSide:
         self._pins: dict[str, tuple[int, PrefixPin]] = {}  # req_id -> (pin id, pin)
         self._pins_lock = threading.Lock()
         self.save_failures = 0  # saves that raised: logged, counted, never passed on
+        config = engine.config
+        self.sessions = (WorkerSessions(engine, config.sessions_expiration_s)
+                         if config.enable_stateful_sessions else None)
         self.server = CacheServer(engine_key, rank, self)
 
     # -------------------------------------------------------------- vLLM's caches
@@ -65,6 +71,8 @@ class WorkerSide:
         """Chunks of the prompt held from the first; pins chunks [first, held) for the request
         (replacing its earlier pin). A chunk evicted between the count and the pin ends the
         run there: the answer never counts a chunk that is not pinned."""
+        if self.sessions is not None:
+            self.sessions.expire()
         spans = self.engine.spans_of(request.digests, request.num_tokens)
         hit = self.engine.lookup_spans(spans, request.num_tokens)
         held = sum(1 for s in spans if s.end <= hit)
@@ -87,6 +95,13 @@ class WorkerSide:
                 return  # already released, or a newer lookup re-pinned the request
             del self._pins[req_id]
         entry[1].release()
+
+    def release_session(self, session_id: str) -> int:
+        """The session was closed: unpin its conversation; the bytes freed."""
+        freed = self.sessions.release(session_id) if self.sessions is not None else 0
+        log.info("lmcache-ext rank %d: session %s closed, %d bytes unpinned", self.rank,
+                 session_id, freed)
+        return freed
 
     def num_pins(self) -> int:
         """Requests holding a pin on this rank (a pin that never goes is a leak)."""
@@ -125,15 +140,19 @@ class WorkerSide:
     def save(self, op: TransferOp) -> None:
         """Store the request's chunks in [0, end) that the engine lacks (gathering only those:
         a chunk before them that is evicted meanwhile is skipped, never stored from memory
-        nobody wrote). A failure is logged and counted."""
+        nobody wrote). A failure is logged and counted. With a session, the session then pins
+        the chunks [0, end) that the engine holds (see ``worker_sessions``)."""
         try:
-            self._save(op)
+            spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens)
+                     if s.end <= op.end]
+            self._save(op, spans)
+            if op.session is not None and self.sessions is not None:
+                self.sessions.extend(op.session, spans)
         except Exception:
             self.save_failures += 1
             log.exception("lmcache-ext: save of request %s failed (skipped)", op.req_id)
 
-    def _save(self, op: TransferOp) -> None:
-        spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens) if s.end <= op.end]
+    def _save(self, op: TransferOp, spans: list[ChunkSpan]) -> None:
         present = self.engine.storage.prefix_length([s.key for s in spans])
         start = spans[present - 1].end if present else 0
         if start >= op.end:
@@ -160,4 +179,6 @@ class WorkerSide:
             pins, self._pins = list(self._pins.values()), {}
         for _, pin in pins:
             pin.release()
+        if self.sessions is not None:
+            self.sessions.close()
         self.engine.close()
