@@ -225,7 +225,12 @@ class SessionHandler:
             session_id = check_session_id((header or "").strip())
         except SessionError:
             return  # LMI refused the close; there is nothing we could have pinned
-        freed = await asyncio.to_thread(self.releaser.release, session_id)
+        try:
+            freed = await asyncio.to_thread(self.releaser.release, session_id)
+        except Exception:  # the client's close succeeded in LMI: never fail it for our pins
+            log.exception("lmcache-ext handler: session %s closed, but unpinning it failed: "
+                          "its pins go when the session expires on the workers", session_id)
+            return
         missing = [rank for rank, n in enumerate(freed) if n is None]
         if missing:
             log.warning("lmcache-ext handler: session %s closed; worker rank(s) %s did not "
