@@ -78,7 +78,7 @@ class ServerSessions:
         else:
             budget = self.pins.budget
             pins = (f"pins up to {config.session_pin_max_gib:g} GiB per session, "
-                    f"{budget.total_bytes / GIB:.2f} GiB in all "
+                    f"{budget.total_bytes / GIB:.3g} GiB in all "
                     f"({config.session_pins_max_fraction:.0%} of the CPU tier)")
         log.info("stateful sessions: on, expiry %g s after last use; %s",
                  config.sessions_expiration_s, pins)

@@ -13,6 +13,7 @@ import torch
 
 from lmcache_ext.config import load_config
 from lmcache_ext.serving.app import build_endpoint
+from lmcache_ext.serving.protocol import parse_invocation
 from lmcache_ext.sessions.protocol import (
     CLOSED_SESSION_HEADER,
     NEW_SESSION,
@@ -213,6 +214,20 @@ def test_expiry_slides_on_use_then_ends_the_session_and_releases_its_pins(endpoi
     assert other
 
 
+def test_a_session_that_expires_during_its_turn_keeps_no_pins(endpoint, clock):
+    """Scenario: a turn outlives its session (the sweep releases it mid-turn); the pins the
+    turn's end takes are released again, never leaked."""
+    sessions = endpoint.service.sessions
+    session = sessions.begin_turn(create(endpoint))
+    inputs = DOC + "A long turn?"
+    ask(endpoint, inputs)  # the prompt's chunks are stored, as during the turn
+    ids = endpoint.service.prompt_ids(parse_invocation({"inputs": inputs}))
+    clock.now += EXPIRY_S
+    assert session in sessions.store.sweep()
+    sessions.end_turn(session, lambda: endpoint.engine.spans(ids), hit_tokens=0)
+    assert pinned(endpoint, session) == 0
+
+
 # ------------------------------------------------------------------ refusals
 
 
@@ -278,3 +293,15 @@ def test_sessions_work_with_the_cache_off(tiny_model):
         assert status == 200 and headers[CLOSED_SESSION_HEADER] == session
     finally:
         served.close()
+
+
+def test_the_start_log_says_whether_sessions_are_on_with_expiry_and_pin_budgets(tiny_model,
+                                                                                caplog):
+    caplog.set_level("INFO", logger="lmcache_ext.serving.sessions")
+    for overrides, needle in (
+            ({}, "stateful sessions: on, expiry 600 s after last use; pins up to 1 GiB per "
+                 "session, 0.0005 GiB in all (50% of the CPU tier)"),
+            ({"enable_stateful_sessions": False}, "stateful sessions: off")):
+        served = serve(tiny_model, Clock(), **overrides)
+        served.close()
+        assert needle in caplog.text
