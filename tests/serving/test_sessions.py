@@ -158,6 +158,17 @@ def test_a_streaming_turn_uses_and_pins_the_session(endpoint):
     assert status == 200 and last["details"]["cached_tokens"] >= 2 * CHUNK
 
 
+def test_the_session_header_is_read_in_any_case(endpoint):
+    status, headers, _ = call(endpoint, {"requestType": NEW_SESSION},
+                              {SESSION_HEADER.lower(): NEW_SESSION})
+    session = parse_new_session(headers[NEW_SESSION_HEADER])[0]
+    status, headers, _ = call(endpoint, {"requestType": "CLOSE"},
+                              {SESSION_HEADER.upper(): session})
+    assert status == 200 and headers[CLOSED_SESSION_HEADER] == session
+    status, message = error(endpoint, {"inputs": "hi"}, {SESSION_HEADER.lower(): session})
+    assert status == 400 and "closed" in message
+
+
 def test_new_session_goes_with_the_create_body_not_an_inference(endpoint):
     status, message = error(endpoint, {"inputs": "hi"}, {SESSION_HEADER: NEW_SESSION})
     assert status == 400 and "requestType" in message and "non-streaming" in message
