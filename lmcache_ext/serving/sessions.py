@@ -22,13 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmcache_ext.config import EngineConfig
+from lmcache_ext.config import EngineConfig, key_of, lmi_env_name
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import SessionMetrics
 from lmcache_ext.sessions.pins import SessionPins
 from lmcache_ext.sessions.protocol import (
     CLOSE,
     CLOSED_SESSION_HEADER,
+    FAILED_STATUS,
     NEW_SESSION,
     NEW_SESSION_HEADER,
     REQUEST_TYPE,
@@ -41,7 +42,6 @@ from lmcache_ext.sessions.store import SessionState, SessionStore, Sweeper
 from lmcache_ext.units import GIB
 
 log = logging.getLogger(__name__)
-FAILED_DEPENDENCY = 424  # a create or close that failed on our side (DJL's code for it)
 
 
 @dataclass(frozen=True)
@@ -164,9 +164,10 @@ class ServerSessions:
 
     def _require_enabled(self) -> None:
         if not self.enabled:
+            switch = lmi_env_name(key_of("enable_stateful_sessions"))
             raise SessionError(f"stateful sessions are not enabled on this endpoint, so "
                                f"{SESSION_HEADER} is not supported (enable_stateful_sessions="
-                               "false; OPTION_ENABLE_STATEFUL_SESSIONS=true turns them on)")
+                               f"false; {switch}=true turns them on)")
 
     def _release(self, session_id: str, _state: SessionState) -> None:
         if self.pins is not None:
@@ -174,4 +175,4 @@ class ServerSessions:
 
 
 def _failed(message: str) -> SessionReply:
-    return SessionReply(FAILED_DEPENDENCY, {"error": message})
+    return SessionReply(FAILED_STATUS, {"error": message})
