@@ -194,6 +194,11 @@ _EXTRA_BY_NAME = {k.name: k for k in EXTRA_KEYS}
 ALIASES = {("pre_caching_hash_algorithm", "builtin"): "sha256"}
 
 
+def key_of(name: str) -> ConfigKey:
+    """The table's row for key ``name``."""
+    return _BY_NAME[name]
+
+
 def default_of(name: str) -> Any:
     """The table's default for key ``name`` (a fresh copy of a mutable one)."""
     default = _BY_NAME[name].default

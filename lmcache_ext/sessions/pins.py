@@ -79,7 +79,9 @@ class SessionPins:
     def extend(self, session_id: str, spans: Sequence[ChunkSpan]) -> int:
         """Pin the session's conversation ``spans`` (from token 0) as far as cached and within
         budget; returns the tokens the session now pins from the start. Never raises for lack
-        of room (other sessions may be unpinned, see the module docstring)."""
+        of room (other sessions may be unpinned, see the module docstring). A session not
+        known here is started: a caller whose session may have ended while it worked calls
+        ``release`` again after checking."""
         with self._lock:
             held = self._sessions.pop(session_id, None) or _Held()
             self._sessions[session_id] = held  # now the most recent

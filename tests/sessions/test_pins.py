@@ -4,6 +4,8 @@ fails for lack of room."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from lmcache_ext.chunk import KVLayout
@@ -146,3 +148,33 @@ def test_pinned_bytes_and_unpins_are_metrics_in_the_engines_registry():
     pins.close()
     assert engine.metrics.value("session_pinned_bytes") == 0
     assert engine.metrics.value("session_unpins_total", why="ended") == 1
+
+
+def test_threads_extending_and_releasing_under_pressure_keep_the_budget_and_leak_no_pin():
+    """Scenario: 4 threads extend, release and flood at once; the total never passes its
+    budget and, once every session is released, nothing stays pinned."""
+    engine = engine_with(cpu_chunks=32)
+    pins = pins_with(engine, per_chunks=3, total_chunks=8)
+    over: list[int] = []
+
+    def work(worker: int) -> None:
+        for step in range(30):
+            session = f"s{worker}-{step % 3}"
+            pins.extend(session, stored(engine, conversation(worker * 10 + step % 3, 3)))
+            if step % 4 == 3:
+                pins.release(session)
+            stored(engine, conversation(5000 + worker * 100 + step, 1))
+            if pins.pinned_bytes() > 8 * CHUNK_BYTES:
+                over.append(pins.pinned_bytes())
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert over == []
+    pins.close()
+    assert pins.pinned_bytes() == 0
+    flood(engine, 64)
+    for worker in range(4):
+        for n in range(3):
+            assert engine.lookup(conversation(worker * 10 + n, 3)) == 0
