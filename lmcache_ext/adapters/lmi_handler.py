@@ -25,6 +25,7 @@ LMI unchanged. When vLLM does not run our connector, the handler only normalises
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import threading
@@ -43,6 +44,9 @@ from lmcache_ext.sessions.protocol import (
 )
 
 log = logging.getLogger(__name__)
+# Set while a request is inside SessionHandler.handle: LMI 0.36 calls a model.py's handle from
+# inside its own, so a copy of the handler placed there would otherwise call itself forever.
+_INSIDE = contextvars.ContextVar("lmcache_ext_lmi_handler_inside", default=False)
 PARAMS_FIELD = "kv_transfer_params"
 LMI_EXPORTS = ("register_adapter", "update_adapter", "unregister_adapter")  # besides handle
 
@@ -173,6 +177,18 @@ class SessionHandler:
         self.releaser: SessionReleaser | None = None
 
     async def handle(self, inputs: Any) -> Any:
+        """DJL's entry: the answer of LMI's service. Called again from inside LMI's service
+        (the handler used as LMI's model.py custom handler), it answers None, which LMI reads
+        as 'no custom answer' and serves the request itself."""
+        if _INSIDE.get():
+            return None
+        token = _INSIDE.set(True)
+        try:
+            return await self._handle(inputs)
+        finally:
+            _INSIDE.reset(token)
+
+    async def _handle(self, inputs: Any) -> Any:
         if not self._bound:
             normalise_properties(inputs.get_properties())
             result = await self._inner(inputs)

@@ -156,3 +156,23 @@ def test_without_our_connector_requests_pass_untouched(tmp_path):
     asyncio.run(handler.handle(Input({})))
     invoke(handler, {"prompt": [1], **OURS}, {})
     assert inner.bodies[-1] == {"prompt": [1], **OURS}  # not ours to judge: LMI/vLLM decide
+
+
+def test_called_again_from_inside_lmi_the_handler_steps_aside(tmp_path):
+    """Scenario: the handler placed as LMI's model.py custom handler: LMI's handle calls it,
+    it calls LMI's handle, which calls it again. The inner call answers None (LMI then serves
+    the request itself) instead of recursing; the outer one still attaches the session."""
+    service = SimpleNamespace(initialized=True, vllm_engine=SimpleNamespace(vllm_config=None),
+                              session_manager=SessionManager({"sessions_path": str(tmp_path)}))
+    seen: list[dict] = []
+
+    async def lmi_handle(inputs: Input) -> str:
+        assert await handler.handle(inputs) is None  # LMI's custom-handler hook
+        seen.append({} if inputs.is_empty() else inputs.get_as_json())
+        return "answered"
+
+    handler = SessionHandler(lmi_handle, service, releaser_for=lambda config: object())
+    asyncio.run(handler.handle(Input({})))
+    known = service.session_manager.create_session().session_id
+    invoke(handler, {"prompt": [1]}, {SESSION_HEADER: known})
+    assert session_of(seen[-1]["kv_transfer_params"]) == known
