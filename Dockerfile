@@ -33,10 +33,15 @@ assert 'lmcache_ext' in e(group='vllm.general_plugins').names, 'vLLM plugin not 
 
 COPY container/ /opt/lmcache-ext/container/
 RUN chmod 0755 /opt/lmcache-ext/container/entrypoint.sh
+# The LMI handler (LMI's vLLM service with session pins). DJL loads it by path where our
+# entrypoint sets OPTION_ENTRYPOINT to it (lmcache_ext/container/lmi_sessions.py).
+COPY handlers/ /opt/lmcache-ext/handlers/
 
 # LMI_ENTRYPOINT: the stage our entrypoint execs after its checks (LMI's own entrypoint).
+# LMI_HANDLER_FILE: the handler file above.
 ENV LMI_ENTRYPOINT=/usr/local/bin/dockerd-entrypoint.sh \
-    LMI_PYTHON=${PYTHON}
+    LMI_PYTHON=${PYTHON} \
+    LMI_HANDLER_FILE=/opt/lmcache-ext/handlers/lmcache_ext_vllm.py
 
 EXPOSE 8080
 ENTRYPOINT ["/opt/lmcache-ext/container/entrypoint.sh"]

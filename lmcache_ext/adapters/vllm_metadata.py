@@ -17,6 +17,8 @@ class TransferOp:
     chunk i covers [i * chunk_size, min((i + 1) * chunk_size, num_tokens)). A load also names
     the pin its lookup took (``pin_id``), which the worker drops once the load is done. A
     ``background`` load runs off the step; the worker reports it finished in ``get_finished``.
+    A save of a request in a SageMaker session names the session (``session``): the worker
+    keeps the saved conversation pinned for it until the session is closed or expires.
     """
 
     req_id: str
@@ -27,6 +29,7 @@ class TransferOp:
     end: int
     pin_id: int = 0
     background: bool = False
+    session: str | None = None
 
 
 @dataclass

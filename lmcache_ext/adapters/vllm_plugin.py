@@ -79,6 +79,20 @@ def offloading_overrides(vllm_config: VllmConfig, world: int) -> dict[str, Any]:
     return {"max_local_cpu_size": float(size) / world}
 
 
+def runs_our_connector(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM builds ``LMCacheExtConnector`` for ``vllm_config`` (in any of its processes:
+    they share the environment): our name, or a taken-over LMCache name, and no module path that
+    names another connector (vLLM's factory lets a module path win)."""
+    transfer = vllm_config.kv_transfer_config
+    if transfer is None or not transfer.kv_connector:
+        return False
+    module = getattr(transfer, "kv_connector_module_path", None)
+    if module and module != OUR_MODULE:
+        return False
+    return transfer.kv_connector == OUR_CONNECTOR or \
+        (transfer.kv_connector in TAKEN_OVER and takeover_enabled(os.environ))
+
+
 def describe_takeover(vllm_config: VllmConfig) -> str | None:
     """The line that says a LMCache name runs as ours (None when ours was named), with its route."""
     name = vllm_config.kv_transfer_config.kv_connector

@@ -9,6 +9,8 @@ from the forward passes' times). The lookup pins those chunks on the ranks until
 load (or until the request finishes, is aborted or preempted). A prompt's new whole chunks are
 saved once, in the step that finishes its prefill; with ``save_decode_cache`` a finished
 request's whole chunks of prompt + output are saved too (its blocks are held one step for that).
+A request in a SageMaker session (its ``kv_transfer_params`` name one, see ``session_params``)
+has its saves name the session, so the workers keep the conversation pinned for it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lmcache_ext.adapters import vllm_compat
+from lmcache_ext.adapters.session_params import session_of
 from lmcache_ext.adapters.vllm_metadata import LMCacheExtMetadata, TransferOp
 from lmcache_ext.adapters.vllm_stats import LMCacheExtStats
 from lmcache_ext.adapters.worker_channel import LookupAnswer, LookupRequest, WorkerCaches
@@ -48,6 +51,7 @@ class _RequestState:
     digests: list[bytes]  # the prompt's chunk digests, hashed once
     salt: str
     cacheable: bool
+    session: str | None = None  # the SageMaker session the request belongs to
     block_ids: list[int] = field(default_factory=list)
     num_external: int = 0  # tokens to load, set at allocation, consumed by the next metadata
     pin_id: int = 0  # the ranks' pin from the last lookup (0: none held)
@@ -83,7 +87,7 @@ class SchedulerSide:
             salt = request_salt(request)
             state = self._requests[request.request_id] = _RequestState(
                 len(prompt), self.hasher.digests(prompt, salt) if cacheable else [], salt,
-                cacheable)
+                cacheable, session_of(getattr(request, "kv_transfer_params", None)))
         return state
 
     # -------------------------------------------------------------- vLLM's questions
@@ -207,7 +211,8 @@ class SchedulerSide:
             end = min(len(state.digests) * self.chunk_size, state.num_prompt)
             if end > 0:
                 meta.saves.append(TransferOp(req_id, state.digests, state.num_prompt,
-                                             list(state.block_ids), 0, end))
+                                             list(state.block_ids), 0, end,
+                                             session=state.session))
 
     def _on_preempted(self, req_id: str) -> None:
         state = self._requests.get(req_id)
@@ -244,7 +249,8 @@ class SchedulerSide:
             return None  # no chunk holds output tokens (the prompt's are saved after prefill)
         whole = state.digests[:state.num_prompt // self.chunk_size]  # extend, never rehash
         digests = self.hasher.digests(tokens[:end], state.salt, known=whole)
-        return TransferOp(request.request_id, digests, end, list(block_ids), 0, end)
+        return TransferOp(request.request_id, digests, end, list(block_ids), 0, end,
+                          session=state.session)
 
     def _release(self, req_id: str, state: _RequestState) -> None:
         if state.pin_id:

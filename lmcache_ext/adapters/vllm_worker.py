@@ -5,7 +5,9 @@ scheduler's lookups (``worker_channel.CacheService``: count the held chunks, pin
 load), and moves bytes: a load copies each cached chunk straight from the tier's buffer into the
 request's paged blocks (one copy per chunk; only the positions vLLM asked for), a save gathers the
 chunks the engine lacks and stores them. A failed or short load reports its blocks as load
-errors so vLLM recomputes them; a failed save is logged and counted, never raised.
+errors so vLLM recomputes them; a failed save is logged and counted, never raised. A save that
+names a SageMaker session also keeps the saved conversation pinned for it (``worker_sessions``)
+until the session is closed (``release_session``) or expires.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lmcache_ext.adapters.staging import StagingArea
 from lmcache_ext.adapters.vllm_metadata import TransferOp
 from lmcache_ext.adapters.vllm_stats import TIER_EVENTS, LMCacheExtStats
 from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest, RankAnswer
+from lmcache_ext.adapters.worker_sessions import WorkerSessions
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.engine import CacheEngine, PrefixPin
 from lmcache_ext.keys import ChunkSpan
@@ -116,6 +119,9 @@ class WorkerSide:
         self._loaded_lock = threading.Lock()
         # how long a lookup waits for saves in flight: well inside the scheduler's deadline
         self.save_wait_s = engine.config.worker_lookup_timeout_s / 4
+        config = engine.config
+        self.sessions = (WorkerSessions(engine, config.sessions_expiration_s)
+                         if config.enable_stateful_sessions else None)
         self.server = CacheServer(engine_key, rank, self)
 
     # -------------------------------------------------------------- vLLM's caches
@@ -149,6 +155,8 @@ class WorkerSide:
         # A save still being written would be a miss: give the saver a moment (it is idle,
         # and this free, unless it is backlogged).
         self.saver.wait_idle(self.save_wait_s)
+        if self.sessions is not None:
+            self.sessions.expire()
         spans = self.engine.spans_of(request.digests, request.num_tokens)
         tiers = self.engine.locate_spans(spans, request.num_tokens)
         held = len(tiers)
@@ -179,6 +187,13 @@ class WorkerSide:
                 return  # already released, or a newer lookup re-pinned the request
             del self._pins[req_id]
         entry[1].release()
+
+    def release_session(self, session_id: str) -> int:
+        """The session was closed: unpin its conversation; the bytes freed."""
+        freed = self.sessions.release(session_id) if self.sessions is not None else 0
+        log.info("lmcache-ext rank %d: session %s closed, %d bytes unpinned", self.rank,
+                 session_id, freed)
+        return freed
 
     def num_pins(self) -> int:
         """Requests holding a pin on this rank (a pin that never goes is a leak)."""
@@ -271,10 +286,16 @@ class WorkerSide:
         """Store the request's chunks in [0, end) that the engine lacks (gathering only those:
         a chunk before them that is evicted meanwhile is skipped, never stored from memory
         nobody wrote). The KV is copied out of the blocks now; the tiers' writes run on the
-        saver thread. A failure is logged and counted, never raised."""
+        saver thread. With a session, the saver then pins the chunks [0, end) the engine holds
+        for it (see ``worker_sessions``). A failure is logged and counted, never raised."""
         began, self._moved = time.perf_counter(), True
         try:
-            self._save(op)
+            spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens)
+                     if s.end <= op.end]
+            self._save(op, spans)
+            if op.session is not None and self.sessions is not None:
+                session, sessions = op.session, self.sessions
+                self.saver.submit(lambda: sessions.extend(session, spans))  # after the stores
         except Exception:
             self._save_failed()
             log.exception("lmcache-ext: save of request %s failed (skipped)", op.req_id)
@@ -282,10 +303,9 @@ class WorkerSide:
         if self.rank == 0:
             self._count("save_s", time.perf_counter() - began)  # the step's share only
 
-    def _save(self, op: TransferOp) -> None:
+    def _save(self, op: TransferOp, spans: list[ChunkSpan]) -> None:
         """Gather each chunk the engine lacks into a staging buffer (waiting for one if all are
         in flight) and queue its store on the saver thread, which gives the buffer back."""
-        spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens) if s.end <= op.end]
         present = self.engine.storage.prefix_length([s.key for s in spans])
         device = self._views[0].k.device
         for span in spans[present:]:
@@ -397,6 +417,8 @@ class WorkerSide:
             pins, self._pins = list(self._pins.values()), {}
         for _, pin, _ in pins:
             pin.release()
+        if self.sessions is not None:
+            self.sessions.close()
         self.engine.close()
 
 

@@ -17,11 +17,16 @@ Each answer also says which tier holds the chunks and how long one chunk takes t
 tier (the rank's measured speeds), so the scheduler's cost model can weigh loading against
 recomputing (a chunk's load time is the slowest rank's: the ranks load in parallel).
 
+A SageMaker session's pins (``worker_sessions``) are released the same way: the LMI handler,
+in a process of its own, sends ``release_session`` to every rank when the session is closed and
+waits (with the same timeout) for each rank to say how many bytes it unpinned.
+
 Wire format (no pickle): frame 0 is a JSON header, frame 1 the chunk digests concatenated.
-  lookup  {"id", "op": "lookup", "req", "pin", "tokens", "first", "size"} + digests
-          -> {"id", "chunks", "tiers": [[tier, chunks], ...], "chunk_s": {tier: seconds}}
-          ("tiers": runs from chunk 0 covering the held chunks; "chunk_s": tiers measured)
-  release {"op": "release", "req", "pin"} (no reply)
+  lookup          {"id", "op": "lookup", "req", "pin", "tokens", "first", "size"} + digests
+                  -> {"id", "chunks", "tiers": [[tier, chunks], ...], "chunk_s": {tier: s}}
+                  ("tiers": runs from chunk 0 covering the held chunks; "chunk_s": tiers measured)
+  release         {"op": "release", "req", "pin"} (no reply)
+  release_session {"id", "op": "release_session", "session"} -> {"id", "freed"} (bytes)
 """
 
 from __future__ import annotations
@@ -120,6 +125,9 @@ class CacheService(Protocol):
     def release(self, req_id: str, pin_id: int) -> None:
         """Drop ``req_id``'s pin if it is still ``pin_id`` (a newer pin stays). Thread-safe."""
 
+    def release_session(self, session_id: str) -> int:
+        """Drop every pin the session holds (closed); the bytes freed. Thread-safe."""
+
 
 # Ranks whose worker runs in this process, found by the scheduler without a socket.
 _LOCAL: dict[tuple[str, int], CacheService] = {}
@@ -184,6 +192,9 @@ class CacheServer:
         if header["op"] == "release":
             self._service.release(str(header["req"]), int(header["pin"]))
             return None
+        if header["op"] == "release_session":
+            return {"id": header["id"],
+                    "freed": self._service.release_session(str(header["session"]))}
         if header["op"] != "lookup":
             raise ValueError(f"unknown cache request {header['op']!r}")
         size, blob = int(header["size"]), frames[1] if len(frames) > 1 else b""
@@ -271,6 +282,25 @@ class WorkerCaches:
             else:
                 self._send_release(self._remote_rank(rank), req_id, pin_id)
 
+    def release_session(self, session_id: str) -> list[int | None]:
+        """Drop the session's pins on every rank; per rank the bytes it freed, None for a rank
+        that did not answer within the timeout (its pins go when the session expires there)."""
+        freed: dict[int, int | None] = {}
+        waiting: dict[int, _RemoteRank] = {}
+        for rank in range(self._world):
+            local = self._local(rank)
+            if local is not None:
+                freed[rank] = local.release_session(session_id)
+            else:
+                waiting[rank] = self._remote_rank(rank)
+        if waiting:
+            self._next_id += 1
+            header = {"id": self._next_id, "op": "release_session", "session": session_id}
+            replies = self._exchange(waiting, header, [])
+            freed.update({r: (int(replies[r].get("freed", 0)) if r in replies else None)
+                          for r in waiting})
+        return [freed[rank] for rank in range(self._world)]
+
     def close(self) -> None:
         for remote in self._remote.values():
             remote.socket.close(0)
@@ -291,51 +321,60 @@ class WorkerCaches:
         return self._remote[rank]
 
     def _ask(self, ranks: dict[int, _RemoteRank], request: LookupRequest) -> list[RankAnswer]:
-        """Send the lookup to ``ranks`` at once; their answers, 0 for each that missed the
-        deadline (which then gets a release and a back-off)."""
+        """Send the lookup to ``ranks`` at once; their answers, a miss for each that missed
+        the deadline (which then gets a release and a back-off) or answered malformed."""
         self._next_id += 1
-        ident = self._next_id
         size = len(request.digests[0]) if request.digests else 32
-        header = json.dumps({"id": ident, "op": "lookup", "req": request.req_id,
-                             "pin": request.pin_id, "tokens": request.num_tokens,
-                             "first": request.first, "size": size}).encode()
+        header = {"id": self._next_id, "op": "lookup", "req": request.req_id,
+                  "pin": request.pin_id, "tokens": request.num_tokens, "first": request.first,
+                  "size": size}
+        replies = self._exchange(ranks, header, [b"".join(request.digests)])
+        answers = []
+        for rank, remote in ranks.items():
+            if rank not in replies:
+                self._mark_down(rank, remote, request)
+                answers.append(MISS)
+                continue
+            self._mark_up(rank, remote)
+            try:
+                answers.append(RankAnswer.from_json(replies[rank]))
+            except (KeyError, TypeError, ValueError):
+                log.warning("lmcache-ext: a malformed lookup answer from %s: a miss",
+                            remote.endpoint)
+                answers.append(MISS)
+        return answers
+
+    def _exchange(self, ranks: dict[int, _RemoteRank], header: dict,
+                  frames: list[bytes]) -> dict[int, dict]:
+        """Send one request (``header["id"]`` names it) to ``ranks`` at once; the replies of
+        those that answered within the timeout."""
+        message = [json.dumps(header).encode(), *frames]
         poller = zmq.Poller()
         for remote in ranks.values():
             try:
-                remote.socket.send_multipart([header, b"".join(request.digests)], zmq.NOBLOCK)
+                remote.socket.send_multipart(message, zmq.NOBLOCK)
             except zmq.Again:  # its queue is full: it has not been reading (no answer below)
                 continue
             poller.register(remote.socket, zmq.POLLIN)
-        answers: dict[int, RankAnswer] = {}
+        answers: dict[int, dict] = {}
         deadline = time.monotonic() + self._timeout_s
         while len(answers) < len(ranks) and (left := deadline - time.monotonic()) > 0:
             ready = dict(poller.poll(max(1, int(left * 1000))))
             for rank, remote in ranks.items():
                 if remote.socket in ready:
-                    answer = self._reply(remote, ident)
-                    if answer is not None:
-                        answers[rank] = answer
-        for rank, remote in ranks.items():
-            if rank in answers:
-                self._mark_up(rank, remote)
-            else:
-                self._mark_down(rank, remote, request)
-        return [answers.get(rank, MISS) for rank in ranks]
+                    reply = self._reply(remote, header["id"])
+                    if reply is not None:
+                        answers[rank] = reply
+        return answers
 
     @staticmethod
-    def _reply(remote: _RemoteRank, ident: int) -> RankAnswer | None:
+    def _reply(remote: _RemoteRank, ident: int) -> dict | None:
         """The answer to ``ident`` among the waiting messages (late answers to earlier
-        lookups are dropped: their pins were released when they timed out; a malformed
-        answer is a miss)."""
+        requests are dropped: a lookup's pins were released when it timed out)."""
         while remote.socket.poll(0):
             reply = json.loads(remote.socket.recv())
             if reply.get("id") == ident:
-                try:
-                    return RankAnswer.from_json(reply)
-                except (KeyError, TypeError, ValueError):
-                    log.warning("lmcache-ext: a malformed lookup answer from %s: a miss",
-                                remote.endpoint)
-                    return MISS
+                return reply
         return None
 
     def _mark_up(self, rank: int, remote: _RemoteRank) -> None:

@@ -18,7 +18,10 @@ entrypoint rewrites nothing for that; it says once which route switched the cach
    sized at start (``autoconfig``), and an error when a config file is also named (LMI's rule).
    Set by env, the variable is consumed here so LMI does not size a second time;
 4. validates the config, creates the disk directory (writable, room for its budget, O_DIRECT
-   probed and said once) and logs the effective config one line per key with its source.
+   probed and said once) and logs the effective config one line per key with its source;
+5. LMI's stateful sessions (``lmi_sessions``): ``OPTION_ENABLE_STATEFUL_SESSIONS=True`` (which
+   LMI reads as off) passed on as ``true``, and ``OPTION_ENTRYPOINT`` pointed at lmcache-ext's
+   LMI handler where LMI would run its vLLM service, so sessions pin their conversation.
 Any failure exits 2 with a message naming the env var or the serving.properties line, before LMI
 starts. ``LMCACHE_EXT_TAKEOVER=false`` hands everything over unchanged: LMCache itself runs.
 """
@@ -36,11 +39,17 @@ from typing import TYPE_CHECKING
 
 from lmcache_ext.adapters.vllm_plugin import OUR_CONNECTOR, TAKEOVER_ENV, takeover_enabled
 from lmcache_ext.config import (
+    TABLE,
     ConfigError,
     EngineConfig,
     config_file_from_env,
     describe,
     load_config,
+)
+from lmcache_ext.container.lmi_sessions import (
+    HandlerMissing,
+    normalise_sessions_flag,
+    prepare_sessions,
 )
 from lmcache_ext.container.lmi_settings import LmiSettings, SettingsError, read_settings
 from lmcache_ext.container.routes import LMI_AUTO_KV, RouteError, Routes, find_routes
@@ -144,11 +153,15 @@ def say_odirect(config: EngineConfig, found: DirectoryCheck) -> None:
 def export_settings(env: dict[str, str], settings: LmiSettings) -> dict[str, str]:
     """Put what the engine must read into ``env``: the config file made absolute against the
     model directory, and serving.properties' ``option.lmcache_<key>`` (which LMI does not
-    export) as ``OPTION_LMCACHE_<KEY>``. Returns env var -> serving.properties line."""
+    export) as ``OPTION_LMCACHE_<KEY>``, and LMI's own options that are engine keys too
+    (``option.enable_stateful_sessions``: the table's ``lmi_option``) as ``OPTION_<NAME>``, so
+    vLLM's workers see what LMI's handler sees. Returns env var -> serving.properties line."""
     exported: dict[str, str] = {}
+    shared = {key.lmi_option for key in TABLE if key.lmi_option}
     for name, option in settings.options.items():
         var = "OPTION_" + name.upper()
-        if name.startswith("lmcache_") and not option.source.startswith("env ") and \
+        ours = name.startswith("lmcache_") or name in shared
+        if ours and not option.source.startswith("env ") and \
                 name not in ("lmcache_config_file", "lmcache_auto_config"):
             env[var] = option.value
             exported[var] = option.source
@@ -229,6 +242,7 @@ def _routes(env: Mapping[str, str]) -> tuple[LmiSettings, Routes]:
 
 
 def _no_route(env: Mapping[str, str], settings: LmiSettings, routes: Routes) -> Handover:
+    normalise_sessions_flag({}, settings, fix=False)  # said, never changed: handed over as is
     if routes.other_connector:
         log.info("kv_transfer_config names kv_connector %s: not taken over, handing over "
                  "unchanged", routes.other_connector)
@@ -265,6 +279,10 @@ def prepare(environ: Mapping[str, str]) -> Handover:
              "vLLM plugin; %s=false runs LMCache)", on_by, OUR_CONNECTOR, PLUGIN_NAME,
              TAKEOVER_ENV)
     exported = export_settings(env, settings)
+    try:
+        prepare_sessions(env, settings)
+    except HandlerMissing as exc:
+        raise SetupError(str(exc)) from exc
     if routes.auto is not None:
         start_auto_config(env, settings, routes)
     # Before sizing, a disk tier may lack its size: that load only finds the directory.

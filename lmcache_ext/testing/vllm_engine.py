@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 CONNECTOR = {"kv_connector": "LMCacheExtConnector",
              "kv_connector_module_path": "lmcache_ext.adapters.vllm_connector",
@@ -95,16 +96,17 @@ class Generation:
 
 
 class EngineProcess:
-    """The driver process; a context manager that always stops it."""
+    """The driver process; a context manager that always stops it. ``driver`` names the module
+    it runs (another driver, e.g. ``lmi_process``, speaks the same JSON lines)."""
 
-    def __init__(self, spec: EngineSpec, python: str, log_path: str | Path,
-                 start_timeout_s: float = 600.0):
+    def __init__(self, spec: Any, python: str, log_path: str | Path,
+                 start_timeout_s: float = 600.0, driver: str = "lmcache_ext.testing.vllm_engine"):
         env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", **spec.env}
-        if spec.same_process:
+        if getattr(spec, "same_process", False):
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in close())
-        self._proc = subprocess.Popen([python, "-m", "lmcache_ext.testing.vllm_engine"],
+        self._proc = subprocess.Popen([python, "-m", driver],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._log, env=env, text=True)
         try:

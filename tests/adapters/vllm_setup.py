@@ -160,11 +160,14 @@ def close_rigs() -> None:
         rig.connector.shutdown()
 
 
-def make_request(req_id: str, prompt: list[int], max_tokens: int = 1, **kwargs) -> Request:
+def make_request(req_id: str, prompt: list[int], max_tokens: int = 1,
+                 kv_transfer_params: dict | None = None, **kwargs) -> Request:
     """A request as the engine core makes it, with vLLM's own block hasher (its prefix cache
-    needs one; our keys never use it)."""
+    needs one; our keys never use it). ``kv_transfer_params`` arrive as vLLM's OpenAI server
+    passes them: in the sampling params' ``extra_args``."""
     init_none_hash(sha256)
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
     return Request(request_id=req_id, prompt_token_ids=list(prompt), sampling_params=params,
                    pooling_params=None,
                    block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256), **kwargs)
