@@ -59,7 +59,7 @@ test: setup
 	$(VLLM_VENV_CPU)/bin/python -m pytest -q tests/real_engine tests/adapters/test_vllm_plugin.py
 
 lint: setup
-	$(VENV)/bin/ruff check --no-cache lmcache_ext tests benchmarks sagemaker_tests scripts
+	$(VENV)/bin/ruff check --no-cache lmcache_ext tests benchmarks sagemaker_tests scripts handlers
 
 # Without CONFIG, the env vars below give the default job its tiers (any LMCACHE_* already set
 # wins); with CONFIG=file, the file alone decides (env vars would override it).

@@ -197,7 +197,9 @@ class LMCacheExtConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
-        self.scheduler.allocated(request, list(blocks.get_block_ids()[0]), num_external_tokens)
+        # The block ids matter only to a background load (it is planned now).
+        block_ids = list(blocks.get_block_ids()[0]) if num_external_tokens else []
+        self.scheduler.allocated(request, block_ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LMCacheExtMetadata:
         return self.scheduler.build_meta(scheduler_output)
