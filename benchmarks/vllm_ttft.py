@@ -14,8 +14,9 @@ token (a prompt ending mid-chunk recomputes up to chunk_size - 1 more tokens wit
 
 ``--quick``: the 4K context only. JSON: {"configs": {NAME: {"cold_s", "warm_s", "speedup",
 "cached_tokens", "by_context": {...}} or {"error": ...}}}, the 4K figures at the top level, and
-with ``prefix_cache`` and ``ext_cpu_mp`` both run, "save_overhead": {"step_s_without",
-"step_s_with", "ratio"} (cold TTFT, one sample each: the step that prefills and saves).
+with ``ext_cpu_mp`` and ``ext_nosave`` both run, "save_overhead": {"contexts",
+"step_s_without", "step_s_with", "ratio"} (cold TTFT summed over the contexts: the steps that
+prefill and save, against the same engine with nothing to save).
 
 Background loads (unless ``--no-async``): a request decodes 48 tokens; after 4 of them a 2K-token
 prompt held only in a slow tier (Redis behind a link that holds every request 50 ms) arrives,
@@ -98,6 +99,10 @@ def configs(workdir: str, redis_url: str, lmcache_python: str) -> list[Config]:
         Config("ext_cpu_same", "lmcache-ext CPU tier, one process (uni executor)", cpu,
                same_process=True),
         Config("ext_cpu_mp", "lmcache-ext CPU tier, worker in its own process (default)", cpu),
+        # The same engine with nothing to save (chunks longer than any prompt here): the step
+        # without saving, for save_overhead.
+        Config("ext_nosave", "lmcache-ext configured, nothing saved (chunk of 8192 tokens)",
+               {**cpu, "chunk_size": 8192}),
         Config("ext_disk_mp", "lmcache-ext disk tier (O_DIRECT), worker process", disk),
         Config("ext_redis_mp", "lmcache-ext Redis tier, worker process", redis),
         Config("ext_cpu_tp", "lmcache-ext CPU tier, tensor parallel 3 (3 worker processes)",
@@ -243,14 +248,18 @@ def ratios(entries: dict) -> dict:
 
 
 def save_overhead(entries: dict) -> dict | None:
-    """What saving costs the step: the cold TTFT (one prefill of a fresh prompt, whose save
-    runs in the same step) with lmcache-ext's CPU tier against the engine without it."""
-    without = entries.get("prefix_cache", {}).get("cold_s")
-    with_save = entries.get("ext_cpu_mp", {}).get("cold_s")
-    if not (without and with_save):
+    """What saving costs the step: the cold TTFT (the step that prefills a fresh prompt and,
+    with ``ext_cpu_mp``, gathers its chunks for the saver) against the same engine with nothing
+    to save (``ext_nosave``), summed over the contexts measured (one cold sample each)."""
+    with_save = entries.get("ext_cpu_mp", {}).get("by_context", {})
+    without = entries.get("ext_nosave", {}).get("by_context", {})
+    shared = sorted(set(with_save) & set(without))
+    if not shared:
         return None
-    return {"step_s_without": without, "step_s_with": with_save,
-            "ratio": round(with_save / without, 3)}
+    step_with = sum(with_save[c]["cold_s"] for c in shared)
+    step_without = sum(without[c]["cold_s"] for c in shared)
+    return {"contexts": [int(c) for c in shared], "step_s_without": round(step_without, 3),
+            "step_s_with": round(step_with, 3), "ratio": round(step_with / step_without, 3)}
 
 
 def plot(report: dict, path: str) -> None:
