@@ -306,8 +306,7 @@ def measure_async_load(python: str, workdir: Path) -> dict:
                 with EngineProcess(spec, python, workdir / f"async-{mode}.log") as engine:
                     engine.generate(hit_prompt, 1)  # cold: saved across the slow link
                     engine.reset_prefix_cache()
-                    engine.generate(hit_prompt, 1)  # every chunk in Redis before we measure
-                    engine.reset_prefix_cache()
+                    server.wait_for_values(len(hit_prompt) // CHUNK)  # every chunk stored
                     run = engine.decode_during_hit(decode_prompt, 48, hit_prompt, 4)
                 before = statistics.median(run.itl_before_s())
                 during = statistics.mean(run.itl_while_hit_waited_s())

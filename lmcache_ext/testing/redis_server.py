@@ -109,6 +109,16 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2,
                            socket_connect_timeout=2, retry=Retry(NoBackoff(), 0), **kwargs)
 
+    def wait_for_values(self, count: int, within_s: float = 120.0) -> int:
+        """Wait until the server holds at least ``count`` values (saves reach it after their
+        request returns) or ``within_s`` passed; the number it holds."""
+        client = self.client()
+        deadline = time.monotonic() + within_s
+        while (held := client.dbsize()) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        client.close()
+        return held
+
     def stop(self) -> None:
         """Terminate (SIGTERM) and wait; the data is gone (no persistence)."""
         if self.process is None:
