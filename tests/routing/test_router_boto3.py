@@ -1,0 +1,88 @@
+"""boto3's own sagemaker-runtime client against the router (endpoint_url, fake credentials):
+botocore's parsers judge the session headers, the event stream and the error shapes."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from lmcache_ext.routing.policy import make_policy
+from lmcache_ext.routing.router import Backend, Router
+from lmcache_ext.sessions.protocol import NEW_SESSION, parse_new_session
+from tests.routing.conftest import closed_port
+
+
+def runtime(url: str):
+    return boto3.client("sagemaker-runtime", endpoint_url=url, region_name="us-east-1",
+                        aws_access_key_id="test", aws_secret_access_key="test",
+                        config=Config(retries={"max_attempts": 1, "mode": "standard"}))
+
+
+def invoke(client, payload: dict, **kwargs) -> dict:
+    return client.invoke_endpoint(EndpointName="local", Body=json.dumps(payload),
+                                  ContentType="application/json", **kwargs)
+
+
+def served_by(reply: dict) -> str:
+    return reply["ResponseMetadata"]["HTTPHeaders"]["x-lmcache-ext-replica"]
+
+
+def test_session_lifecycle_through_boto3(replicas, router):
+    """Scenario: create (NewSessionId), 3 turns on the creating replica, close
+    (ClosedSessionId), then the closed id is a ModelError carrying the replica's 400."""
+    client = runtime(router.url)
+    created = invoke(client, {"requestType": "NEW_SESSION"}, SessionId=NEW_SESSION)
+    session_id, expires_at = parse_new_session(created["NewSessionId"])
+    assert expires_at is not None
+    for turn in range(3):
+        reply = invoke(client, {"messages": [{"role": "user", "content": f"t{turn}"}]},
+                       SessionId=session_id)
+        assert served_by(reply) == served_by(created)
+        assert json.loads(reply["Body"].read())["choices"][0]["message"]["content"] == \
+            f"{served_by(created)}:1"
+    closed = invoke(client, {"requestType": "CLOSE"}, SessionId=session_id)
+    assert closed["ClosedSessionId"] == session_id
+    with pytest.raises(ClientError) as caught:
+        invoke(client, {"messages": [{"role": "user", "content": "again"}]},
+               SessionId=session_id)
+    error = caught.value.response
+    assert error["Error"]["Code"] == "ModelError"
+    assert error["ResponseMetadata"]["HTTPStatusCode"] == 424
+    assert error["OriginalStatusCode"] == 400 and "unknown" in error["OriginalMessage"]
+
+
+def test_streaming_with_a_session_through_boto3(router):
+    client = runtime(router.url)
+    created = invoke(client, {"requestType": "NEW_SESSION"}, SessionId=NEW_SESSION)
+    session_id, _ = parse_new_session(created["NewSessionId"])
+    reply = client.invoke_endpoint_with_response_stream(
+        EndpointName="local", ContentType="application/json", SessionId=session_id,
+        Body=json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}))
+    assert reply["ContentType"] == "application/jsonlines"
+    parts = b"".join(event["PayloadPart"]["Bytes"] for event in reply["Body"])
+    lines = [json.loads(line) for line in parts.splitlines()]
+    assert "".join(line["choices"][0]["delta"]["content"] for line in lines) == \
+        f"{served_by(created)}:1"
+    assert served_by(reply) == served_by(created)
+
+
+def test_custom_attributes_pass_through_boto3(router):
+    reply = invoke(runtime(router.url), {"messages": [{"role": "user", "content": "x"}]},
+                   CustomAttributes="tenant=7")
+    assert reply["CustomAttributes"] == "tenant=7"
+
+
+def test_a_dead_replica_is_service_unavailable_through_boto3():
+    router = Router([Backend("gone", "127.0.0.1", closed_port())],
+                    make_policy("random")).start()
+    try:
+        with pytest.raises(ClientError) as caught:
+            invoke(runtime(router.url), {"messages": [{"role": "user", "content": "x"}]})
+        assert caught.value.response["Error"]["Code"] == "ServiceUnavailable"
+        assert "replica gone" in caught.value.response["Error"]["Message"]
+    finally:
+        router.close()
