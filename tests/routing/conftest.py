@@ -8,7 +8,9 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import boto3
 import pytest
+from botocore.config import Config
 
 from lmcache_ext.routing.policy import make_policy
 from lmcache_ext.routing.router import Backend, Router
@@ -70,3 +72,10 @@ def closed_port() -> int:
 
 def chat(text: str = "hello") -> dict:
     return {"messages": [{"role": "user", "content": text}], "max_tokens": 4}
+
+
+def runtime(url: str):
+    """boto3's sagemaker-runtime client pointed at ``url`` (fake credentials, no retries)."""
+    return boto3.client("sagemaker-runtime", endpoint_url=url, region_name="us-east-1",
+                        aws_access_key_id="test", aws_secret_access_key="test",
+                        config=Config(retries={"max_attempts": 1, "mode": "standard"}))

@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import json
 
-import boto3
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from lmcache_ext.routing.policy import make_policy
 from lmcache_ext.routing.router import Backend, Router
 from lmcache_ext.sessions.protocol import NEW_SESSION, parse_new_session
-from tests.routing.conftest import closed_port
-
-
-def runtime(url: str):
-    return boto3.client("sagemaker-runtime", endpoint_url=url, region_name="us-east-1",
-                        aws_access_key_id="test", aws_secret_access_key="test",
-                        config=Config(retries={"max_attempts": 1, "mode": "standard"}))
+from tests.routing.conftest import closed_port, runtime
 
 
 def invoke(client, payload: dict, **kwargs) -> dict:
