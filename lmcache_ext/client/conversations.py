@@ -38,7 +38,7 @@ class Turn:
 
     conversation_id: str
     text: str
-    session_id: str
+    session_id: str | None
     prompt_tokens: int | None
     cached_tokens: int | None  # prompt tokens the endpoint loaded from its cache
     ttft_s: float  # request sent -> first streamed bytes (whole answer when not streamed)
@@ -82,11 +82,14 @@ class TurnStream:
 
 class SessionClient:
     """Conversations on one endpoint through ``transport`` (``HttpTransport`` or
-    ``SageMakerTransport``). ``system_prompt`` opens every new conversation."""
+    ``SageMakerTransport``). ``system_prompt`` opens every new conversation. ``sessions=False``
+    sends turns without sessions (an endpoint without them; routing comparisons): the
+    conversation keeps its history all the same, and ``Turn.session_id`` is None."""
 
     def __init__(self, transport: Transport, system_prompt: str | None = None,
-                 params: ChatParams | None = None):
+                 params: ChatParams | None = None, sessions: bool = True):
         self.transport = transport
+        self.sessions = sessions
         self.system_prompt = system_prompt
         self.params = params or ChatParams()
         self._conversations: dict[str, _Conversation] = {}
@@ -175,6 +178,8 @@ class SessionClient:
     def _with_session(self, conversation: _Conversation, send):
         """``send(session_id)``; once more with a new session if the endpoint says the session
         is gone. Returns (send's result, whether the session was replaced)."""
+        if not self.sessions:
+            return send(None), False
         had_session = conversation.session_id is not None
         session = conversation.session_id or self._create(conversation)
         try:
@@ -205,7 +210,6 @@ class SessionClient:
                 messages: list[dict[str, str]], answer: ChatAnswer, ttft_s: float,
                 total_s: float, recreated: bool) -> Turn:
         conversation.messages = messages + [{"role": "assistant", "content": answer.text}]
-        assert conversation.session_id is not None
         return Turn(conversation_id, answer.text, conversation.session_id, answer.prompt_tokens,
                     answer.cached_tokens, ttft_s, total_s, recreated)
 

@@ -157,3 +157,11 @@ def test_an_endpoint_without_sessions_is_a_clear_error(tmp_path):
             SessionClient(HttpTransport(replica.url)).turn("c1", "hello")
     finally:
         replica.close()
+
+
+def test_without_sessions_the_history_still_grows(replicas):
+    client = SessionClient(HttpTransport(replicas[0].url), system_prompt="s", sessions=False)
+    for text in ("a", "b", "c"):
+        assert client.turn("c1", text).session_id is None
+    assert creates(replicas) == 0 and all(s.session is None for s in replicas[0].seen)
+    verify_history(client, "c1", 3)
