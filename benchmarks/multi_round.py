@@ -19,12 +19,13 @@ bytes), the prompt tokens and the cached tokens the server reports (``usage``). 
 history tokens loaded / history tokens sent over rounds 2..R, where a turn's history is the
 previous turn's prompt (the part of this prompt the endpoint has seen). The server stores whole
 chunks of prompts, so ``hit_ceiling`` (the whole chunks of that history) is the most any mode
-can reach.
+can reach; ``turns_hit`` is the share of turns (rounds 2..R) that loaded all of it.
 
     python benchmarks/multi_round.py [--quick] [--replicas 2,4] [--json PATH] [--plot PATH]
 
-JSON: {"modes": {MODE: {"hit_rate", "hit_ceiling", "ttft_p50_by_round", "ttft_p90_by_round",
-"total_s", "served"}}} for the last (largest) replica count, and "runs" with every count.
+JSON: {"modes": {MODE: {"hit_rate", "hit_ceiling", "turns_hit", "ttft_p50_by_round",
+"ttft_p90_by_round", "total_s", "served"}}} for the last (largest) replica count, and "runs"
+with every count.
 """
 
 from __future__ import annotations
@@ -174,14 +175,18 @@ def run_mode(name: str, mode: Mode, work: Workload, replica_count: int, loaded,
 
 def summarise(name: str, rounds: list[list[Turn]], chunk: int, total_s: float,
               served: list[int]) -> dict:
-    loaded = history = ceiling = 0
+    loaded = history = ceiling = hits = turns = 0
     for previous, current in zip(rounds, rounds[1:], strict=False):
         for before, now in zip(previous, current, strict=True):
+            whole = (before.prompt_tokens or 0) // chunk * chunk
             history += before.prompt_tokens or 0
-            ceiling += (before.prompt_tokens or 0) // chunk * chunk
+            ceiling += whole
             loaded += now.cached_tokens or 0
+            hits += (now.cached_tokens or 0) >= whole
+            turns += 1
     return {"hit_rate": loaded / history if history else 0.0,
             "hit_ceiling": ceiling / history if history else 0.0,
+            "turns_hit": hits / turns if turns else 0.0,
             "ttft_p50_by_round": [statistics.median(t.ttft_s for t in r) for r in rounds],
             "ttft_p90_by_round": [percentile([t.ttft_s for t in r], 0.9) for r in rounds],
             "prompt_tokens_by_round": [statistics.mean(t.prompt_tokens or 0 for t in r)
@@ -196,13 +201,15 @@ def print_table(report: dict) -> None:
     work = report["workload"]
     for count, run in report["runs"].items():
         print(f"\n{count} replicas, {work['users']} users x {work['rounds']} rounds "
-              f"(TTFT seconds; hit = history tokens loaded / sent, rounds 2..R)")
-        print(f"{'mode':<19}{'hit':>7}{'ceiling':>9}{'p50 r2':>8}{'p50 rR':>8}{'rR/r2':>7}"
-              f"{'p90 rR':>8}{'total':>8}  requests per replica")
+              f"(TTFT seconds; hit = history tokens loaded / sent, rounds 2..R; turns = turns that "
+              f"loaded all of it)")
+        print(f"{'mode':<19}{'hit':>7}{'ceiling':>9}{'turns':>7}{'p50 r2':>8}{'p50 rR':>8}"
+              f"{'rR/r2':>7}{'p90 rR':>8}{'total':>8}  requests per replica")
         for name, row in run["modes"].items():
             p50 = row["ttft_p50_by_round"]
             ratio = p50[-1] / p50[1] if len(p50) > 1 else float("nan")
             print(f"{name:<19}{row['hit_rate']:>7.1%}{row['hit_ceiling']:>9.1%}"
+                  f"{row['turns_hit']:>7.0%}"
                   f"{p50[min(1, len(p50) - 1)]:>8.3f}{p50[-1]:>8.3f}{ratio:>6.2f}x"
                   f"{row['ttft_p90_by_round'][-1]:>8.3f}{row['total_s']:>8.1f}  "
                   f"{row['served']}")
@@ -241,7 +248,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--system-tokens", type=int, default=128)
     parser.add_argument("--question-tokens", type=int, default=96)
     parser.add_argument("--answer-tokens", type=int, default=16)
-    parser.add_argument("--chunk-size", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (the replicas share this process's CPUs; one "
+                             "thread each avoids oversubscribing them)")
     parser.add_argument("--tier-share", type=float, default=1.25,
                         help="each replica's CPU tier / what its share of the users needs")
     parser.add_argument("--churn", type=float, default=0.5,
@@ -262,7 +272,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    import torch
+
     from lmcache_ext.serving.model import load_model
+
+    torch.set_num_threads(args.threads)
 
     loaded = load_model(None)
     work = Workload(args.users, args.rounds, args.system_tokens, args.question_tokens,
