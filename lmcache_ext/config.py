@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from lmcache_ext.sessions.protocol import DEFAULT_EXPIRY_S
 from lmcache_ext.units import GIB
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ NOT_APPLICABLE_KEYS = frozenset({
     "enable_async_loading", "numa_mode", "lookup_timeout_ms",
     "internal_api_server_enabled", "internal_api_server_host", "internal_api_server_port_start",
 })
+# LMI's own env prefix: a key with ``lmi_option`` is also read from ``OPTION_<LMI_OPTION>``.
+LMI_OPTION_PREFIX = "OPTION_"
 REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
 HASH_ALGORITHMS = ("sha256", "xxh3_128")
 
@@ -63,6 +66,9 @@ class ConfigKey:
     choices: tuple = ()
     nullable: bool = False
     check: Callable[[Any], str | None] | None = None
+    # LMI's name for the same setting (``option.<name>`` / ``OPTION_<NAME>``), read at the lowest
+    # env precedence, so the container's LMI setting and this engine never disagree.
+    lmi_option: str = ""
 
 
 def _positive(value: float) -> str | None:
@@ -71,6 +77,10 @@ def _positive(value: float) -> str | None:
 
 def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "must be >= 0"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
 
 
 def _chunk_multiple(value: int) -> str | None:
@@ -162,12 +172,31 @@ TABLE: tuple[ConfigKey, ...] = (
               "(a miss) for this long.", "s", check=_non_negative),
     ConfigKey("use_layerwise", bool, False, "LMCache key; only false is supported.",
               choices=(False,)),
+    ConfigKey("enable_stateful_sessions", bool, True,
+              "SageMaker stateful sessions on /invocations (create, use, close); on by default, "
+              "as in LMI's vLLM service. LMI reads anything but 'true' as off, so its name "
+              "takes only true or false.", lmi_option="enable_stateful_sessions"),
+    ConfigKey("sessions_expiration_s", float, DEFAULT_EXPIRY_S,
+              "A session ends this long after its last use (sliding) and its pins are released.",
+              "s", check=_positive, lmi_option="sessions_expiration"),
+    ConfigKey("session_pin_max_gib", float, 1.0,
+              "Most KV one session keeps pinned in the CPU tier (its conversation's leading "
+              "chunks).", "GiB", check=_positive),
+    ConfigKey("session_pins_max_fraction", float, 0.5,
+              "Most KV all sessions together keep pinned, as a share of the CPU tier's budget; "
+              "over it the least recently used session is unpinned. 0 = sessions without pins.",
+              check=_fraction),
 )
 
 _BY_NAME = {k.name: k for k in TABLE}
 _EXTRA_BY_NAME = {k.name: k for k in EXTRA_KEYS}
 # Values some LMCache files carry that we read as another allowed value, said in the log.
 ALIASES = {("pre_caching_hash_algorithm", "builtin"): "sha256"}
+
+
+def key_of(name: str) -> ConfigKey:
+    """The table's row for key ``name``."""
+    return _BY_NAME[name]
 
 
 def default_of(name: str) -> Any:
@@ -216,6 +245,10 @@ class EngineConfig:
     worker_lookup_timeout_s: float = _default("worker_lookup_timeout_s")
     worker_lookup_backoff_s: float = _default("worker_lookup_backoff_s")
     use_layerwise: bool = _default("use_layerwise")
+    enable_stateful_sessions: bool = _default("enable_stateful_sessions")
+    sessions_expiration_s: float = _default("sessions_expiration_s")
+    session_pin_max_gib: float = _default("session_pin_max_gib")
+    session_pins_max_fraction: float = _default("session_pins_max_fraction")
     # Where each key's value came from ("default", "file /x.yaml", "env LMCACHE_X", "override").
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     # LMCache-only keys that were set, each with its source; they change nothing here.
@@ -295,6 +328,26 @@ def parse_env_value(key: ConfigKey, text: str) -> Any:
             value = yaml.safe_load(stripped)
         return value
     return text
+
+
+def parse_lmi_bool(text: str) -> bool:
+    """An LMI option's boolean: ``true`` or ``false`` in any case. LMI reads every other word as
+    off, so one we read another way ("1", "yes") would split the container in two: an error."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    raise ValueError("expected true or false (LMI reads anything but 'true' as off)")
+
+
+def lmi_env_name(key: ConfigKey) -> str:
+    """The LMI env var that also sets ``key`` ("" if none)."""
+    return LMI_OPTION_PREFIX + key.lmi_option.upper() if key.lmi_option else ""
+
+
+def _parse_text(key: ConfigKey, text: str, source: str) -> Any:
+    if key.type is bool and key.lmi_option and source == f"env {lmi_env_name(key)}":
+        return parse_lmi_bool(text)
+    return parse_env_value(key, text)
 
 
 def _type_error(key: ConfigKey, value: Any) -> str | None:
@@ -380,8 +433,10 @@ def config_file_from_env(env: Mapping[str, str]) -> tuple[str, str] | None:
 
 
 def _env_candidates(env: Mapping[str, str]) -> list[tuple[str, str, str]]:
-    """(key name, env var name, text) for every engine key set in env, lowest precedence first."""
-    found = []
+    """(key name, env var name, text) for every engine key set in env, lowest precedence first:
+    LMI's own names, then ``LMCACHE_<KEY>``, then ``OPTION_LMCACHE_<KEY>``."""
+    found = [(key.name, var, env[var]) for key in TABLE
+             if key.lmi_option and (var := lmi_env_name(key)) in env]
     for prefix in ENV_PREFIXES:
         for var in sorted(env):
             suffix = var[len(prefix):]
@@ -429,7 +484,7 @@ def _build(layers: list[tuple[str, Mapping[str, Any], bool]]) -> EngineConfig:
                                 f"{_did_you_mean(str(name), _BY_NAME)}")
                 continue
             try:
-                typed = parse_env_value(key, raw) if is_text else raw
+                typed = _parse_text(key, raw, source) if is_text else raw
             except (ValueError, yaml.YAMLError) as exc:
                 problems.append(f"{key.name}: {raw!r} ({source}) is invalid: {exc}")
                 continue

@@ -75,6 +75,17 @@ class EngineMetrics:
                            registry=r)
         self._capacity = Gauge(f"{PREFIX}_tier_capacity_bytes", "Byte budget of the tier.",
                                labels, registry=r)
+        self._sessions: SessionMetrics | None = None
+        self._sessions_lock = threading.Lock()
+
+    @property
+    def sessions(self) -> SessionMetrics:
+        """The session metrics in this registry, made on first use: one set per engine, shared
+        by whatever keeps sessions over it."""
+        with self._sessions_lock:
+            if self._sessions is None:
+                self._sessions = SessionMetrics(self.registry)
+            return self._sessions
 
     def for_tier(self, tier: str) -> TierCounters:
         bound = {name: c.labels(tier=tier) for name, c in self._tier_counters.items()}
@@ -129,3 +140,33 @@ class ServerMetrics:
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds",
                               "Time from request to first token.", buckets=_TTFT_BUCKETS,
                               registry=registry)
+
+
+class SessionMetrics:
+    """Stateful sessions: how many are open, the KV they pin, and how often a session's turn
+    found its conversation in the cache. In the engine's registry, beside its metrics."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.open = Gauge(f"{PREFIX}_sessions_open", "Stateful sessions open.", registry=registry)
+        self.ended = Counter(f"{PREFIX}_sessions_ended", "Sessions ended, by how (closed or "
+                             "expired).", ["how"], registry=registry)
+        self.pinned_bytes = Gauge(f"{PREFIX}_session_pinned_bytes",
+                                  "Bytes of KV that sessions pin in the CPU tier.",
+                                  registry=registry)
+        self.unpinned = Counter(f"{PREFIX}_session_unpins", "Sessions whose pins were released, "
+                                "by why (ended, or budget: the least recently used session "
+                                "made room).", ["why"], registry=registry)
+        self.turns = Counter(f"{PREFIX}_session_turns", "Inference requests in a session.",
+                             registry=registry)
+        self.hits = Counter(f"{PREFIX}_session_hits", "Session turns whose prompt found a "
+                            "cached prefix.", registry=registry)
+        self.hit_tokens = Counter(f"{PREFIX}_session_hit_tokens", "Prompt tokens of session "
+                                  "turns found in the cache.", registry=registry)
+
+    def observe_turn(self, hit_tokens: int) -> None:
+        """One session turn whose prompt's cached prefix was ``hit_tokens`` long."""
+        self.turns.inc()
+        if hit_tokens > 0:
+            self.hits.inc()
+            self.hit_tokens.inc(hit_tokens)

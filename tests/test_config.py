@@ -266,3 +266,44 @@ def test_yaml_that_is_not_a_mapping_is_an_error(tmp_path):
 
 def test_empty_file_means_defaults(tmp_path):
     assert load_config(path=write(tmp_path, ""), env={}) == EngineConfig()
+
+
+# ------------------------------------------------------------------ stateful sessions
+
+
+def test_sessions_are_on_by_default_with_the_protocols_expiry():
+    from lmcache_ext.sessions.protocol import DEFAULT_EXPIRY_S
+    config = load_config(env={})
+    assert config.enable_stateful_sessions is True
+    assert config.sessions_expiration_s == DEFAULT_EXPIRY_S
+
+
+@pytest.mark.parametrize("text,expected", [("true", True), ("TRUE", True), ("False", False),
+                                           (" false ", False)])
+def test_lmis_session_options_set_the_keys_in_any_case(text, expected):
+    config = load_config(env={"OPTION_ENABLE_STATEFUL_SESSIONS": text,
+                              "OPTION_SESSIONS_EXPIRATION": "60"})
+    assert config.enable_stateful_sessions is expected
+    assert config.source_of("enable_stateful_sessions") == "env OPTION_ENABLE_STATEFUL_SESSIONS"
+    assert config.sessions_expiration_s == 60.0
+
+
+@pytest.mark.parametrize("text", ["1", "yes", "on", "enabled", ""])
+def test_an_lmi_session_switch_other_than_true_or_false_is_an_error_naming_it(text):
+    """LMI reads "1" as off; reading it as on would split the container in two."""
+    with pytest.raises(ConfigError, match="OPTION_ENABLE_STATEFUL_SESSIONS.*true or false"):
+        load_config(env={"OPTION_ENABLE_STATEFUL_SESSIONS": text})
+
+
+def test_our_own_names_win_over_lmis_for_the_session_keys():
+    config = load_config(env={"OPTION_SESSIONS_EXPIRATION": "60",
+                              "OPTION_LMCACHE_SESSIONS_EXPIRATION_S": "90"})
+    assert config.sessions_expiration_s == 90.0
+
+
+@pytest.mark.parametrize("key,value", [("sessions_expiration_s", 0), ("session_pin_max_gib", 0),
+                                       ("session_pins_max_fraction", 1.5),
+                                       ("session_pins_max_fraction", -0.1)])
+def test_session_budgets_out_of_range_are_errors(key, value):
+    with pytest.raises(ConfigError, match=key):
+        load_config(env={}, overrides={key: value})

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from lmcache_ext.adapters.vllm_plugin import OUR_CONNECTOR, TAKEOVER_ENV, takeover_enabled
 from lmcache_ext.config import (
+    TABLE,
     ConfigError,
     EngineConfig,
     config_file_from_env,
@@ -144,11 +145,15 @@ def say_odirect(config: EngineConfig, found: DirectoryCheck) -> None:
 def export_settings(env: dict[str, str], settings: LmiSettings) -> dict[str, str]:
     """Put what the engine must read into ``env``: the config file made absolute against the
     model directory, and serving.properties' ``option.lmcache_<key>`` (which LMI does not
-    export) as ``OPTION_LMCACHE_<KEY>``. Returns env var -> serving.properties line."""
+    export) as ``OPTION_LMCACHE_<KEY>``, and LMI's own options that are engine keys too
+    (``option.enable_stateful_sessions``: the table's ``lmi_option``) as ``OPTION_<NAME>``, so
+    vLLM's workers see what LMI's handler sees. Returns env var -> serving.properties line."""
     exported: dict[str, str] = {}
+    shared = {key.lmi_option for key in TABLE if key.lmi_option}
     for name, option in settings.options.items():
         var = "OPTION_" + name.upper()
-        if name.startswith("lmcache_") and not option.source.startswith("env ") and \
+        ours = name.startswith("lmcache_") or name in shared
+        if ours and not option.source.startswith("env ") and \
                 name not in ("lmcache_config_file", "lmcache_auto_config"):
             env[var] = option.value
             exported[var] = option.source

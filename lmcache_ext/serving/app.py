@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 
@@ -14,12 +15,13 @@ from prometheus_client import CollectorRegistry
 from lmcache_ext.chunk import ChunkMeta
 from lmcache_ext.config import EngineConfig
 from lmcache_ext.engine import CacheEngine
-from lmcache_ext.metrics import EngineMetrics
+from lmcache_ext.metrics import EngineMetrics, SessionMetrics
 from lmcache_ext.serving.cost import CostModel
 from lmcache_ext.serving.generator import Generator
 from lmcache_ext.serving.http_server import make_server
 from lmcache_ext.serving.model import LoadedModel, load_model
 from lmcache_ext.serving.service import Service
+from lmcache_ext.serving.sessions import ServerSessions
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 8080
@@ -42,6 +44,7 @@ class Endpoint:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.service.sessions.close()
         if self.engine is not None:
             self.engine.close()
 
@@ -64,8 +67,10 @@ def probe_prefill(loaded: LoadedModel, chunk_size: int, cost: CostModel) -> None
 
 
 def build_endpoint(config: EngineConfig, model_path: str | None, host: str, port: int,
-                   cache_on: bool = True, loaded: LoadedModel | None = None) -> Endpoint:
-    """Everything but serve_forever. ``loaded`` reuses a model already in memory (tests)."""
+                   cache_on: bool = True, loaded: LoadedModel | None = None,
+                   session_clock: Callable[[], float] = time.time) -> Endpoint:
+    """Everything but serve_forever. ``loaded`` reuses a model already in memory (tests);
+    ``session_clock`` is the sessions' time (epoch seconds; tests move it to expire them)."""
     loaded = loaded or load_model(model_path)
     registry = CollectorRegistry(auto_describe=True)
     engine = None
@@ -80,7 +85,10 @@ def build_endpoint(config: EngineConfig, model_path: str | None, host: str, port
         probe_prefill(loaded, config.chunk_size, cost)
         engine.probe_read_speeds()
     generator = Generator(loaded, engine, config.chunk_size, cost)
-    service = Service(generator, registry)
+    session_metrics = engine.metrics.sessions if engine is not None else \
+        SessionMetrics(registry)
+    sessions = ServerSessions(config, engine, session_metrics, clock=session_clock)
+    service = Service(generator, registry, sessions)
     server = make_server(service, host, port)
     endpoint = Endpoint(server, service, engine)
     log.info("serving %s on %s (cache %s)", loaded.name, endpoint.url, "on" if cache_on else "off")

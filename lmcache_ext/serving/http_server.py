@@ -5,7 +5,8 @@ and response bodies are ``protocol``'s, tokenising and generation ``service``'s.
 A thread per connection (the standard library's ``ThreadingHTTPServer``): ``/ping`` and
 ``/metrics`` answer at once while another thread generates, since torch releases the GIL inside
 its kernels. Streaming: ``/invocations`` writes JSON lines (``application/jsonlines``) as LMI
-does; the ``/v1`` routes write server-sent events as OpenAI clients expect.
+does; the ``/v1`` routes write server-sent events as OpenAI clients expect. SageMaker's stateful
+sessions (create, close, a session's turns) are spoken on ``/invocations`` (``sessions``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lmcache_ext.serving.protocol import (
     parse_invocation,
 )
 from lmcache_ext.serving.service import Service
+from lmcache_ext.sessions.protocol import SESSION_HEADER, SessionError, parse_session_request
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,19 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": f"no route {self.path}"})
             return
         try:
-            request = parse(decode_body(self._read_body()))
-            events, stats = self.service.run(request)
+            body = decode_body(self._read_body())
+            session_id = None
+            if self.path == "/invocations":  # SageMaker's sessions live on /invocations only
+                header = self.headers.get(SESSION_HEADER)
+                if (session_request := parse_session_request(body)) is not None:
+                    reply = self.service.sessions.handle(session_request, header)
+                    self._send_json(reply.status, reply.body, reply.headers)
+                    return
+                request = parse(body)
+                session_id = self.service.sessions.begin_turn(header)
+            else:
+                request = parse(body)
+            events, stats = self.service.run(request, session_id)
             if request.stream:
                 self._stream(request, events, stats)
             else:
@@ -73,7 +86,7 @@ class Handler(BaseHTTPRequestHandler):
                     pass
                 self._observe_ttft(stats)
                 self._send_json(200, format_full(request, stats, self.service.model_name))
-        except RequestError as exc:
+        except (RequestError, SessionError) as exc:
             self._send_json(exc.status, {"error": str(exc)})
         except Exception as exc:  # the request fails; the server keeps serving
             log.exception("request to %s failed", self.path)
@@ -123,12 +136,16 @@ class Handler(BaseHTTPRequestHandler):
     def _observe_ttft(self, stats: GenerationStats) -> None:
         self.service.metrics.ttft.observe(stats.ttft_s)
 
-    def _send_json(self, status: int, body: dict[str, Any]) -> None:
-        self._send(status, json.dumps(body).encode(), "application/json")
+    def _send_json(self, status: int, body: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(body).encode(), "application/json", headers)
         self.service.metrics.requests.labels(self.path, str(status)).inc()
 
-    def _send(self, status: int, data: bytes, content_type: str) -> None:
+    def _send(self, status: int, data: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
         self.send_response(status, HTTPStatus(status).phrase)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()

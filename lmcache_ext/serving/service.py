@@ -1,8 +1,9 @@
 """What the HTTP layer calls: a parsed request -> prompt token ids -> generation.
 
 Tokenising lives here: the chat template for ``messages``, the tokenizer for a prompt, and the
-check that the prompt fits the model's context (a ``RequestError`` naming the field). Thread-safe
-as far as the generator is: the HTTP server calls ``run`` from a thread per connection.
+check that the prompt fits the model's context (a ``RequestError`` naming the field). A turn of a
+stateful session ends by telling the sessions (they pin its conversation). Thread-safe as far as
+the generator is: the HTTP server calls ``run`` from a thread per connection.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from prometheus_client import CollectorRegistry
 from lmcache_ext.metrics import ServerMetrics
 from lmcache_ext.serving.generator import GenerationStats, Generator, TokenEvent
 from lmcache_ext.serving.protocol import GenerateRequest, RequestError
+from lmcache_ext.serving.sessions import ServerSessions
 
 
 class Service:
     """Tokenises requests and runs them on the generator; holds the server's metrics."""
 
-    def __init__(self, generator: Generator, registry: CollectorRegistry):
+    def __init__(self, generator: Generator, registry: CollectorRegistry,
+                 sessions: ServerSessions):
         self.generator = generator
         self.metrics = ServerMetrics(registry)
+        self.sessions = sessions
         self.model_name = generator.loaded.name
 
     def prompt_ids(self, request: GenerateRequest) -> list[int]:
@@ -39,8 +43,23 @@ class Service:
                                f"{self.generator.loaded.max_context}")
         return ids
 
-    def run(self, request: GenerateRequest) -> tuple[Iterator[TokenEvent], GenerationStats]:
+    def run(self, request: GenerateRequest,
+            session_id: str | None = None) -> tuple[Iterator[TokenEvent], GenerationStats]:
+        """Generate for ``request``; with ``session_id`` (an open session, see
+        ``ServerSessions.begin_turn``) the turn's end, or the stream's abandonment, pins the
+        session's conversation."""
         stats = GenerationStats()
         ids = self.prompt_ids(request)
         events = self.generator.generate(ids, request.params, stats)
+        if session_id is not None:
+            events = self._session_turn(events, session_id, ids, stats)
         return events, stats
+
+    def _session_turn(self, events: Iterator[TokenEvent], session_id: str, ids: list[int],
+                      stats: GenerationStats) -> Iterator[TokenEvent]:
+        engine = self.generator.engine
+        try:
+            yield from events
+        finally:  # the generator stored the prompt's chunks after the first token
+            self.sessions.end_turn(session_id, lambda: engine.spans(ids) if engine else [],
+                                   stats.cached_tokens)

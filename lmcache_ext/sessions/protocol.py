@@ -26,6 +26,7 @@ NEW_SESSION = "NEW_SESSION"  # the header's value, and the create body's request
 CLOSE = "CLOSE"
 REQUEST_TYPE = "requestType"
 DEFAULT_EXPIRY_S = 1200.0  # DJL's and the container standards' default
+FAILED_STATUS = 424  # a create or close that failed on the server's side (DJL's code for it)
 MAX_ID_CHARS = 256
 ID_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
 EXPIRES_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -33,7 +34,8 @@ EXPIRES_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 class SessionError(ValueError):
     """A session problem the caller caused or a session step that failed: ``status`` is the
-    HTTP status (400 malformed / unknown / expired; 424 a failed create or close)."""
+    HTTP status (400 malformed / unknown / expired; ``FAILED_STATUS`` a failed create or
+    close)."""
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)

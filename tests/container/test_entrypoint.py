@@ -75,6 +75,8 @@ EVERY_KEY = {
     "write_behind_queue_chunks": "8", "cost_aware_retrieval": "false",
     "min_retrieve_tokens": "64", "save_decode_cache": "false", "use_layerwise": "false",
     "worker_lookup_timeout_s": "0.5", "worker_lookup_backoff_s": "10",
+    "enable_stateful_sessions": "false", "sessions_expiration_s": "300",
+    "session_pin_max_gib": "0.25", "session_pins_max_fraction": "0.2",
 }
 
 
@@ -139,3 +141,27 @@ def test_auto_config_false_is_the_cache_off(tmp_path):
     run = run_entrypoint(tmp_path, {"OPTION_LMCACHE_AUTO_CONFIG": "false"})
     assert run.returncode == 0, run.log
     assert "cache off" in run.log and run.env["OPTION_LMCACHE_AUTO_CONFIG"] == "false"
+
+
+def test_lmis_session_options_in_serving_properties_reach_vllms_workers(tmp_path):
+    """Scenario: option.enable_stateful_sessions / option.sessions_expiration in
+    serving.properties (LMI's handler reads them there) are exported for the engine in vLLM's
+    workers, and a switch LMI would read differently from us stops the container naming the
+    line."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "serving.properties").write_text(
+        "option.enable_stateful_sessions=FALSE\noption.sessions_expiration=300\n")
+    run = run_entrypoint(tmp_path, {"OPTION_KV_TRANSFER_CONFIG": SEED_KV,
+                                    "SM_MODEL_DIR": str(model)})
+    assert run.returncode == 0, run.log
+    assert run.env["OPTION_ENABLE_STATEFUL_SESSIONS"] == "FALSE"
+    assert run.env["OPTION_SESSIONS_EXPIRATION"] == "300"
+    assert "enable_stateful_sessions = false  (env OPTION_ENABLE_STATEFUL_SESSIONS)" in run.log
+    assert "sessions_expiration_s = 300.0 s  (env OPTION_SESSIONS_EXPIRATION)" in run.log
+    (model / "serving.properties").write_text("option.enable_stateful_sessions=1\n")
+    run = run_entrypoint(tmp_path, {"OPTION_KV_TRANSFER_CONFIG": SEED_KV,
+                                    "SM_MODEL_DIR": str(model)})
+    assert run.returncode == 2 and run.record is None
+    assert "OPTION_ENABLE_STATEFUL_SESSIONS" in run.log and "true or false" in run.log
+    assert "serving.properties line 1 option.enable_stateful_sessions" in run.log
