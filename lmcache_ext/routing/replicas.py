@@ -6,6 +6,8 @@ replicas."""
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmcache_ext.config import EngineConfig
@@ -32,8 +34,10 @@ class Replicas:
 
 def start_replicas(count: int, config: EngineConfig, model_path: str | None = None,
                    loaded: LoadedModel | None = None, host: str = "127.0.0.1",
-                   cache_on: bool = True) -> Replicas:
-    """Start ``count`` replicas serving ``model_path`` (or ``loaded``) with ``config``."""
+                   cache_on: bool = True,
+                   session_clock: Callable[[], float] = time.time) -> Replicas:
+    """Start ``count`` replicas serving ``model_path`` (or ``loaded``) with ``config``;
+    ``session_clock`` is their sessions' time (tests move it to expire sessions)."""
     if count < 1:
         raise ValueError(f"replicas: {count} must be >= 1")
     loaded = loaded or load_model(model_path)
@@ -41,7 +45,8 @@ def start_replicas(count: int, config: EngineConfig, model_path: str | None = No
     threads: list[threading.Thread] = []
     try:
         for index in range(count):
-            endpoint = build_endpoint(config, None, host, 0, cache_on=cache_on, loaded=loaded)
+            endpoint = build_endpoint(config, None, host, 0, cache_on=cache_on, loaded=loaded,
+                                      session_clock=session_clock)
             endpoints.append(endpoint)
             thread = threading.Thread(target=endpoint.server.serve_forever, daemon=True,
                                       name=f"replica-{index}")

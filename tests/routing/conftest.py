@@ -27,6 +27,7 @@ def replicas():
 
 
 def start_router(replicas, mode: str = "random", **kwargs) -> Router:
+    """A router (seeded policy) in front of ``replicas`` (anything with ``url`` and ``name``)."""
     backends = [Backend.from_url(r.url, r.name) for r in replicas]
     return Router(backends, make_policy(mode, seed=0), **kwargs).start()
 
