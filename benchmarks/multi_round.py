@@ -263,7 +263,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.replicas, args.users, args.rounds = "3", 3, 4
-        args.system_tokens, args.question_tokens, args.answer_tokens = 64, 64, 16
+        args.system_tokens, args.question_tokens, args.answer_tokens = 64, 48, 8
     unknown = set(args.modes.split(",")) - set(MODES)
     if unknown:
         parser.error(f"--modes: unknown {', '.join(sorted(unknown))} (known: {', '.join(MODES)})")
@@ -294,10 +294,10 @@ def main() -> int:
             print(f"{count} replicas: {name} ...", file=sys.stderr, flush=True)
             run["modes"][name] = run_mode(name, MODES[name], work, count, loaded,
                                           system_prompt, questions)
-        report["modes"] = run["modes"]
+            report["modes"] = run["modes"]
+            if args.json:  # after each mode: a long run that is stopped keeps what it measured
+                Path(args.json).write_text(json.dumps(report, indent=2))
     print_table(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:
         plot(report, args.plot)
     return 0
