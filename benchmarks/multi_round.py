@@ -228,6 +228,7 @@ def plot(report: dict, path: str) -> None:
             values = row["ttft_p50_by_round"]
             axis.plot(range(1, len(values) + 1), values, marker="o",
                       label=f"{name} (hit {row['hit_rate']:.0%})")
+        axis.set_xticks(range(1, report["workload"]["rounds"] + 1))
         axis.set(xlabel="round", ylabel="TTFT p50 (s)", ylim=(0, None),
                  title=f"{count} replicas, {report['workload']['users']} users")
         axis.grid(True, alpha=0.3)
