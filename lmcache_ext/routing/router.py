@@ -13,7 +13,9 @@ Paths served:
 Every answer carries ``X-Lmcache-Ext-Replica: <replica name>`` when a replica served it. A
 replica that cannot be reached, drops the connection or stays silent past ``timeout_s`` is a
 502 naming it (``ServiceUnavailable``, 503, on the REST paths), never a hang. The endpoint name
-in a REST path is accepted whatever it is: the router is one endpoint.
+in a REST path is accepted whatever it is: the router is one endpoint. A session id the router
+never saw (it restarted) goes where the mode says: that replica answers 400 ("unknown") and a
+client such as ``lmcache_ext.client`` creates a new session.
 """
 
 from __future__ import annotations
@@ -159,12 +161,11 @@ class Router:
             outstanding = list(self._outstanding)
         return self.policy.choose(request, outstanding)
 
-    def observe(self, index: int, sent_session: str | None, status: int,
-                headers: Iterable[tuple[str, str]]) -> None:
-        """Record a created session, forget a closed one (from the replica's answer)."""
+    def observe(self, index: int, status: int, headers: Iterable[tuple[str, str]]) -> None:
+        """Record a created session (a 2xx answer naming a new session: with the
+        ``NEW_SESSION`` header or without it, as the server allows), forget a closed one."""
         for name, value in headers:
-            if name.lower() == NEW_SESSION_HEADER.lower() and sent_session == NEW_SESSION \
-                    and 200 <= status < 300:
+            if name.lower() == NEW_SESSION_HEADER.lower() and 200 <= status < 300:
                 try:
                     session_id, _ = parse_new_session(value)
                 except SessionError as exc:
@@ -187,16 +188,18 @@ class Router:
             self._outstanding[index] -= 1
 
     def open(self, index: int, method: str, path: str, body: bytes | None,
-             headers: list[tuple[str, str]]) -> tuple[http.client.HTTPConnection,
-                                                      http.client.HTTPResponse]:
+             headers: list[tuple[str, str]], timeout_s: float | None = None) -> \
+            tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send the request to replica ``index``; its response with headers read. Raises
-        ReplicaError naming the replica for any connection failure or timeout."""
+        ReplicaError naming the replica for any connection failure or a silence longer than
+        ``timeout_s`` (default the router's)."""
         backend = self.backends[index]
-        conn = http.client.HTTPConnection(backend.host, backend.port, timeout=self.timeout_s)
+        timeout_s = timeout_s or self.timeout_s
+        conn = http.client.HTTPConnection(backend.host, backend.port, timeout=timeout_s)
         try:
             conn.sock = socket.create_connection((backend.host, backend.port),
-                                                 timeout=min(CONNECT_TIMEOUT_S, self.timeout_s))
-            conn.sock.settimeout(self.timeout_s)
+                                                 timeout=min(CONNECT_TIMEOUT_S, timeout_s))
+            conn.sock.settimeout(timeout_s)
             conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
             conn.putheader("Host", f"{backend.host}:{backend.port}")
             for name, value in headers:
@@ -239,7 +242,8 @@ class RouterHandler(BaseHTTPRequestHandler):
         healthy = []
         for index, backend in enumerate(self.router.backends):
             try:
-                conn, response = self.router.open(index, "GET", "/ping", None, [])
+                conn, response = self.router.open(index, "GET", "/ping", None, [],
+                                                  timeout_s=CONNECT_TIMEOUT_S)
                 response.read()
                 conn.close()
                 if response.status == 200:
@@ -283,7 +287,6 @@ class RouterHandler(BaseHTTPRequestHandler):
         if target.kind == "rest_stream":
             headers = [("Accept", v) if n.lower() == STREAM_ACCEPT_HEADER.lower() else (n, v)
                        for n, v in headers]
-        sent_session = self.headers.get(SESSION_HEADER)
         try:
             conn, response = self.router.open(index, "POST", "/invocations", body, headers)
         except ReplicaError as exc:
@@ -291,7 +294,7 @@ class RouterHandler(BaseHTTPRequestHandler):
             self._error(target, 502, str(exc))
             return
         try:
-            self.router.observe(index, sent_session, response.status, response.getheaders())
+            self.router.observe(index, response.status, response.getheaders())
             if target.kind == "container":
                 self._relay(index, response)
             elif target.kind == "rest":
