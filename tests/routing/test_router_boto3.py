@@ -4,9 +4,11 @@ botocore's parsers judge the session headers, the event stream and the error sha
 from __future__ import annotations
 
 import json
+import socket
+import threading
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EventStreamError
 
 from lmcache_ext.routing.policy import make_policy
 from lmcache_ext.routing.router import Backend, Router
@@ -78,3 +80,35 @@ def test_a_dead_replica_is_service_unavailable_through_boto3():
         assert "replica gone" in caught.value.response["Error"]["Message"]
     finally:
         router.close()
+
+
+def test_a_stream_broken_mid_way_is_a_model_stream_error():
+    """Scenario: the replica sends its headers and one line, then drops the connection; boto3
+    gets the line, then a ModelStreamError event (not a short success)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_one() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        line = b'{"choices": [{"delta": {"content": "a"}}]}\n'
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/jsonlines\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(line), line))
+        conn.close()
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    router = Router([Backend("flaky", "127.0.0.1", listener.getsockname()[1])],
+                    make_policy("random")).start()
+    try:
+        reply = runtime(router.url).invoke_endpoint_with_response_stream(
+            EndpointName="local", ContentType="application/json", Body=b'{"inputs": "x"}')
+        events = iter(reply["Body"])
+        assert next(events)["PayloadPart"]["Bytes"].startswith(b'{"choices"')
+        with pytest.raises(EventStreamError) as caught:
+            next(events)
+        assert caught.value.response["Error"]["Code"] == "ModelStreamError"
+        assert "replica flaky" in caught.value.response["Error"]["Message"]
+    finally:
+        router.close()
+        thread.join()
+        listener.close()
