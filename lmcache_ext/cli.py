@@ -105,11 +105,15 @@ def route(args: argparse.Namespace) -> int:
     from lmcache_ext.routing.policy import make_policy
     from lmcache_ext.routing.router import Backend, Router
 
-    if bool(args.replicas) == bool(args.backend):
+    if (args.replicas is not None) == bool(args.backend):
         print("lmcache-ext route: give --replicas N or --backend URL (repeated), not both",
               file=sys.stderr)
         return 2
     try:
+        if args.replicas is not None and args.replicas < 1:
+            raise ValueError(f"--replicas: {args.replicas} must be >= 1")
+        if args.timeout_s <= 0:
+            raise ValueError(f"--timeout-s: {args.timeout_s} must be > 0")
         policy = make_policy(args.mode, prefix_chars=args.prefix_chars)
         backends = [Backend.from_url(url, f"backend-{i}") for i, url in
                     enumerate(args.backend or [])]

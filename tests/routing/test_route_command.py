@@ -50,6 +50,8 @@ def routing(*args: str) -> Iterator[str]:
     (("--replicas", "2", "--backend", "http://127.0.0.1:1"), "not both"),
     (("--backend", "ftp://host:1"), "expected http://HOST:PORT"),
     (("--backend", "http://127.0.0.1:1", "--prefix-chars", "0"), "prefix_chars"),
+    (("--replicas", "0"), "--replicas: 0 must be >= 1"),
+    (("--backend", "http://127.0.0.1:1", "--timeout-s", "0"), "--timeout-s: 0.0 must be > 0"),
 ])
 def test_bad_arguments_exit_2_with_the_reason(args, needle):
     result = run(*args)
