@@ -40,6 +40,7 @@ from lmcache_ext.sessions.protocol import (
     CLOSED_SESSION_HEADER,
     NEW_SESSION,
     NEW_SESSION_HEADER,
+    REQUEST_TYPE,
     SESSION_HEADER,
     SessionError,
     parse_new_session,
@@ -60,6 +61,7 @@ _HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Expect", "Server", "Date"))
 _PIECE = 64 * 1024
+_CREATE_MAX_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ class Router:
             if index is not None:
                 return index
         request = RouteRequest(body, headers.get(PREFIX_AWARE_HEADER),
-                               is_create=session == NEW_SESSION)
+                               is_create=session == NEW_SESSION or _create_body(body))
         with self._lock:
             outstanding = list(self._outstanding)
         return self.policy.choose(request, outstanding)
@@ -212,6 +214,18 @@ class Router:
             conn.close()
             raise ReplicaError(f"replica {backend.name} ({backend.url}): "
                                f"{type(exc).__name__}: {exc or 'no answer'}") from exc
+
+
+def _create_body(body: bytes) -> bool:
+    """Whether ``body`` is a create (which the server also takes without the header); a create
+    is a few bytes, so longer bodies are not parsed."""
+    if len(body) > _CREATE_MAX_BYTES or REQUEST_TYPE.encode() not in body:
+        return False
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get(REQUEST_TYPE) == NEW_SESSION
 
 
 def forwarded(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

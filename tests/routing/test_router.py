@@ -204,3 +204,15 @@ def test_a_replica_that_hangs_up_or_stays_silent_is_a_502():
             router.close()
     for sock in listeners + held:
         sock.close()
+
+
+def test_prefix_aware_spreads_creates(replicas):
+    """Scenario: creates have no prompt to hash; they go where least_outstanding says (ties at
+    random), not all to one replica."""
+    router = start_router(replicas, "prefix_aware")
+    try:
+        picked = {post(router.url, CREATE, {SESSION_HEADER: NEW_SESSION}).replica
+                  for _ in range(12)}
+        assert picked == {"r0", "r1", "r2"}
+    finally:
+        router.close()

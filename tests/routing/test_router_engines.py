@@ -37,6 +37,16 @@ def test_a_create_without_the_header_is_recorded_too(engines):
         router.close()
 
 
+def test_prefix_aware_spreads_creates_sent_without_the_header(engines):
+    router = start_router(engines.backends, "prefix_aware")
+    try:
+        picked = {post(router.url, {"requestType": "NEW_SESSION"}).replica for _ in range(12)}
+        assert picked == {"replica-0", "replica-1", "replica-2"}
+        assert len(router.sessions) == 12
+    finally:
+        router.close()
+
+
 def test_prefix_aware_sends_a_shared_prefix_where_it_is_cached(engines):
     router = start_router(engines.backends, "prefix_aware", prefix_chars=len(DOC))
     try:
