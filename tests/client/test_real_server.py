@@ -42,7 +42,9 @@ def clock() -> Clock:
 
 @pytest.fixture(scope="module")
 def engines(tiny_model, clock):
+    # Loads always (the tiny model recomputes so fast the cost model may skip a load).
     config = load_config(env={}, overrides={"chunk_size": 32, "max_local_cpu_size": 0.05,
+                                            "cost_aware_retrieval": False,
                                             "sessions_expiration_s": EXPIRY_S})
     replicas = start_replicas(3, config, loaded=tiny_model, session_clock=clock)
     yield replicas

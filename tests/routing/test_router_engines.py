@@ -15,7 +15,10 @@ DOC = "Returns are accepted within 30 days with a receipt. " * 4  # 208 bytes: 6
 
 @pytest.fixture(scope="module")
 def engines(tiny_model):  # noqa: F811 - the fixture imported above
-    config = load_config(env={}, overrides={"chunk_size": 32, "max_local_cpu_size": 0.05})
+    # Loads always: the tiny model recomputes so fast that the cost model may rightly skip a
+    # load, and these tests are about where requests go, not that choice.
+    config = load_config(env={}, overrides={"chunk_size": 32, "max_local_cpu_size": 0.05,
+                                            "cost_aware_retrieval": False})
     replicas = start_replicas(3, config, loaded=tiny_model)
     yield replicas
     replicas.close()
