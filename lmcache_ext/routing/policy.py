@@ -10,6 +10,9 @@ prompt text, or the messages as ``role: content`` lines). 1024 characters stand 
 256-token chunk (about 4 characters a token in English). Requests whose first chunk is the same
 (a shared system prompt longer than that) all go to one replica: that is the mode's nature.
 A create has no prompt, so in ``prefix_aware`` mode it goes where ``least_outstanding`` says.
+``least_outstanding`` breaks ties by the sessions each replica holds (the router's table), then
+at random: creates that arrive together (no request in flight anywhere) spread their sessions
+evenly instead of piling a few on one replica.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class RouteRequest:
     body: bytes
     prefix_id: str | None = None
     is_create: bool = False
+    sessions_held: tuple[int, ...] = ()  # open sessions each replica holds (the router's table)
 
 
 def prefix_text(body: bytes) -> str:
@@ -69,9 +73,12 @@ class Policy:
         with self._lock:
             return self._rng.randrange(count)
 
-    def _least(self, outstanding: Sequence[int]) -> int:
-        low = min(outstanding)
-        candidates = [i for i, n in enumerate(outstanding) if n == low]
+    def _least(self, outstanding: Sequence[int], held: Sequence[int] = ()) -> int:
+        """Fewest requests in flight; among those, fewest sessions held (when known), so
+        creates arriving together spread their sessions evenly; then at random."""
+        load = [(n, held[i] if held else 0) for i, n in enumerate(outstanding)]
+        low = min(load)
+        candidates = [i for i, each in enumerate(load) if each == low]
         with self._lock:
             return self._rng.choice(candidates)
 
@@ -85,10 +92,11 @@ class RandomPolicy(Policy):
 
 
 class LeastOutstandingPolicy(Policy):
-    """The replica with the fewest requests in flight; ties broken at random."""
+    """The replica with the fewest requests in flight; ties broken by fewest sessions held,
+    then at random."""
 
     def choose(self, request: RouteRequest, outstanding: Sequence[int]) -> int:
-        return self._least(outstanding)
+        return self._least(outstanding, request.sessions_held)
 
 
 class PrefixAwarePolicy(Policy):
@@ -96,7 +104,7 @@ class PrefixAwarePolicy(Policy):
 
     def choose(self, request: RouteRequest, outstanding: Sequence[int]) -> int:
         if request.is_create and request.prefix_id is None:
-            return self._least(outstanding)
+            return self._least(outstanding, request.sessions_held)
         key = request.prefix_id if request.prefix_id is not None else \
             prefix_text(request.body)[:self.prefix_chars]
         digest = hashlib.sha256(key.encode("utf-8", "replace")).digest()
@@ -121,7 +129,8 @@ def make_policy(mode: str, seed: int | None = None,
 
 
 class SessionTable:
-    """Session id -> replica index, as the create's answer said. Thread-safe.
+    """Session id -> replica index, as the create's answer said, and how many sessions each
+    replica holds (kept as records come and go). Thread-safe.
 
     A record lives until its session is closed or, beyond ``capacity`` sessions, until it is the
     least recently used. An expired session keeps its record, so its requests still reach the
@@ -131,6 +140,7 @@ class SessionTable:
     def __init__(self, capacity: int = MAX_SESSIONS):
         self.capacity = capacity
         self._replicas: OrderedDict[str, int] = OrderedDict()
+        self._held: dict[int, int] = {}
         self._lock = threading.Lock()
 
     def lookup(self, session_id: str) -> int | None:
@@ -142,23 +152,26 @@ class SessionTable:
 
     def record(self, session_id: str, replica: int) -> None:
         with self._lock:
+            self._drop(session_id)
             self._replicas[session_id] = replica
-            self._replicas.move_to_end(session_id)
+            self._held[replica] = self._held.get(replica, 0) + 1
             while len(self._replicas) > self.capacity:
-                self._replicas.popitem(last=False)
+                self._drop(next(iter(self._replicas)))
 
     def forget(self, session_id: str) -> None:
         with self._lock:
-            self._replicas.pop(session_id, None)
+            self._drop(session_id)
+
+    def _drop(self, session_id: str) -> None:
+        index = self._replicas.pop(session_id, None)
+        if index is not None:
+            self._held[index] -= 1
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._replicas)
 
     def by_replica(self) -> dict[int, int]:
-        """How many sessions each replica holds (for logs and tests)."""
+        """How many sessions each replica holds."""
         with self._lock:
-            counts: dict[int, int] = {}
-            for index in self._replicas.values():
-                counts[index] = counts.get(index, 0) + 1
-            return counts
+            return {index: count for index, count in self._held.items() if count}

@@ -157,8 +157,11 @@ class Router:
             index = self.sessions.lookup(session.strip())
             if index is not None:
                 return index
+        held = self.sessions.by_replica()
         request = RouteRequest(body, headers.get(PREFIX_AWARE_HEADER),
-                               is_create=session == NEW_SESSION or _create_body(body))
+                               is_create=session == NEW_SESSION or _create_body(body),
+                               sessions_held=tuple(held.get(i, 0)
+                                                   for i in range(len(self.backends))))
         with self._lock:
             outstanding = list(self._outstanding)
         return self.policy.choose(request, outstanding)

@@ -83,3 +83,21 @@ def test_session_table_forgets_least_recently_used_beyond_capacity():
     assert (table.lookup("a"), table.lookup("b"), table.lookup("c")) == (0, None, 2)
     table.forget("a")
     assert table.lookup("a") is None and len(table) == 1
+
+
+def test_session_table_counts_sessions_per_replica():
+    table = SessionTable(capacity=3)
+    for session, replica in (("a", 0), ("b", 0), ("c", 1), ("d", 2)):  # "a" falls out (LRU)
+        table.record(session, replica)
+    assert table.by_replica() == {0: 1, 1: 1, 2: 1}
+    table.forget("c")
+    assert table.by_replica() == {0: 1, 2: 1}
+
+
+def test_least_outstanding_ties_go_to_the_replica_with_fewest_sessions():
+    """Scenario: creates arriving together (nothing in flight) spread sessions evenly."""
+    policy = make_policy("least_outstanding", seed=0)
+    create = RouteRequest(body(requestType="NEW_SESSION"), is_create=True,
+                          sessions_held=(2, 1, 2))
+    assert {policy.choose(create, [0, 0, 0]) for _ in range(10)} == {1}
+    assert {policy.choose(create, [0, 1, 0]) for _ in range(20)} == {0, 2}
