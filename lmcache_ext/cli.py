@@ -1,4 +1,5 @@
-"""The ``lmcache-ext`` command: ``config show``, ``config check``, ``serve`` and ``advise``."""
+"""The ``lmcache-ext`` command: ``config show``, ``config check``, ``serve``, ``route`` and
+``advise``."""
 
 from __future__ import annotations
 
@@ -98,6 +99,82 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def route(args: argparse.Namespace) -> int:
+    """A router in front of ``--replicas N`` built-in replicas (started here) or ``--backend``
+    URLs (already running)."""
+    from lmcache_ext.routing.policy import make_policy
+    from lmcache_ext.routing.router import Backend, Router
+
+    if (args.replicas is not None) == bool(args.backend):
+        print("lmcache-ext route: give --replicas N or --backend URL (repeated), not both",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.replicas is not None and args.replicas < 1:
+            raise ValueError(f"--replicas: {args.replicas} must be >= 1")
+        if args.timeout_s <= 0:
+            raise ValueError(f"--timeout-s: {args.timeout_s} must be > 0")
+        policy = make_policy(args.mode, prefix_chars=args.prefix_chars)
+        backends = [Backend.from_url(url, f"backend-{i}") for i, url in
+                    enumerate(args.backend or [])]
+    except ValueError as exc:
+        print(f"lmcache-ext route: {exc}", file=sys.stderr)
+        return 2
+    from lmcache_ext.serving.app import resolve_port  # imports torch
+
+    replicas = None
+    if args.replicas:
+        from lmcache_ext.routing.replicas import start_replicas
+
+        replicas = start_replicas(args.replicas, _load(args), args.model, host=args.host,
+                                  cache_on=not args.no_cache)
+        backends = replicas.backends
+    router = Router(backends, policy, args.host, resolve_port(args.port),
+                    timeout_s=args.timeout_s)
+    print(f"lmcache-ext routing on {router.url} ({args.mode}) to "
+          f"{', '.join(b.url for b in backends)}", flush=True)
+    try:
+        router.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        router.close()
+        if replicas is not None:
+            replicas.close()
+    return 0
+
+
+def _add_route_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from lmcache_ext.routing.policy import DEFAULT_PREFIX_CHARS, MODES
+    from lmcache_ext.routing.router import DEFAULT_TIMEOUT_S
+
+    parser = commands.add_parser(
+        "route", help="SageMaker's front end for local replicas (sessions, routing modes)",
+        description="Serve /invocations, /ping and SageMaker runtime's REST paths "
+                    "(POST /endpoints/NAME/invocations[-response-stream]) in front of N "
+                    "replicas: a session stays on the replica that created it, other requests "
+                    "go where --mode says.")
+    parser.add_argument("--replicas", type=int, help="start N built-in replicas here")
+    parser.add_argument("--backend", action="append", help="a running replica's URL "
+                                                            "(repeat for each)")
+    parser.add_argument("--mode", default="least_outstanding", choices=list(MODES),
+                        help="routing of requests without a session (default least_outstanding)")
+    parser.add_argument("--prefix-chars", type=int, default=DEFAULT_PREFIX_CHARS,
+                        help="prefix_aware: characters of the rendered prompt hashed "
+                             f"(default {DEFAULT_PREFIX_CHARS}, about one 256-token chunk)")
+    parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="a replica silent this long is an error (default "
+                             f"{DEFAULT_TIMEOUT_S:.0f})")
+    parser.add_argument("--model", help="--replicas: local HF model folder (default SmolLM2)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address")
+    parser.add_argument("--port", type=int, help="router port (default "
+                                                 "$SAGEMAKER_BIND_TO_PORT or 8080)")
+    parser.add_argument("--no-cache", action="store_true", help="--replicas: serve without "
+                                                                "the cache")
+    parser.set_defaults(handler=route)
+    return parser
+
+
 class AdviseError(ValueError):
     """A bad argument combination or an unreadable model config; the CLI prints it, exits 2."""
 
@@ -182,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "or 8080)")
     serve_parser.add_argument("--no-cache", action="store_true", help="serve without the cache")
     serve_parser.set_defaults(handler=serve)
+    route_parser = _add_route_parser(commands)
     _add_advise_parser(commands)
-    for sub in (show, check, serve_parser):
+    for sub in (show, check, serve_parser, route_parser):
         sub.add_argument("--config", help="YAML config file (else LMCACHE_CONFIG_FILE / "
                                           "OPTION_LMCACHE_CONFIG_FILE)")
     return parser
