@@ -6,6 +6,8 @@ own (``lmcache_ext.testing.vllm_engine``). Missing pieces fail with the fix, nev
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
 from lmcache_ext.testing.vllm_engine import EngineProcess, EngineSpec, default_model_dir
 
 try:
@@ -49,3 +52,16 @@ def engine_factory(tmp_path) -> Iterator:
     yield make
     for engine in started:
         engine.close()
+
+
+@pytest.fixture
+def redis(tmp_path) -> Iterator[RedisServer]:
+    """A real redis-server for the test (resumed first if a test stopped it)."""
+    try:
+        redis_server_binary()
+    except RuntimeError as exc:  # a missing server fails with the fix; never a skip
+        pytest.fail(str(exc), pytrace=False)
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    os.kill(server.process.pid, signal.SIGCONT)
+    server.stop()

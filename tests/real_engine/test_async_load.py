@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
 from lmcache_ext.testing.slow_proxy import SlowProxy
 from lmcache_ext.testing.vllm_engine import synthetic_prompt
 
@@ -17,15 +16,9 @@ CHUNK_DELAY_S = 0.05  # the slow tier: every request to Redis waits 50 ms on the
 
 
 @pytest.fixture
-def slow_redis(tmp_path):
-    try:
-        redis_server_binary()
-    except RuntimeError as exc:  # a missing server fails with the fix; never a skip
-        pytest.fail(str(exc), pytrace=False)
-    server = RedisServer(tmp_path / "redis").start()
-    with SlowProxy("127.0.0.1", server.port, CHUNK_DELAY_S) as proxy:
-        yield server, proxy
-    server.stop()
+def slow_redis(redis):
+    with SlowProxy("127.0.0.1", redis.port, CHUNK_DELAY_S) as proxy:
+        yield redis, proxy
 
 
 def test_a_slow_tier_hit_loads_while_another_request_keeps_decoding(engine_factory,

@@ -12,9 +12,6 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
-
-from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
 from lmcache_ext.testing.vllm_engine import synthetic_prompt
 
 CHUNK = 256
@@ -44,18 +41,6 @@ def delete_chunk_files(directory: Path) -> int:
     for path in files:
         path.unlink()
     return len(files)
-
-
-@pytest.fixture
-def redis(tmp_path):
-    try:
-        redis_server_binary()
-    except RuntimeError as exc:  # a missing server fails with the fix; never a skip
-        pytest.fail(str(exc), pytrace=False)
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    os.kill(server.process.pid, signal.SIGCONT)
-    server.stop()
 
 
 def test_multiprocess_engine_hits_every_tier_and_a_stalled_worker_side_is_a_miss(
