@@ -130,7 +130,7 @@ def route(args: argparse.Namespace) -> int:
                                   cache_on=not args.no_cache)
         backends = replicas.backends
     router = Router(backends, policy, args.host, resolve_port(args.port),
-                    timeout_s=args.timeout_s)
+                    timeout_s=args.timeout_s, endpoint_name=args.endpoint_name)
     print(f"lmcache-ext routing on {router.url} ({args.mode}) to "
           f"{', '.join(b.url for b in backends)}", flush=True)
     try:
@@ -165,6 +165,8 @@ def _add_route_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
                         help="a replica silent this long is an error (default "
                              f"{DEFAULT_TIMEOUT_S:.0f})")
+    parser.add_argument("--endpoint-name", help="answer the REST paths for this endpoint name "
+                                                "only, as SageMaker does (default: any name)")
     parser.add_argument("--model", help="--replicas: local HF model folder (default SmolLM2)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address")
     parser.add_argument("--port", type=int, help="router port (default "

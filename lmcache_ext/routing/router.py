@@ -8,12 +8,18 @@ Paths served:
   which botocore reads as ``NewSessionId`` / ``ClosedSessionId``); any other status becomes
   SageMaker's ``ModelError`` (424, with ``OriginalStatusCode`` and ``OriginalMessage``).
 - ``POST /endpoints/{name}/invocations-response-stream``: ``InvokeEndpointWithResponseStream``;
-  the container's streamed body relayed as event-stream ``PayloadPart`` events.
+  the container's streamed body relayed as event-stream ``PayloadPart`` events. As on SageMaker,
+  a session cannot be created on this path (a ``ValidationError``).
+
+REST answers name the production variant (``x-Amzn-Invoked-Production-Variant``); request
+headers (custom attributes, content type, accept) reach the container as they came.
 
 Every answer carries ``X-Lmcache-Ext-Replica: <replica name>`` when a replica served it. A
 replica that cannot be reached, drops the connection or stays silent past ``timeout_s`` is a
-502 naming it (``ServiceUnavailable``, 503, on the REST paths), never a hang. The endpoint name
-in a REST path is accepted whatever it is: the router is one endpoint. A session id the router
+502 naming it (``ServiceUnavailable``, 503, on the REST paths), never a hang. The router is one
+endpoint: with ``endpoint_name`` set, a REST path naming another is a ``ValidationError`` as
+SageMaker answers for an endpoint that does not exist; without it any name is accepted. A
+session id the router
 never saw (it restarted) goes where the mode says: that replica answers 400 ("unknown") and a
 client such as ``lmcache_ext.client`` creates a new session.
 """
@@ -53,6 +59,8 @@ PREFIX_AWARE_HEADER = "X-Amzn-SageMaker-Prefix-Aware-Id"  # botocore's PrefixAwa
 STREAM_ACCEPT_HEADER = "X-Amzn-SageMaker-Accept"  # the stream API's Accept
 STREAM_CONTENT_TYPE_HEADER = "X-Amzn-SageMaker-Content-Type"  # the stream API's ContentType
 ERROR_TYPE_HEADER = "x-amzn-ErrorType"
+VARIANT_HEADER = "x-Amzn-Invoked-Production-Variant"  # botocore's InvokedProductionVariant
+VARIANT_NAME = "AllTraffic"  # SageMaker's usual name for an endpoint's one production variant
 DEFAULT_TIMEOUT_S = 600.0  # a replica silent this long (connect, or between two reads) is dead
 CONNECT_TIMEOUT_S = 5.0
 _REST_PATH = re.compile(r"^/endpoints/([^/]+)/(invocations|invocations-response-stream)$")
@@ -93,6 +101,7 @@ class Target:
     """Which of the router's paths a request came in on."""
 
     kind: str  # "container", "rest" or "rest_stream"
+    endpoint: str | None = None  # the REST path's endpoint name
 
     @property
     def rest(self) -> bool:
@@ -105,7 +114,7 @@ def target_of(path: str) -> Target | None:
     match = _REST_PATH.match(path.split("?", 1)[0])
     if match is None:
         return None
-    return Target("rest" if match.group(2) == "invocations" else "rest_stream")
+    return Target("rest" if match.group(2) == "invocations" else "rest_stream", match.group(1))
 
 
 class Router:
@@ -113,10 +122,12 @@ class Router:
     serves on a daemon thread, ``close`` stops it (replicas are their owner's to stop)."""
 
     def __init__(self, backends: Sequence[Backend], policy: Policy, host: str = "127.0.0.1",
-                 port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S):
+                 port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 endpoint_name: str | None = None):
         if not backends:
             raise ValueError("a router needs at least one backend")
         self.backends = list(backends)
+        self.endpoint_name = endpoint_name
         self.policy = policy
         self.timeout_s = timeout_s
         self.sessions = SessionTable()
@@ -277,6 +288,11 @@ class RouterHandler(BaseHTTPRequestHandler):
         if target is None:
             self._error(Target("container"), 404, f"no route {self.path}")
             return
+        refusal = self._refusal(target)
+        if refusal is not None:
+            self.close_connection = True  # the body stays unread
+            self._error(target, 400, refusal)
+            return
         body = self._read_body(target)
         if body is None:
             return
@@ -286,6 +302,17 @@ class RouterHandler(BaseHTTPRequestHandler):
             self._forward(target, index, body)
         finally:
             self.router.end(index)
+
+    def _refusal(self, target: Target) -> str | None:
+        """Why SageMaker would refuse this REST request before any model sees it, if it
+        would."""
+        name = self.router.endpoint_name
+        if target.rest and name is not None and target.endpoint != name:
+            return f"Endpoint {target.endpoint} not found (this endpoint is {name})."
+        if target.kind == "rest_stream" and self.headers.get(SESSION_HEADER) == NEW_SESSION:
+            return ("A session cannot be created with InvokeEndpointWithResponseStream: create "
+                    "it with InvokeEndpoint (SessionId NEW_SESSION).")
+        return None
 
     def _read_body(self, target: Target) -> bytes | None:
         length = self.headers.get("Content-Length")
@@ -344,7 +371,8 @@ class RouterHandler(BaseHTTPRequestHandler):
             self._error(Target("rest"), 502, self._broken(index, exc))
             return
         if 200 <= response.status < 300:
-            self._send(200, data, self._reply_headers(index, response))
+            self._send(200, data, self._reply_headers(index, response) +
+                       [(VARIANT_HEADER, VARIANT_NAME)])
             return
         self._send(424, json.dumps(_model_error(response.status, data)).encode(),
                    [("Content-Type", "application/json"), (ERROR_TYPE_HEADER, "ModelError"),
@@ -356,7 +384,7 @@ class RouterHandler(BaseHTTPRequestHandler):
             return
         headers = [(STREAM_CONTENT_TYPE_HEADER, v) if n.lower() == "content-type" else (n, v)
                    for n, v in self._reply_headers(index, response)]
-        headers.append(("Content-Type", eventstream.CONTENT_TYPE))
+        headers += [("Content-Type", eventstream.CONTENT_TYPE), (VARIANT_HEADER, VARIANT_NAME)]
         self._stream(index, 200, headers, response, eventstream.payload_part,
                      eventstream.model_stream_error)
 
@@ -398,8 +426,8 @@ class RouterHandler(BaseHTTPRequestHandler):
             self._send(status, json.dumps({"error": message}).encode(),
                        [("Content-Type", "application/json")])
             return
-        kind = {502: "ServiceUnavailable", 404: "ValidationError", 411: "ValidationError",
-                413: "ValidationError"}.get(status, "InternalFailure")
+        kind = {502: "ServiceUnavailable", 400: "ValidationError", 404: "ValidationError",
+                411: "ValidationError", 413: "ValidationError"}.get(status, "InternalFailure")
         rest_status = 503 if kind == "ServiceUnavailable" else 400 if kind == \
             "ValidationError" else 500
         self._send(rest_status, json.dumps({"message": message}).encode(),

@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError, EventStreamError
 from lmcache_ext.routing.policy import make_policy
 from lmcache_ext.routing.router import Backend, Router
 from lmcache_ext.sessions.protocol import NEW_SESSION, parse_new_session
-from tests.routing.conftest import closed_port, runtime
+from tests.routing.conftest import closed_port, runtime, start_router
 
 
 def invoke(client, payload: dict, **kwargs) -> dict:
@@ -112,3 +112,44 @@ def test_a_stream_broken_mid_way_is_a_model_stream_error():
         router.close()
         thread.join()
         listener.close()
+
+
+def test_answers_name_the_production_variant(router):
+    reply = invoke(runtime(router.url), {"messages": [{"role": "user", "content": "x"}]})
+    assert reply["InvokedProductionVariant"] == "AllTraffic"
+    stream = runtime(router.url).invoke_endpoint_with_response_stream(
+        EndpointName="local", ContentType="application/json",
+        Body=json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": True}))
+    assert stream["InvokedProductionVariant"] == "AllTraffic"
+    assert b"".join(e["PayloadPart"]["Bytes"] for e in stream["Body"])
+
+
+def test_another_endpoint_name_is_a_validation_error(replicas):
+    """Scenario: the router stands for endpoint "mine"; a client naming "theirs" gets what
+    SageMaker answers for an endpoint that does not exist, and no replica sees it."""
+    router = start_router(replicas, endpoint_name="mine")
+    try:
+        assert invoke_named(router, "mine")["ResponseMetadata"]["HTTPStatusCode"] == 200
+        with pytest.raises(ClientError) as caught:
+            invoke_named(router, "theirs")
+        assert caught.value.response["Error"]["Code"] == "ValidationError"
+        assert "Endpoint theirs not found" in caught.value.response["Error"]["Message"]
+        assert sum(router.served()) == 1
+    finally:
+        router.close()
+
+
+def invoke_named(router, name: str) -> dict:
+    return runtime(router.url).invoke_endpoint(
+        EndpointName=name, ContentType="application/json",
+        Body=json.dumps({"messages": [{"role": "user", "content": "x"}]}))
+
+
+def test_a_session_cannot_be_created_on_the_stream_path(router):
+    with pytest.raises(ClientError) as caught:
+        runtime(router.url).invoke_endpoint_with_response_stream(
+            EndpointName="local", ContentType="application/json", SessionId=NEW_SESSION,
+            Body=json.dumps({"requestType": "NEW_SESSION"}))
+    assert caught.value.response["Error"]["Code"] == "ValidationError"
+    assert "InvokeEndpoint" in caught.value.response["Error"]["Message"]
+    assert sum(router.served()) == 0
