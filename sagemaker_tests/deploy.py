@@ -40,15 +40,15 @@ EXIT_FAILED = 1
 EXIT_NOTHING_DONE = 2
 NO_CREDENTIALS = ("no AWS credentials: set AWS_PROFILE (or AWS_ACCESS_KEY_ID and "
                   "AWS_SECRET_ACCESS_KEY, or run on a role); nothing was {}")
-NO_REGION = "no AWS region: pass --region or set AWS_REGION / AWS_DEFAULT_REGION"
+NO_REGION = "no AWS region: pass --region or set AWS_DEFAULT_REGION (or a profile's region)"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m sagemaker_tests.deploy", description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m sagemaker_tests.deploy",
+                                description=__doc__.split("\n\n")[1].replace("``", ""))
     p.add_argument("--name", default=DEFAULT_NAME,
-                   help="endpoint name; the config and model are <name>-config, <name>-model")
+                   help="endpoint name; the config and model are <name>-config, <name>-model "
+                        "(default: %(default)s)")
     p.add_argument("--model-id", help="OPTION_MODEL_ID (a Hugging Face id or s3:// URL); or set "
                                       "it in --env-file")
     p.add_argument("--env-file", help="KEY=VALUE lines for the container (# comments), e.g. "
@@ -61,14 +61,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-uri", help="the image to run; default: our image (LMI + lmcache-ext) "
                                        "in this account's ECR, tagged after the Dockerfile's base")
     p.add_argument("--repository", default=DEFAULT_REPOSITORY,
-                   help="ECR repository of our image (without --image-uri)")
+                   help="ECR repository of our image, without --image-uri (default: %(default)s)")
     p.add_argument("--role-arn", help="SageMaker execution role (required to deploy)")
-    p.add_argument("--region", help="default: boto3's (AWS_REGION, AWS_DEFAULT_REGION, profile)")
-    p.add_argument("--instance", default=DEFAULT_INSTANCE, help="instance type")
-    p.add_argument("--instance-count", type=int, default=1)
+    p.add_argument("--region", help="default: boto3's (AWS_DEFAULT_REGION, the profile's region)")
+    p.add_argument("--instance", default=DEFAULT_INSTANCE, help="default: %(default)s")
+    p.add_argument("--instance-count", type=int, default=1, help="default: %(default)s")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
-                   help="wait for InService")
-    p.add_argument("--timeout", type=int, default=DEFAULT_WAIT_S, help="seconds to wait")
+                   help="wait for InService (default: wait)")
+    p.add_argument("--timeout", type=int, default=DEFAULT_WAIT_S,
+                   help="seconds to wait (default: %(default)s)")
     p.add_argument("--poll", type=int, default=POLL_S, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the plan; touch nothing")
     return p

@@ -20,11 +20,11 @@ from sagemaker_tests.deployment import DEFAULT_NAME, Names, PlanError, describe_
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m sagemaker_tests.teardown", description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--name", default=DEFAULT_NAME, help="the name given to deploy")
-    p.add_argument("--region", help="default: boto3's (AWS_REGION, AWS_DEFAULT_REGION, profile)")
+    p = argparse.ArgumentParser(prog="python -m sagemaker_tests.teardown",
+                                description=__doc__.split("\n\n")[1].replace("``", ""))
+    p.add_argument("--name", default=DEFAULT_NAME,
+                   help="the name given to deploy (default: %(default)s)")
+    p.add_argument("--region", help="default: boto3's (AWS_DEFAULT_REGION, the profile's region)")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted")
     return p
 

@@ -74,12 +74,15 @@ def expect_describe_endpoint(stubber: Stubber, status: str, reason: str | None =
     stubber.add_response("describe_endpoint", reply, {"EndpointName": NAME})
 
 
-def expect_creates(stubber: Stubber, image: str = IMAGE) -> None:
+def expect_creates(stubber: Stubber, image: str = IMAGE, data: str = DATA) -> None:
     """The three creates with their exact parameters (and the describes sagemaker-core sends
     after each), up to the endpoint's first status, Creating."""
-    container = {"Image": image, "Environment": EXPECTED_ENV,
-                 "ModelDataSource": {"S3DataSource": {"S3Uri": DATA, "S3DataType": "S3Prefix",
-                                                      "CompressionType": "None"}}}
+    container = {"Image": image, "Environment": EXPECTED_ENV}
+    if data.endswith(".tar.gz"):
+        container["ModelDataUrl"] = data
+    else:  # a prefix: copied as is (uncompressed)
+        container["ModelDataSource"] = {"S3DataSource": {
+            "S3Uri": data, "S3DataType": "S3Prefix", "CompressionType": "None"}}
     stubber.add_response("create_model", {"ModelArn": f"{ARN}:model/{NAMES.model}"},
                          {"ModelName": NAMES.model, "PrimaryContainer": container,
                           "ExecutionRoleArn": ROLE})
@@ -147,6 +150,24 @@ def test_failed_endpoint_names_the_failure_reason(aws):
     endpoint = create(seed_plan(), session, say=lambda _: None)
     with pytest.raises(ControlError, match="is Failed: The primary container .* ping health"):
         wait_in_service(endpoint, timeout_s=60, poll_s=0)
+
+
+def test_timeout_says_so(aws):
+    session, stubber = aws
+    expect_creates(stubber)
+    expect_describe_endpoint(stubber, "Creating")
+    endpoint = create(seed_plan(), session, say=lambda _: None)
+    with pytest.raises(ControlError, match="still Creating after 0 s"):
+        wait_in_service(endpoint, timeout_s=0, poll_s=0)
+
+
+def test_no_wait_and_a_tarball(aws, capsys):
+    session, stubber = aws
+    tarball = "s3://my-bucket/lmcache/model.tar.gz"
+    expect_creates(stubber, data=tarball)
+    args = [*DEPLOY_ARGS, "--model-data-url", tarball, "--image-uri", IMAGE, "--role-arn", ROLE]
+    assert deploy.main([*args, "--no-wait"], session=session) == 0
+    assert "created endpoint lmcache-ext-test (Creating)" in capsys.readouterr().out
 
 
 def test_existing_model_is_a_clear_error(aws, capsys):
