@@ -63,14 +63,13 @@ def _container(plan: DeployPlan):
     from sagemaker.core.shapes import ContainerDefinition, ModelDataSource, S3ModelDataSource
 
     url = plan.model_data_url
+    data = {}
     if url and url.endswith("/"):  # an uncompressed prefix: files land in /opt/ml/model as-is
         source = S3ModelDataSource(s3_uri=url, s3_data_type="S3Prefix", compression_type="None")
-        return ContainerDefinition(image=plan.image.uri, environment=dict(plan.environment),
-                                   model_data_source=ModelDataSource(s3_data_source=source))
-    if url:
-        return ContainerDefinition(image=plan.image.uri, environment=dict(plan.environment),
-                                   model_data_url=url)
-    return ContainerDefinition(image=plan.image.uri, environment=dict(plan.environment))
+        data = {"model_data_source": ModelDataSource(s3_data_source=source)}
+    elif url:  # a model.tar.gz, unpacked into /opt/ml/model
+        data = {"model_data_url": url}
+    return ContainerDefinition(image=plan.image.uri, environment=dict(plan.environment), **data)
 
 
 def create(plan: DeployPlan, session: boto3.Session, say: Callable[[str], None] = print):
@@ -103,6 +102,8 @@ def create(plan: DeployPlan, session: boto3.Session, say: Callable[[str], None] 
         if "already exist" in str(error):
             hint = f" (python -m sagemaker_tests.teardown --name {names.endpoint} deletes it)"
         raise ControlError(f"{_aws_error(step, error)}{hint}") from error
+    except BotoCoreError as error:
+        raise ControlError(f"{step}: {error}") from error
 
 
 def wait_in_service(endpoint, timeout_s: int = DEFAULT_WAIT_S, poll_s: int = POLL_S) -> None:
@@ -123,12 +124,16 @@ def wait_in_service(endpoint, timeout_s: int = DEFAULT_WAIT_S, poll_s: int = POL
                            f"/aws/sagemaker/Endpoints/{name}") from error
     except ClientError as error:
         raise _aws_error(f"DescribeEndpoint {name}", error) from error
+    except BotoCoreError as error:
+        raise ControlError(f"DescribeEndpoint {name}: {error}") from error
 
 
 def _not_found(error: ClientError) -> bool:
+    """SageMaker answers a Describe/Delete of a missing name with ValidationException "Could
+    not find ..."."""
     info = error.response.get("Error", {})
-    return info.get("Code") in ("ValidationException", "ValidationError",
-                                "ResourceNotFound") and \
+    return info.get("Code") == "ResourceNotFound" or \
+        info.get("Code") in ("ValidationException", "ValidationError") and \
         "could not find" in info.get("Message", "").lower()
 
 
@@ -158,4 +163,6 @@ def teardown(names: Names, region: str, session: boto3.Session) -> list[Deleted]
                 done.append(Deleted(kind, name, "not found"))
             else:
                 done.append(Deleted(kind, name, f"failed: {_error_text(error)}"))
+        except BotoCoreError as error:
+            done.append(Deleted(kind, name, f"failed: {error}"))
     return done
