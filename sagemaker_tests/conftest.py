@@ -1,134 +1,95 @@
-"""The endpoint the tests talk to.
+"""The endpoint the tests talk to, and the clients they talk through.
 
-Two modes, chosen by the environment (a legitimate condition: CI has no AWS account):
-- ``SAGEMAKER_ENDPOINT_NAME`` set (with AWS credentials and ``AWS_REGION`` the usual boto3 way):
-  a real SageMaker endpoint through boto3's ``sagemaker-runtime`` client (``invoke_endpoint``
-  and ``invoke_endpoint_with_response_stream``). Never runs in CI unless those are set.
-- otherwise a local endpoint the tests start: the container entrypoint as a real process, with
-  the seed's env vars, handing over to ``lmcache-ext serve`` (the built-in CPU engine stands in
-  for LMI) on a tiny random-weight model. SageMaker's runtime URLs cannot point at it, so the
-  same payloads go over plain HTTP to ``/invocations``.
+One suite, two targets, chosen by the environment:
+- ``SAGEMAKER_ENDPOINT_NAME`` set: that real endpoint, with AWS credentials and region the usual
+  boto3 way (``AWS_PROFILE``, ``AWS_REGION``, ...). Deploy one with
+  ``python -m sagemaker_tests.deploy``.
+- otherwise a local one (``lmcache_ext.testing.local_sagemaker``): the container entrypoint with
+  the seed's env vars on two instances sharing a Redis tier, behind a local SageMaker runtime
+  server; boto3 and the SDK reach it through ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME`` with fake
+  credentials, so botocore's own parsers judge the wire format.
+
+In both, every request goes through boto3's ``sagemaker-runtime`` client or the SageMaker SDK v3
+(``clients``), never raw HTTP. Tests that take ``client`` run once with each.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+import boto3
 import pytest
+from botocore.config import Config
 
-REPO = Path(__file__).resolve().parents[1]
-SEED_KV = '{"kv_connector":"LMCacheConnectorV1", "kv_role":"kv_both"}'
-START_TIMEOUT_S = 60
+from sagemaker_tests.clients import Boto3Client, SdkClient
 
-
-class Endpoint(Protocol):
-    reports_cached_tokens: bool
-
-    def invoke(self, payload: dict[str, Any]) -> dict[str, Any]: ...
-
-    def invoke_stream(self, payload: dict[str, Any]) -> bytes: ...
+ENDPOINT_ENV = "SAGEMAKER_ENDPOINT_NAME"
+ENDPOINT_URL_ENV = "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"  # botocore's per-service endpoint URL
+LOCAL_SESSION_EXPIRY_S = 6.0  # short, so the expiry case runs in seconds
+LOCAL_MAX_CONTEXT = 2048  # the local model's context: room for a document of several chunks
 
 
 @dataclass
-class BotoEndpoint:
-    """A real endpoint; LMI with vLLM does not report cached tokens in its LMI-schema details."""
+class Target:
+    """What the suite runs against. ``local`` is None for a real endpoint."""
 
-    name: str
-    client: Any
-    reports_cached_tokens: bool = False
+    endpoint_name: str
+    session: Any  # boto3.Session
+    region: str
+    local: Any = None  # LocalSageMaker
+    chunk_tokens: int = 256  # the seed's chunk_size
 
-    def invoke(self, payload: dict[str, Any]) -> dict[str, Any]:
-        reply = self.client.invoke_endpoint(EndpointName=self.name, Body=json.dumps(payload),
-                                            ContentType="application/json")
-        return json.loads(reply["Body"].read())
+    @property
+    def reports_cached_tokens(self) -> bool:
+        """Our built-in engine reports cached tokens in its answers; LMI's LMI-schema answers
+        do not, so on a real endpoint a hit shows only in the time."""
+        return self.local is not None
 
-    def invoke_stream(self, payload: dict[str, Any]) -> bytes:
-        reply = self.client.invoke_endpoint_with_response_stream(
-            EndpointName=self.name, Body=json.dumps(payload), ContentType="application/json")
-        return b"".join(event["PayloadPart"]["Bytes"] for event in reply["Body"]
-                        if "PayloadPart" in event)
-
-
-@dataclass
-class LocalEndpoint:
-    url: str
-    reports_cached_tokens: bool = True
-
-    def _post(self, payload: dict[str, Any]) -> bytes:
-        request = urllib.request.Request(f"{self.url}/invocations", data=json.dumps(payload)
-                                         .encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return reply.read()
-
-    def invoke(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return json.loads(self._post(payload))
-
-    def invoke_stream(self, payload: dict[str, Any]) -> bytes:
-        return self._post(payload)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_ping(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"local endpoint exited {process.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"local endpoint not up in {START_TIMEOUT_S} s:\n{log.read_text()}")
-
-
-def _local_env(folder: Path) -> dict[str, str]:
-    config = folder / "lmcache_config.yaml"
-    config.write_text((REPO / "container" / "lmcache_config_cpu.yaml").read_text())
-    clean = {k: v for k, v in os.environ.items()
-             if "LMCACHE" not in k and not k.startswith("OPTION_")}
-    return {**clean, "OPTION_LMCACHE_CONFIG_FILE": str(config),
-            "OPTION_KV_TRANSFER_CONFIG": SEED_KV,
-            "LMI_ENTRYPOINT": str(Path(sys.executable).parent / "lmcache-ext")}
+    def runtime(self) -> Any:
+        """boto3's sagemaker-runtime client, one attempt per call (errors are the test's)."""
+        return self.session.client("sagemaker-runtime", region_name=self.region,
+                                   config=Config(retries={"max_attempts": 1}))
 
 
 @pytest.fixture(scope="session")
-def endpoint(tmp_path_factory) -> Iterator[Endpoint]:
-    name = os.environ.get("SAGEMAKER_ENDPOINT_NAME")
+def target(tmp_path_factory) -> Iterator[Target]:
+    name = os.environ.get(ENDPOINT_ENV)
     if name:
-        import boto3  # only the real-endpoint mode needs it
-
-        yield BotoEndpoint(name, boto3.client("sagemaker-runtime"))
+        session = boto3.Session()
+        if session.region_name is None:
+            raise RuntimeError(f"{ENDPOINT_ENV}={name}: set AWS_REGION (or a profile's "
+                               f"region) for the endpoint")
+        yield Target(name, session, session.region_name)
         return
+    from lmcache_ext.testing.local_sagemaker import FAKE_CREDENTIALS, REGION, LocalSageMaker
     from lmcache_ext.testing.tiny_model import build_tiny_model
 
-    folder = tmp_path_factory.mktemp("local-endpoint")
-    model = build_tiny_model(folder / "model")
-    port, log = _free_port(), folder / "server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "lmcache_ext.container.entrypoint", "serve", "--port",
-             str(port), "--model", str(model)], env=_local_env(folder), stdout=out,
-            stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
+    folder = tmp_path_factory.mktemp("local-sagemaker")
+    model = build_tiny_model(folder / "model", max_context=LOCAL_MAX_CONTEXT)
+    local = LocalSageMaker(folder, model, session_expiry_s=LOCAL_SESSION_EXPIRY_S).start()
+    before = os.environ.get(ENDPOINT_URL_ENV)
+    os.environ[ENDPOINT_URL_ENV] = local.url
     try:
-        _wait_for_ping(url, process, log)
-        yield LocalEndpoint(url)
+        yield Target(local.name, boto3.Session(region_name=REGION, **FAKE_CREDENTIALS),
+                     REGION, local)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if before is None:
+            os.environ.pop(ENDPOINT_URL_ENV, None)
+        else:
+            os.environ[ENDPOINT_URL_ENV] = before
+        local.close()
+
+
+@pytest.fixture
+def boto3_client(target) -> Boto3Client:
+    return Boto3Client(target.runtime(), target.endpoint_name)
+
+
+@pytest.fixture(params=["boto3", "sdk"])
+def client(request, target) -> Boto3Client | SdkClient:
+    if request.param == "boto3":
+        return Boto3Client(target.runtime(), target.endpoint_name)
+    return SdkClient(target.session, target.region, target.endpoint_name)
