@@ -4,6 +4,7 @@ After warming, the first real question over a document finds its prefix cached."
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -21,6 +22,8 @@ from lmcache_ext.client.warm import (
     SKIPPED,
     WARMED,
     Document,
+    DocumentResult,
+    Progress,
     WarmSummary,
     read_documents,
     warm,
@@ -245,3 +248,26 @@ def test_exit_codes(endpoint, tmp_path, capsys):
     assert "1 warmed, 0 skipped (already cached), 1 failed" in out.out
     (docs / "huge.txt").unlink()
     assert main(["warm", "--docs", str(docs), *url]) == 0
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_rewrites_one_line_on_a_terminal_and_names_failures():
+    stream = Terminal()
+    progress = Progress(2, stream)
+    summary = WarmSummary()
+    for result in (DocumentResult("a.txt", WARMED, 64, 0), DocumentResult("b.txt", FAILED,
+                                                                           error="HTTP 500: x")):
+        summary.results.append(result)
+        progress(result, summary)
+    progress.end()
+    shown = stream.getvalue()
+    assert "\rwarm: 1/2 documents (1 warmed, 0 skipped, 0 failed)" in shown
+    assert "\r\033[Kwarm: FAILED b.txt: HTTP 500: x\n" in shown
+    assert shown.endswith("(1 warmed, 0 skipped, 1 failed) 0.0 s\n")
+    quiet = io.StringIO()  # not a terminal: only the lines
+    Progress(2, quiet)(summary.results[1], summary)
+    assert quiet.getvalue() == "warm: FAILED b.txt: HTTP 500: x\n"
