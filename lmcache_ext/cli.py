@@ -1,5 +1,5 @@
-"""The ``lmcache-ext`` command: ``config show``, ``config check``, ``serve``, ``route`` and
-``advise``."""
+"""The ``lmcache-ext`` command: ``config show``, ``config check``, ``serve``, ``route``,
+``advise`` and ``warm``."""
 
 from __future__ import annotations
 
@@ -177,6 +177,114 @@ def _add_route_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     return parser
 
 
+WARM_HELP = """\
+Each document is sent once as a prefill-only request (one new token) so its KV is computed and
+stored in every tier; a later question whose prompt starts the same way loads it. The prefix must
+match the application's prompt: --template wraps each document, {document} marking where its
+text goes (replaced literally), e.g. for an application that sends the document first:
+  --template $'Answer from this document.\\n\\n{document}\\n\\nQuestion: '
+With --chat the wrapped text is sent as an OpenAI chat request's system message (the endpoint's
+chat template renders it as it renders the application's own system message).
+Resumable: each document is first looked up (custom attribute lmcache-ext-lookup, answered by
+the built-in server) and skipped when its whole chunks are cached; an endpoint that does not
+answer lookups (LMI's own handler) just warms every document. Behind an endpoint of several
+instances a document lands on the instance that served it: the others see it only through a
+shared tier (Redis/Valkey). Exit 0: all warmed or skipped; 1: some failed; 2: bad arguments."""
+
+
+def warm_command(args: argparse.Namespace) -> int:
+    """``lmcache-ext warm``: read the documents, warm them, print the summary."""
+    from lmcache_ext.client.warm import Progress, read_documents, warm
+
+    try:
+        if (args.url is None) == (args.endpoint is None):
+            raise ValueError("give --url URL or --endpoint NAME (one of them)")
+        if args.concurrency < 1:
+            raise ValueError(f"--concurrency: {args.concurrency} must be >= 1")
+        template = _warm_template(args)
+        documents = read_documents(args.docs, args.text_field)
+        if not documents:
+            raise ValueError(f"--docs {args.docs}: no documents (*.txt, *.md or JSONL lines)")
+        transport = _warm_transport(args)
+    except ValueError as exc:
+        print(f"lmcache-ext warm: {exc}", file=sys.stderr)
+        return 2
+    progress = Progress(len(documents))
+    summary = warm(documents, transport, template, args.concurrency, chat=args.chat,
+                   on_result=progress)
+    progress.end()
+    print("\n".join(summary.lines()))
+    return 0 if summary.ok else 1
+
+
+def _warm_template(args: argparse.Namespace) -> str:
+    from lmcache_ext.client.warm import DEFAULT_TEMPLATE, check_template
+
+    if args.template_file:
+        try:
+            with open(args.template_file, encoding="utf-8") as file:
+                return check_template(file.read())
+        except OSError as exc:
+            raise ValueError(f"--template-file: {exc}") from exc
+    return check_template(args.template if args.template is not None else DEFAULT_TEMPLATE)
+
+
+def _warm_transport(args: argparse.Namespace):
+    from lmcache_ext.client.transport import HttpTransport, SageMakerTransport
+
+    if args.timeout_s <= 0:
+        raise ValueError(f"--timeout-s: {args.timeout_s} must be > 0")
+    if args.url is not None:
+        return HttpTransport(args.url, timeout_s=args.timeout_s)
+    try:
+        import boto3  # the `client` extra
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError
+    except ImportError as exc:
+        raise ValueError(f"--endpoint needs boto3 (pip install 'lmcache-ext[client]'): "
+                         f"{exc}") from exc
+    try:
+        client = boto3.client("sagemaker-runtime", endpoint_url=args.endpoint_url,
+                              region_name=args.region,
+                              config=Config(read_timeout=args.timeout_s,
+                                            max_pool_connections=max(10, args.concurrency)))
+    except BotoCoreError as exc:  # e.g. no region configured
+        raise ValueError(f"--endpoint {args.endpoint}: {exc}") from exc
+    return SageMakerTransport(args.endpoint, client=client)
+
+
+def _add_warm_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from lmcache_ext.client.warm import DEFAULT_CONCURRENCY
+
+    parser = commands.add_parser(
+        "warm", help="pre-warm the cache with documents (prefill-only requests)",
+        description=WARM_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", required=True, help="a folder of *.txt / *.md files (one "
+                        "document each), a .jsonl file (one object per line) or a text file")
+    parser.add_argument("--text-field", default="text", help="JSONL: the field holding the "
+                        "text (default text; an 'id' field names the document)")
+    target = parser.add_argument_group("target (one of)")
+    target.add_argument("--url", help="the container or built-in server, e.g. "
+                                      "http://127.0.0.1:8080 (POST /invocations)")
+    target.add_argument("--endpoint", help="a SageMaker endpoint's name (boto3 sagemaker-runtime)")
+    parser.add_argument("--endpoint-url", help="--endpoint: another SageMaker runtime URL, e.g. "
+                        "lmcache-ext route's (default: boto3's resolution, "
+                        "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME included)")
+    parser.add_argument("--region", help="--endpoint: AWS region (default: boto3's)")
+    template = parser.add_mutually_exclusive_group()
+    template.add_argument("--template", help="the prompt around each document, {document} "
+                          "where its text goes (default: the document alone)")
+    template.add_argument("--template-file", help="read --template from a file (UTF-8, as is)")
+    parser.add_argument("--chat", action="store_true", help="send the wrapped document as a "
+                        "chat request's system message (default: LMI schema 'inputs')")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help=f"documents in flight (default {DEFAULT_CONCURRENCY})")
+    parser.add_argument("--timeout-s", type=float, default=600.0,
+                        help="one request's time limit (default 600)")
+    parser.set_defaults(handler=warm_command)
+    return parser
+
+
 class AdviseError(ValueError):
     """A bad argument combination or an unreadable model config; the CLI prints it, exits 2."""
 
@@ -263,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.set_defaults(handler=serve)
     route_parser = _add_route_parser(commands)
     _add_advise_parser(commands)
+    _add_warm_parser(commands)
     for sub in (show, check, serve_parser, route_parser):
         sub.add_argument("--config", help="YAML config file (else LMCACHE_CONFIG_FILE / "
                                           "OPTION_LMCACHE_CONFIG_FILE)")

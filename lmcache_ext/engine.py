@@ -123,6 +123,15 @@ class CacheEngine:
         """How many leading tokens of ``tokens`` the cache holds (a multiple of chunks)."""
         return self.lookup_spans(self.spans(tokens, salt), len(tokens))
 
+    def peek(self, tokens: Tokens, salt: str = "") -> int:
+        """``lookup`` without side effects: how many leading tokens the tiers hold now, not
+        counted in the lookup metrics, nothing promoted, read or touched (a probe for a caller
+        that only asks, e.g. a client deciding whether a document needs warming). A chunk still
+        being written behind to a slower tier counts where it already is."""
+        spans = self.spans(tokens, salt)
+        held = self.storage.prefix_length([s.key for s in spans])
+        return spans[held - 1].end if held else 0
+
     def lookup_spans(self, spans: Sequence[ChunkSpan], num_tokens: int | None = None) -> int:
         """``lookup`` for spans computed once by the caller; ``num_tokens`` (the prompt's
         length, for the hit-rate metrics) defaults to the spans' end."""

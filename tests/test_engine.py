@@ -9,7 +9,7 @@ import torch
 
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
-from lmcache_ext.engine import CacheEngine
+from lmcache_ext.engine import CacheEngine, key_namespace
 from lmcache_ext.metrics import EngineMetrics
 from lmcache_ext.storage import Chunk, CPUTier
 from lmcache_ext.units import GIB
@@ -223,3 +223,31 @@ def test_salted_requests_share_tiers_but_never_chunks():
     dest = torch.zeros(LAYOUT.shape(32), dtype=LAYOUT.dtype)
     assert engine.retrieve(tokens, dest, salt="lora=a") == 32
     assert torch.equal(dest, kv_for(32))
+
+
+def test_peek_answers_like_lookup_without_counting_promoting_or_touching(tmp_path):
+    """Scenario: a prefix held only on disk is peeked at: the answer is lookup's, yet no lookup
+    is counted and nothing is promoted into the CPU tier (a warm client's probe is free)."""
+    from lmcache_ext.storage import DiskTier
+
+    config = load_config(env={}, overrides={"chunk_size": CHUNK})
+    metrics = EngineMetrics()
+    cpu = CPUTier(64 * CHUNK_BYTES, metrics.for_tier("cpu"))
+    namespace = key_namespace(config, LAYOUT, "test-model").id
+    disk = DiskTier(str(tmp_path), 1 << 20, namespace, counters=metrics.for_tier("disk"))
+    engine = CacheEngine(config, LAYOUT, model_name="test-model", tiers=[cpu, disk],
+                         metrics=metrics)
+    tokens = list(range(70))  # 4 full chunks
+    assert engine.peek(tokens) == 0
+    engine.store(tokens, kv_for(70))
+    engine.flush()
+    for span in engine.spans(tokens):
+        cpu.remove(span.key)
+    lookups = metrics.value("lookups_total")
+    assert engine.peek(tokens) == 64 and engine.peek(tokens[:40]) == 32
+    assert metrics.value("lookups_total") == lookups
+    assert metrics.value("lookup_hit_tokens_total") == 0
+    assert metrics.value("tier_promoted_total", tier="disk") == 0
+    assert not any(cpu.contains(span.key) for span in engine.spans(tokens))
+    assert engine.lookup(tokens) == 64  # the counted lookup agrees
+    engine.close()

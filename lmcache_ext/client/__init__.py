@@ -6,6 +6,8 @@ closed on request.
   (``SageMakerTransport``) or plain HTTP to a local ``/invocations`` (``HttpTransport``).
 - ``chat``: the chat request body and the parsing of its answers (whole and streamed).
 - ``conversations``: ``SessionClient``, the conversations and their sessions.
+- ``warm``: pre-warm the cache with documents (``warm``, ``read_documents``; ``lmcache-ext
+  warm``).
 """
 
 from lmcache_ext.client.conversations import SessionClient, Turn, TurnStream
@@ -15,6 +17,8 @@ from lmcache_ext.client.transport import (
     SageMakerTransport,
     SessionGone,
 )
+from lmcache_ext.client.warm import Document, DocumentResult, WarmSummary, read_documents, warm
 
-__all__ = ["EndpointError", "HttpTransport", "SageMakerTransport", "SessionClient",
-           "SessionGone", "Turn", "TurnStream"]
+__all__ = ["Document", "DocumentResult", "EndpointError", "HttpTransport", "SageMakerTransport",
+           "SessionClient", "SessionGone", "Turn", "TurnStream", "WarmSummary", "read_documents",
+           "warm"]

@@ -4,8 +4,10 @@ Both transports answer alike: a ``Reply`` (body, ``NewSessionId``, ``ClosedSessi
 stream of body bytes, or an error: ``SessionGone`` when the endpoint says the session expired or
 is unknown (HTTP 400 naming the session's state; through SageMaker a ``ModelError`` whose
 ``OriginalStatusCode`` is 400, or a ``ValidationError`` about the session), ``EndpointError``
-for anything else. Thread-safe: each call opens its own connection (boto3 clients are
-thread-safe).
+for anything else. ``custom_attributes`` (optional) is SageMaker's ``CustomAttributes``: boto3
+sends it, SageMaker forwards it verbatim to the container as ``X-Amzn-SageMaker-Custom-Attributes``,
+and the HTTP transport sends that header itself. Thread-safe: each call opens its own connection
+(boto3 clients are thread-safe).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from lmcache_ext.serving.protocol import CUSTOM_ATTRIBUTES_HEADER
 from lmcache_ext.sessions.protocol import (
     CLOSED_SESSION_HEADER,
     NEW_SESSION_HEADER,
@@ -67,9 +70,12 @@ class HttpTransport:
         self.host, self.port = parts.hostname, parts.port or 80
         self.timeout_s = timeout_s
 
-    def _send(self, body: bytes, session: str | None) -> tuple[http.client.HTTPConnection,
-                                                               http.client.HTTPResponse]:
-        headers = {"Content-Type": CONTENT_TYPE, **({SESSION_HEADER: session} if session else {})}
+    def _send(self, body: bytes, session: str | None,
+              custom_attributes: str | None = None) -> tuple[http.client.HTTPConnection,
+                                                             http.client.HTTPResponse]:
+        headers = {"Content-Type": CONTENT_TYPE, **({SESSION_HEADER: session} if session else {}),
+                   **({CUSTOM_ATTRIBUTES_HEADER: custom_attributes} if custom_attributes
+                      else {})}
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
         try:
             conn.request("POST", "/invocations", body, headers)
@@ -84,8 +90,9 @@ class HttpTransport:
             raise error_for(response.status, _message(text))
         return conn, response
 
-    def invoke(self, body: bytes, session: str | None = None) -> Reply:
-        conn, response = self._send(body, session)
+    def invoke(self, body: bytes, session: str | None = None,
+               custom_attributes: str | None = None) -> Reply:
+        conn, response = self._send(body, session, custom_attributes)
         try:
             data = response.read()
         finally:
@@ -135,10 +142,13 @@ class SageMakerTransport:
         self.client = client
         self.endpoint_name = endpoint_name
 
-    def _call(self, method: str, body: bytes, session: str | None) -> dict[str, Any]:
+    def _call(self, method: str, body: bytes, session: str | None,
+              custom_attributes: str | None = None) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         extra = {"SessionId": session} if session else {}
+        if custom_attributes:
+            extra["CustomAttributes"] = custom_attributes
         try:
             return getattr(self.client, method)(EndpointName=self.endpoint_name, Body=body,
                                                 ContentType=CONTENT_TYPE, **extra)
@@ -147,8 +157,9 @@ class SageMakerTransport:
         except BotoCoreError as exc:
             raise EndpointError(f"{self.endpoint_name}: {exc}") from exc
 
-    def invoke(self, body: bytes, session: str | None = None) -> Reply:
-        reply = self._call("invoke_endpoint", body, session)
+    def invoke(self, body: bytes, session: str | None = None,
+               custom_attributes: str | None = None) -> Reply:
+        reply = self._call("invoke_endpoint", body, session, custom_attributes)
         return Reply(reply["Body"].read(), reply.get("NewSessionId"),
                      reply.get("ClosedSessionId"))
 

@@ -1,12 +1,18 @@
-"""The SageMaker container contract over HTTP: ``/ping``, ``/invocations``, ``/metrics``, and the
-OpenAI-style ``/v1/completions`` and ``/v1/chat/completions``. Routing and HTTP only: parsing
-and response bodies are ``protocol``'s, tokenising and generation ``service``'s.
+"""The SageMaker container contract over HTTP: ``/ping``, ``/invocations``, ``/metrics``, the
+OpenAI-style ``/v1/completions`` and ``/v1/chat/completions``, and ``/lookup``. Routing and HTTP
+only: parsing and response bodies are ``protocol``'s, tokenising and generation ``service``'s.
 
 A thread per connection (the standard library's ``ThreadingHTTPServer``): ``/ping`` and
 ``/metrics`` answer at once while another thread generates, since torch releases the GIL inside
 its kernels. Streaming: ``/invocations`` writes JSON lines (``application/jsonlines``) as LMI
 does; the ``/v1`` routes write server-sent events as OpenAI clients expect. SageMaker's stateful
 sessions (create, close, a session's turns) are spoken on ``/invocations`` (``sessions``).
+
+A lookup (``/lookup``, or ``/invocations`` whose custom attributes name ``lmcache-ext-lookup``:
+the one way through SageMaker) takes any payload ``/invocations`` takes and answers how many of
+its prompt's leading tokens the cache holds, without generating, storing or counting a lookup in
+the engine's hit metrics; it is counted in the HTTP requests under the route ``/lookup``. A
+session header on a lookup is ignored (it neither begins a turn nor slides the expiry).
 """
 
 from __future__ import annotations
@@ -22,15 +28,19 @@ from prometheus_client import generate_latest
 
 from lmcache_ext.serving.generator import GenerationStats, TokenEvent
 from lmcache_ext.serving.protocol import (
+    CUSTOM_ATTRIBUTES_HEADER,
+    LOOKUP_ROUTE,
     MAX_BODY_BYTES,
     GenerateRequest,
     RequestError,
     decode_body,
     format_event,
     format_full,
+    format_lookup,
     parse_chat,
     parse_completions,
     parse_invocation,
+    wants_lookup,
 )
 from lmcache_ext.serving.service import Service
 from lmcache_ext.sessions.protocol import SESSION_HEADER, SessionError, parse_session_request
@@ -41,17 +51,20 @@ ROUTES: dict[str, Callable[[dict[str, Any]], GenerateRequest]] = {
     "/invocations": parse_invocation,
     "/v1/completions": parse_completions,
     "/v1/chat/completions": parse_chat,
+    LOOKUP_ROUTE: parse_invocation,
 }
 
 
 class Handler(BaseHTTPRequestHandler):
     service: Service  # set on the subclass made by make_server
     protocol_version = "HTTP/1.1"
+    _route = ""  # the request's route in the metrics (a lookup on /invocations is /lookup's)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        self._route = self.path
         if self.path == "/ping":
             self._send_json(200, {"status": "healthy"})
         elif self.path == "/metrics":
@@ -62,11 +75,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         parse = ROUTES.get(self.path)
+        attributes = self.headers.get(CUSTOM_ATTRIBUTES_HEADER)
+        lookup = self.path == LOOKUP_ROUTE or (self.path == "/invocations" and
+                                               wants_lookup(attributes))
+        self._route = LOOKUP_ROUTE if lookup else self.path
         if parse is None:
             self._send_json(404, {"error": f"no route {self.path}"})
             return
         try:
             body = decode_body(self._read_body())
+            if lookup:
+                self._lookup(parse_invocation(body))
+                return
             session_id = None
             if self.path == "/invocations":  # SageMaker's sessions live on /invocations only
                 header = self.headers.get(SESSION_HEADER)
@@ -91,6 +111,11 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # the request fails; the server keeps serving
             log.exception("request to %s failed", self.path)
             self._send_json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+    def _lookup(self, request: GenerateRequest) -> None:
+        prompt_tokens, cached_tokens = self.service.lookup(request)
+        self._send_json(200, format_lookup(prompt_tokens, cached_tokens,
+                                           self.service.generator.chunk_size))
 
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
@@ -126,7 +151,7 @@ class Handler(BaseHTTPRequestHandler):
         if sse:
             self._chunk("data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
-        self.service.metrics.requests.labels(self.path, "200").inc()
+        self.service.metrics.requests.labels(self._route, "200").inc()
 
     def _chunk(self, text: str) -> None:
         data = text.encode()
@@ -138,8 +163,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, body: dict[str, Any],
                    headers: dict[str, str] | None = None) -> None:
+        # Counted first: a client that has the answer sees it counted (tests read the counter).
+        self.service.metrics.requests.labels(self._route, str(status)).inc()
         self._send(status, json.dumps(body).encode(), "application/json", headers)
-        self.service.metrics.requests.labels(self.path, str(status)).inc()
 
     def _send(self, status: int, data: bytes, content_type: str,
               headers: dict[str, str] | None = None) -> None:

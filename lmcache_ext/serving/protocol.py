@@ -4,11 +4,14 @@
 ``{"inputs": str, "parameters": {...}, "stream": bool}``, OpenAI completions (``prompt``) and
 OpenAI chat (``messages``). Every problem is a ``RequestError`` naming the field, never a crash.
 Response bodies in the request's style (``format_full``, ``format_event``) are shaped here too.
+A lookup-only request (``/lookup``, or ``/invocations`` with the ``lmcache-ext-lookup`` custom
+attribute) takes the same payloads and is answered by ``format_lookup``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,6 +21,12 @@ if TYPE_CHECKING:  # the generator imports SamplingParams from here
     from lmcache_ext.serving.generator import GenerationStats, TokenEvent
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's payload limit for real-time endpoints
+# A lookup-only request: the prompt's cached prefix is reported, nothing is generated or stored.
+# Through SageMaker only /invocations reaches the container, so the request says so in its custom
+# attributes (boto3's CustomAttributes, forwarded verbatim as this header); locally also /lookup.
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+LOOKUP_ATTRIBUTE = "lmcache-ext-lookup"
+LOOKUP_ROUTE = "/lookup"
 # Chat roles we serve: plain text turns. Tool turns (tool_call_id, tool_calls) are not parsed and
 # the chat templates we ship render no "developer" or "tool" role, so those are refused.
 CHAT_ROLES = ("system", "user", "assistant")
@@ -222,6 +231,17 @@ def parse_invocation(payload: dict[str, Any]) -> GenerateRequest:
     raise RequestError("body: needs 'inputs' (LMI), 'prompt' (completions) or 'messages' (chat)")
 
 
+def wants_lookup(custom_attributes: str | None) -> bool:
+    """Whether a request's custom attributes ask for a lookup: ``lmcache-ext-lookup`` as one of
+    its items (comma or semicolon separated, blanks ignored, any case), bare or ``=true`` /
+    ``=1`` / ``=yes``; ``=false``, ``=0`` or ``=no`` turn it off."""
+    for item in re.split(r"[,;]", custom_attributes or ""):
+        name, _, value = item.partition("=")
+        if name.strip().lower() == LOOKUP_ATTRIBUTE:
+            return value.strip().lower() not in ("false", "0", "no", "off")
+    return False
+
+
 # ------------------------------------------------------------------ responses
 
 
@@ -252,6 +272,13 @@ def format_full(request: GenerateRequest, stats: GenerationStats, model: str) ->
         kind = "text_completion"
     return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": kind, "created": int(time.time()),
             "model": model, "choices": [choice], "usage": _usage(stats)}
+
+
+def format_lookup(prompt_tokens: int, cached_tokens: int, chunk_tokens: int) -> dict[str, Any]:
+    """A lookup's answer: the prompt's length, the leading tokens the cache holds now (whole
+    chunks), and the chunk size (a prompt's last partial chunk is never stored)."""
+    return {"lookup": {"prompt_tokens": prompt_tokens, "cached_tokens": cached_tokens,
+                       "chunk_tokens": chunk_tokens}}
 
 
 def format_event(request: GenerateRequest, event: TokenEvent, stats: GenerationStats,

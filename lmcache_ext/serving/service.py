@@ -43,6 +43,14 @@ class Service:
                                f"{self.generator.loaded.max_context}")
         return ids
 
+    def lookup(self, request: GenerateRequest) -> tuple[int, int]:
+        """``(prompt tokens, leading tokens the cache holds now)`` for ``request``, tokenised as
+        ``run`` would; nothing generated, stored, promoted or counted as a lookup of a request
+        (``CacheEngine.peek``). No cache: nothing held."""
+        ids = self.prompt_ids(request)
+        engine = self.generator.engine
+        return len(ids), engine.peek(ids) if engine is not None else 0
+
     def run(self, request: GenerateRequest,
             session_id: str | None = None) -> tuple[Iterator[TokenEvent], GenerationStats]:
         """Generate for ``request``; with ``session_id`` (an open session, see
