@@ -16,18 +16,18 @@ from dataclasses import dataclass, field
 from lmcache_ext.adapters.lmi_facts import SESSIONS_ON
 from lmcache_ext.container.entrypoint import CONFIG_FILE_ENV, KV_ENV
 from lmcache_ext.container.lmi_sessions import SESSIONS_ENV
+from lmcache_ext.container.routes import SEED_KV_TRANSFER_CONFIG
+from lmcache_ext.routing.router import VARIANT_NAME as VARIANT
 from sagemaker_tests.envfile import masked
 from sagemaker_tests.images import ImagePlan
 
 DEFAULT_NAME = "lmcache-ext-test"
 DEFAULT_INSTANCE = "ml.g6e.xlarge"
-VARIANT = "AllTraffic"
 HEALTH_CHECK_TIMEOUT_S = 1800  # model download + vLLM load + CUDA graphs on a cold instance
 MODEL_DIR = "/opt/ml/model/"  # where SageMaker unpacks the model artifacts
 MODEL_ID_ENV = "OPTION_MODEL_ID"
 SESSIONS_DEFAULTS = {"OPTION_ASYNC_MODE": "true", "OPTION_ROLLING_BATCH": "disable",
                      SESSIONS_ENV: SESSIONS_ON}
-SEED_KV = '{"kv_connector":"LMCacheConnectorV1", "kv_role":"kv_both"}'
 # SageMaker's name pattern; the longest suffix below must still fit its 63 characters.
 NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,55}")
 MISSING_ROLE = "<--role-arn required>"
@@ -89,8 +89,8 @@ def check(plan: DeployPlan) -> None:
     if plan.instance_count < 1:
         raise PlanError(f"--instance-count {plan.instance_count}: at least 1")
     if KV_ENV not in env and not any(k.startswith("OPTION_LMCACHE_") for k in env):
-        raise PlanError(f"the cache is off: set {KV_ENV}={SEED_KV} (see sagemaker_tests/"
-                        f"seed.env) or OPTION_LMCACHE_* keys")
+        raise PlanError(f"the cache is off: set {KV_ENV}={SEED_KV_TRANSFER_CONFIG} (see "
+                        f"sagemaker_tests/seed.env) or OPTION_LMCACHE_* keys")
 
 
 def describe(plan: DeployPlan) -> str:

@@ -24,7 +24,6 @@ from sagemaker_tests import deploy, teardown
 from sagemaker_tests.control import ControlError, create, sagemaker_client, wait_in_service
 from sagemaker_tests.deployment import (
     HEALTH_CHECK_TIMEOUT_S,
-    SEED_KV,
     DeployPlan,
     Names,
     PlanError,
@@ -33,6 +32,8 @@ from sagemaker_tests.deployment import (
 )
 from sagemaker_tests.envfile import EnvFileError, masked, parse_env, read_env_file
 from sagemaker_tests.images import base_tag, plan_image
+
+SEED_KV = '{"kv_connector":"LMCacheConnectorV1", "kv_role":"kv_both"}'  # the seed's exact text
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_ENV = REPO / "sagemaker_tests" / "seed.env"

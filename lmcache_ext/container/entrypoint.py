@@ -52,7 +52,13 @@ from lmcache_ext.container.lmi_sessions import (
     prepare_sessions,
 )
 from lmcache_ext.container.lmi_settings import LmiSettings, SettingsError, read_settings
-from lmcache_ext.container.routes import LMI_AUTO_KV, RouteError, Routes, find_routes
+from lmcache_ext.container.routes import (
+    LMI_AUTO_KV,
+    SEED_KV_TRANSFER_CONFIG,
+    RouteError,
+    Routes,
+    find_routes,
+)
 from lmcache_ext.units import GIB
 
 if TYPE_CHECKING:  # direct_io imports torch: the entrypoint loads it only for a disk tier
@@ -251,8 +257,7 @@ def _no_route(env: Mapping[str, str], settings: LmiSettings, routes: Routes) -> 
                    if n.startswith("lmcache_") and n != "lmcache_auto_config")
     if cache:
         raise SetupError(f"{cache[0]} is set but nothing switches the cache on, so vLLM would "
-                         f"run without it; set {KV_ENV}="
-                         '{"kv_connector":"LMCacheConnectorV1", "kv_role":"kv_both"} '
+                         f"run without it; set {KV_ENV}={SEED_KV_TRANSFER_CONFIG} "
                          f"(or {AUTO_ENV}=true)")
     log.info("cache off: no kv_transfer_config, auto-config or offloading backend names "
              "LMCache; handing over unchanged")

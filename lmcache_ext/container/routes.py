@@ -23,6 +23,8 @@ KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
 LMCACHE_NAMES = frozenset({"LMCacheConnectorV1", OUR_CONNECTOR})
 # What LMI's auto-config puts in option.kv_transfer_config (djl_python/lmcache_utils.py).
 LMI_AUTO_KV = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+# The users' seed: OPTION_KV_TRANSFER_CONFIG exactly as they write it.
+SEED_KV_TRANSFER_CONFIG = '{"kv_connector":"LMCacheConnectorV1", "kv_role":"kv_both"}'
 
 
 class RouteError(ValueError):

@@ -27,10 +27,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmcache_ext.container.routes import SEED_KV_TRANSFER_CONFIG
 from lmcache_ext.testing.redis_server import RedisServer, free_port
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "container"
-SEED_KV_TRANSFER_CONFIG = '{"kv_connector":"LMCacheConnectorV1", "kv_role":"kv_both"}'
 START_TIMEOUT_S = 120.0
 REGION = "us-east-1"  # any region: the local endpoint ignores it
 FAKE_CREDENTIALS = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
