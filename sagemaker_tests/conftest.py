@@ -43,6 +43,13 @@ class Target:
     chunk_tokens: int = 256  # the seed's chunk_size
 
     @property
+    def document_scale(self) -> int:
+        """How many times the tests repeat a document's text: on a real endpoint a hit is told
+        by time, and a real model prefills a short text too fast for that (40 times is ~5K
+        tokens); the local model's context is short."""
+        return 1 if self.local is not None else 40
+
+    @property
     def reports_cached_tokens(self) -> bool:
         """Our built-in engine reports cached tokens in its answers; LMI's LMI-schema answers
         do not, so on a real endpoint a hit shows only in the time."""

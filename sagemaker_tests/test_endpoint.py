@@ -80,9 +80,10 @@ def test_a_repeated_document_is_served_from_the_cache(target, boto3_client):
     the document's full chunks as cached (on a real endpoint, which reports no cached tokens,
     the repeats are faster than the first), and greedy output matches a cold run's."""
     times, answers = [], []
+    document = DOCUMENT * target.document_scale
     for question in ("what does it hold?", "what does it hold?", "what does it skip?"):
         start = time.perf_counter()
-        answers.append(boto3_client.invoke(lmi(f"{DOCUMENT}\nQuestion: {question}")).json())
+        answers.append(boto3_client.invoke(lmi(f"{document}\nQuestion: {question}")).json())
         times.append(time.perf_counter() - start)
     print(f"first {times[0]:.3f} s, repeats {times[1]:.3f} s, {times[2]:.3f} s")
     assert answers[1]["generated_text"] == answers[0]["generated_text"]

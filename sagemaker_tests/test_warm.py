@@ -45,14 +45,14 @@ def test_warm_then_the_first_question_is_a_hit(target, boto3_client, tmp_path):
     from the cache."""
     tag = f"({tmp_path.name}) "  # documents new to the endpoint, whatever ran before
     for name, text in DOCUMENTS.items():
-        (tmp_path / name).write_text(tag + text)
+        (tmp_path / name).write_text(tag + text * target.document_scale)
     done = run_warm(target, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "documents 2: 2 warmed, 0 skipped (already cached), 0 failed" in done.stdout, \
         done.stdout
 
-    warmed_doc = tag + DOCUMENTS["tiers.txt"]
-    cold_doc = tag + DOCUMENTS["tiers.txt"].upper()
+    warmed_doc = tag + DOCUMENTS["tiers.txt"] * target.document_scale
+    cold_doc = tag + DOCUMENTS["tiers.txt"].upper() * target.document_scale
     start = time.perf_counter()
     warm_reply = boto3_client.invoke(question(warmed_doc, "what holds the chunks?")).json()
     warm_s = time.perf_counter() - start
