@@ -101,11 +101,5 @@ clean:
 image-test:
 	container/image_test.sh
 
-hado# The SageMaker suite through boto3 and the SageMaker SDK (also part of `make test`): against a
-# local endpoint, or the real one named by SAGEMAKER_ENDPOINT_NAME (AWS credentials as boto3 finds
-# them); deploy one with `python -m sagemaker_tests.deploy`.
-sagemaker-test: setup
-	$(PY) -m pytest -q sagemaker_tests
-
-lint: setup
+hadolint: setup
 	$(VENV)/bin/hadolint Dockerfile
