@@ -245,7 +245,11 @@ class SessionHandler:
         """The lookup's ``Output``; None (LMI serves the request) where its body is not a
         prompt the lookup can read."""
         body = json_body(inputs)
-        answer = await self.lookup.answer_async(body) if body is not None else None
+        try:
+            answer = await self.lookup.answer_async(body) if body is not None else None
+        except Exception:  # never a failed request for a lookup: LMI serves it instead
+            log.exception("lmcache-ext handler: a lookup failed; LMI serves the request")
+            return None
         return lookup_output(answer) if answer is not None else None
 
     def _known_session(self, header: str | None) -> str | None:
