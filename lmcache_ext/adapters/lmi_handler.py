@@ -15,6 +15,9 @@ session manager, the response headers); the handler adds what LMI lacks:
   connector's own worker channel (``WorkerCaches.release_session``), and logs what was freed. A
   close that does not reach a worker (or a session LMI expires by itself) is covered by the
   workers' own expiry (``worker_sessions``);
+- a lookup (custom attribute ``lmcache-ext-lookup``, as ``lmcache-ext warm`` sends first) is
+  answered from the workers' caches without generating (``lmi_lookup``), as the built-in
+  server answers it; where that is not possible LMI serves it (one generated token);
 - LMI's ``enable_stateful_sessions`` property reads only ``"true"`` as on: ``True`` is
   normalised (with a warning) before LMI's service sees it (``lmi_facts``).
 
@@ -33,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lmcache_ext.adapters.lmi_facts import SESSIONS_OPTION, read_sessions_flag
+from lmcache_ext.adapters.lmi_lookup import LmiLookup, is_lookup, lookup_output
 from lmcache_ext.adapters.session_params import with_session
 from lmcache_ext.sessions.protocol import (
     CLOSE,
@@ -169,12 +173,15 @@ class SessionHandler:
     ``session_manager`` and ``vllm_engine.vllm_config``). Used from DJL's event loop."""
 
     def __init__(self, inner: Callable[[Any], Awaitable[Any]], service: Any,
-                 releaser_for: Callable[[Any], SessionReleaser | None] | None = None):
+                 releaser_for: Callable[[Any], SessionReleaser | None] | None = None,
+                 lookup_for: Callable[[Any], LmiLookup | None] | None = None):
         self._inner = inner
         self._service = service
         self._releaser_for = releaser_for or SessionReleaser.for_engine
+        self._lookup_for = lookup_for or LmiLookup.for_engine
         self._bound = False
         self.releaser: SessionReleaser | None = None
+        self.lookup: LmiLookup | None = None
 
     async def handle(self, inputs: Any) -> Any:
         """DJL's entry: the answer of LMI's service. Called again from inside LMI's service
@@ -194,6 +201,11 @@ class SessionHandler:
             result = await self._inner(inputs)
             self._bind()
             return result
+        if self.lookup is not None and not inputs.is_empty() and not inputs.is_batch() and \
+                is_lookup(inputs):
+            answer = await self._answer_lookup(inputs)
+            if answer is not None:
+                return answer
         if self.releaser is None or inputs.is_empty() or inputs.is_batch():
             return await self._inner(inputs)
         body = json_body(inputs)
@@ -220,9 +232,25 @@ class SessionHandler:
         self._bound = True
         engine = getattr(self._service, "vllm_engine", None)
         self.releaser = self._releaser_for(engine.vllm_config) if engine is not None else None
+        try:
+            self.lookup = self._lookup_for(engine) if engine is not None else None
+        except Exception:  # lookups then reach LMI, which generates: warm's fallback
+            log.exception("lmcache-ext handler: lookups cannot be answered here; LMI serves "
+                          "them (one generated token each)")
         if self.releaser is not None and getattr(self._service, "session_manager", None) is None:
             log.warning("lmcache-ext handler: LMI runs without stateful sessions (%s is not "
                         "'true'): nothing will be pinned", SESSIONS_OPTION)
+
+    async def _answer_lookup(self, inputs: Any) -> Any:
+        """The lookup's ``Output``; None (LMI serves the request) where its body is not a
+        prompt the lookup can read."""
+        body = json_body(inputs)
+        try:
+            answer = await self.lookup.answer_async(body) if body is not None else None
+        except Exception:  # never a failed request for a lookup: LMI serves it instead
+            log.exception("lmcache-ext handler: a lookup failed; LMI serves the request")
+            return None
+        return lookup_output(answer) if answer is not None else None
 
     def _known_session(self, header: str | None) -> str | None:
         """``header`` if it names a session LMI's session manager holds, else None (LMI

@@ -118,6 +118,28 @@ def _recompute_failed_loads(vllm_config: VllmConfig) -> None:
                  "recomputed, never a failed request")
 
 
+def model_layout(vllm_config: VllmConfig) -> KVLayout:
+    """The KV layout ``_layout_from`` finds in vLLM's KV cache config, read from the model's
+    config instead (a process without the engine core's KV cache config: the LMI handler): one
+    rank's attention layers, KV heads and head size, and the KV cache's dtype."""
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    dtype = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model)
+    return KVLayout(num_layers=model.get_num_layers(parallel),
+                    num_kv_heads=model.get_num_kv_heads(parallel),
+                    head_dim=model.get_head_size(), dtype=dtype)
+
+
+def scheduler_hasher(config: EngineConfig, layout: KVLayout,
+                     vllm_config: VllmConfig) -> PrefixHasher:
+    """How the scheduler side names a prompt's chunks: rank 0's namespace (a chain's root holds
+    no rank, so one hash serves every rank). The LMI handler's lookups hash with it too."""
+    world = vllm_config.parallel_config.tensor_parallel_size
+    namespace = key_namespace(config, layout, _model_name(vllm_config), 0, world)
+    return PrefixHasher(namespace, config.save_unfull_chunk)
+
+
 def _model_name(vllm_config: VllmConfig) -> str:
     model = vllm_config.model_config
     revision = getattr(model, "revision", None)
@@ -147,13 +169,12 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()  # blocks of failed loads, reported once
         self._emf: EmfReporter | None = None
         if role == KVConnectorRole.SCHEDULER:
-            namespace = key_namespace(self.config, layout, model, 0, world)
             caches = WorkerCaches(engine_key, world, self.config.worker_lookup_timeout_s,
                                   self.config.worker_lookup_backoff_s)
             chunk = self.config.chunk_size
             cost = CostModel(chunk, math.prod(layout.shape(chunk)) * layout.dtype.itemsize,
                              self.config.min_retrieve_tokens, self.config.cost_aware_retrieval)
-            self.scheduler = SchedulerSide(PrefixHasher(namespace, self.config.save_unfull_chunk),
+            self.scheduler = SchedulerSide(scheduler_hasher(self.config, layout, vllm_config),
                                            caches, block_size, self.config.save_decode_cache,
                                            cost, self.config.async_load)
             self._emf = _emf_reporter(self.config, model)

@@ -22,6 +22,10 @@ class Output:
         self.body = value
         return self
 
+    def add_as_json(self, value: Any, key: str | None = None) -> Output:
+        """The body as JSON (LMI's encodes it; the stand-in keeps what a client decodes)."""
+        return self.add(json.loads(json.dumps(value)))
+
     @staticmethod
     def json(data: Any, code: int = 200, properties: dict[str, str] | None = None) -> Output:
         """A JSON answer (LMI's ``create_non_stream_output``: an error carries its code)."""

