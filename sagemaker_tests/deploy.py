@@ -80,10 +80,17 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+def session_and_region(region: str | None,
+                       session: boto3.Session | None) -> tuple[boto3.Session, str | None]:
+    """The session to use (the given one, else boto3's default for ``region``) and the region:
+    ``--region``, else the session's (None: nowhere to go)."""
+    session = session or boto3.Session(region_name=region)
+    return session, region or session.region_name
+
+
 def main(argv: list[str] | None = None, session: boto3.Session | None = None) -> int:
     args = parser().parse_args(argv)
-    session = session or boto3.Session(region_name=args.region)
-    region = args.region or session.region_name
+    session, region = session_and_region(args.region, session)
     if not region:
         return fail(NO_REGION, EXIT_NOTHING_DONE)
     live = not args.dry_run and session.get_credentials() is not None

@@ -15,7 +15,14 @@ import sys
 import boto3
 
 from sagemaker_tests.control import teardown
-from sagemaker_tests.deploy import EXIT_FAILED, EXIT_NOTHING_DONE, NO_CREDENTIALS, NO_REGION, fail
+from sagemaker_tests.deploy import (
+    EXIT_FAILED,
+    EXIT_NOTHING_DONE,
+    NO_CREDENTIALS,
+    NO_REGION,
+    fail,
+    session_and_region,
+)
 from sagemaker_tests.deployment import DEFAULT_NAME, Names, PlanError, describe_teardown
 
 
@@ -31,8 +38,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, session: boto3.Session | None = None) -> int:
     args = parser().parse_args(argv)
-    session = session or boto3.Session(region_name=args.region)
-    region = args.region or session.region_name
+    session, region = session_and_region(args.region, session)
     if not region:
         return fail(NO_REGION, EXIT_NOTHING_DONE)
     try:

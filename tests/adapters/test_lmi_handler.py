@@ -25,6 +25,7 @@ from lmcache_ext.adapters.lmi_handler import (
 from lmcache_ext.adapters.session_params import SESSION_KEY, session_of
 from lmcache_ext.sessions.protocol import SESSION_HEADER, SessionError
 from lmcache_ext.testing.lmi_process import use_stand_in
+from tests.adapters.lmi_helpers import Recorder
 
 use_stand_in()
 from djl_python.inputs import Input  # noqa: E402  (the stand-in, found through use_stand_in)
@@ -101,17 +102,6 @@ def test_the_body_is_read_and_replaced_where_lmi_reads_it():
     assert json_body(Input({}, b"{not json")) is None
     assert json_body(Input({}, b"[1, 2]")) is None
     assert json_body(Input({})) is None
-
-
-class Recorder:
-    """LMI's ``handle`` as far as these tests need it: records the body it was given."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict | None] = []
-
-    async def __call__(self, inputs: Input) -> str:
-        self.bodies.append(None if inputs.is_empty() else inputs.get_as_json())
-        return "answered"
 
 
 def handler_with(tmp_path, manager: bool = True) -> tuple[SessionHandler, Recorder, Any]:

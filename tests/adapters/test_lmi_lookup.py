@@ -33,6 +33,7 @@ from lmcache_ext.serving.protocol import (
     format_lookup,
 )
 from lmcache_ext.testing.lmi_process import use_stand_in
+from tests.adapters.lmi_helpers import Recorder
 
 use_stand_in()
 from djl_python.inputs import Input  # noqa: E402  (the stand-in, found through use_stand_in)
@@ -145,15 +146,6 @@ def test_a_rank_that_does_not_answer_is_a_miss_not_a_hang_or_an_error():
             raise RuntimeError("channel gone")
     assert LmiLookup(hasher(), Broken(0), FakeTokenizer()).answer({"inputs": [1] * CHUNK}) == \
         format_lookup(CHUNK, 0, CHUNK)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.bodies: list[dict | None] = []
-
-    async def __call__(self, inputs: Input) -> str:
-        self.bodies.append(None if inputs.is_empty() else inputs.get_as_json())
-        return "answered"
 
 
 def handler_with(lookup: LmiLookup | None) -> tuple[SessionHandler, Recorder]:
