@@ -186,8 +186,9 @@ text goes (replaced literally), e.g. for an application that sends the document 
 With --chat the wrapped text is sent as an OpenAI chat request's system message (the endpoint's
 chat template renders it as it renders the application's own system message).
 Resumable: each document is first looked up (custom attribute lmcache-ext-lookup, answered by
-the built-in server) and skipped when its whole chunks are cached; an endpoint that does not
-answer lookups (LMI's own handler) just warms every document. Behind an endpoint of several
+the built-in server and by lmcache-ext's LMI handler) and skipped when its whole chunks are
+cached; an endpoint that does not answer lookups (LMI without lmcache-ext's connector) just
+warms every document. Behind an endpoint of several
 instances a document lands on the instance that served it: the others see it only through a
 shared tier (Redis/Valkey). Exit 0: all warmed or skipped; 1: some failed; 2: bad arguments."""
 
@@ -254,6 +255,7 @@ def _warm_transport(args: argparse.Namespace):
 
 
 def _add_warm_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from lmcache_ext.client.transport import DEFAULT_TIMEOUT_S
     from lmcache_ext.client.warm import DEFAULT_CONCURRENCY
 
     parser = commands.add_parser(
@@ -279,8 +281,8 @@ def _add_warm_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
                         "chat request's system message (default: LMI schema 'inputs')")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                         help=f"documents in flight (default {DEFAULT_CONCURRENCY})")
-    parser.add_argument("--timeout-s", type=float, default=600.0,
-                        help="one request's time limit (default 600)")
+    parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"one request's time limit (default {DEFAULT_TIMEOUT_S:.0f})")
     parser.set_defaults(handler=warm_command)
     return parser
 

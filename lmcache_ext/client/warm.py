@@ -13,8 +13,9 @@ load that prefix instead of recomputing it.
   renders it as it renders the application's).
 - Resumable: each document is first asked with a lookup (custom attribute
   ``lmcache-ext-lookup``, answered by the built-in server without generating); one whose whole
-  chunks are all cached is skipped. An endpoint that does not answer lookups (LMI's own handler
-  ignores the attribute) generates one token instead: that request was the warm request, so the
+  chunks are all cached is skipped (lmcache-ext's LMI handler answers lookups too: ``adapters/
+  lmi_lookup``). An endpoint that does not answer lookups (LMI without our connector ignores
+  the attribute) generates one token instead: that request was the warm request, so the
   document counts as warmed, and nothing can be skipped.
 - Concurrency: a thread pool; errors are per document (``DocumentResult.error``).
 
