@@ -33,12 +33,13 @@ def cache_to_kv(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
     return torch.stack(planes)
 
 
-def empty_cache_kv(layout: KVLayout, num_tokens: int) -> torch.Tensor:
-    """An uninitialised KV of ``layout.shape(num_tokens)`` whose memory is laid out as a
+def empty_cache_kv(layout: KVLayout, num_tokens: int, pin_memory: bool = False) -> torch.Tensor:
+    """An uninitialised host KV of ``layout.shape(num_tokens)`` whose memory is laid out as a
     ``DynamicCache`` holds it (``[layers, 2, heads, tokens, dim]``): retrieving into it and then
-    ``kv_to_cache`` fills the cache with one copy instead of two."""
+    ``kv_to_cache`` fills the cache with one copy instead of two. ``pin_memory`` (needs CUDA):
+    page-locked, for an asynchronous copy to a GPU."""
     storage = torch.empty((layout.num_layers, 2, layout.num_kv_heads, num_tokens,
-                           layout.head_dim), dtype=layout.dtype)
+                           layout.head_dim), dtype=layout.dtype, pin_memory=pin_memory)
     return storage.permute(0, 1, 3, 2, 4)  # a view: [layers, 2, tokens, heads, dim]
 
 

@@ -41,8 +41,11 @@ def check_version() -> None:
 
 
 # Backends that read the 4-D packed view as K = [..., :head], V = [..., head:] (checked in
-# vLLM 0.33's flash_attn.py, triton_attn.py, flex_attention.py: ``split(head_size, dim=-1)``).
-PACKED_BACKENDS = frozenset({"FLASH_ATTN", "TRITON_ATTN", "FLEX_ATTENTION"})
+# vLLM 0.33's flash_attn.py, triton_attn.py, flex_attention.py: ``split(head_size, dim=-1)``;
+# flashinfer.py: ``kv_cache.transpose(1, 2).split(head_size, dim=-1)``). FlashInfer's NVFP4
+# cache is ``[blocks, 2 * kv_heads, block_size, ...]`` (K heads, then V heads): its shape does
+# not match the packed check below, so it is refused.
+PACKED_BACKENDS = frozenset({"FLASH_ATTN", "TRITON_ATTN", "FLEX_ATTENTION", "FLASHINFER"})
 CPU_BACKEND = "CPU_ATTN"  # reads the same 4-D tensor as [blocks, heads, 2, block_size, head]
 
 

@@ -125,8 +125,16 @@ def paged_kv_layers(caches: Sequence[torch.Tensor], layout: PagedLayout, num_kv_
     return views
 
 
-def check_chunk(views: Sequence[PagedKV], chunk: torch.Tensor, slots: torch.Tensor) -> None:
-    """``chunk`` must be ``[layers, 2, len(slots), heads, head_dim]`` in the caches' dtype."""
+def check_chunk(views: Sequence[PagedKV], chunk: torch.Tensor, slots: torch.Tensor,
+                host_slots: torch.Tensor | None = None) -> None:
+    """``chunk`` must be ``[layers, 2, len(slots), heads, head_dim]`` in the caches' dtype and
+    every slot below the cache's slot count: ValueError otherwise.
+
+    The bounds are checked on a host tensor only, never by reading a device tensor back (that
+    would wait for the GPU on the copy path): on ``slots`` when it is on the CPU, else on
+    ``host_slots`` (its host copy, same length). Device slots alone are not bounds-checked
+    here; the Triton kernel then skips any slot past the cache instead of touching memory
+    outside it."""
     if not views:
         raise ValueError("no KV cache layers given")
     first = views[0].k
@@ -136,6 +144,12 @@ def check_chunk(views: Sequence[PagedKV], chunk: torch.Tensor, slots: torch.Tens
                          f"head_dim], got {chunk.dtype} {tuple(chunk.shape)}")
     if slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError("slot mapping must be a 1-D int32/int64 tensor")
-    if slots.numel() and int(slots.max()) >= views[0].num_slots:
-        raise ValueError(f"slot {int(slots.max())} is past the cache's "
-                         f"{views[0].num_slots} slots")
+    host = slots if slots.device.type == "cpu" else host_slots
+    if host is None or not host.numel():
+        return
+    if host.device.type != "cpu" or tuple(host.shape) != tuple(slots.shape):
+        raise ValueError(f"host_slots must be the slots' host copy {tuple(slots.shape)}, got "
+                         f"{host.device} {tuple(host.shape)}")
+    top = int(host.max())
+    if top >= views[0].num_slots:
+        raise ValueError(f"slot {top} is past the cache's {views[0].num_slots} slots")

@@ -1,18 +1,25 @@
 """Triton gather/scatter between paged KV views and chunk buffers, by slot mapping.
 
-One program per (token, layer); it moves that token's K and V rows (``heads x head_dim``) with
-masked loads/stores at the view's own strides, so non-contiguous layouts need no copy. Values are
-moved as same-width integers: a copy must be bit-exact for every float format (fp8 included) and
-integer loads/stores cannot round. Negative slots are skipped (masked). ``reference.py`` defines
-the answer; tests run this file with ``TRITON_INTERPRET=1`` on the CPU and compare bit-exactly.
+One launch per chunk for all layers: program ``(token, layer)`` reads that layer's K and V base
+addresses from two device tables of per-layer pointers (int64 ``data_ptr()``s, built once per
+layer set: ``prepare``), and moves the token's K and V rows (``heads x head_dim``) with masked
+loads/stores at the views' own strides, so non-contiguous layouts need no copy. This serves
+vLLM 0.23 (one allocation per layer) and vLLM >= 0.26 (per-layer views of one buffer) alike.
+Layers whose views have different strides go in separate launches, one per stride group.
 
-All layers must be views of one storage with one layer stride (true for vLLM's single KV buffer)
-to use the single-launch path; otherwise each layer is its own launch.
+Values move as same-width integers: a copy must be bit-exact for every float format (fp8
+included) and integer loads/stores cannot round. Every index product is int64 (a 70B layer can
+pass 2**31 elements). Negative slots are skipped (masked), and so is any slot past the cache: the
+kernel never touches memory outside a view, even for a slot mapping nobody checked (the host-side
+check that raises is ``layouts.check_chunk``). ``reference.py`` defines the answer; tests run
+this file with ``TRITON_INTERPRET=1`` on the CPU and compare bit-exactly.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -24,25 +31,29 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @triton.jit
-def _copy_kernel(cache_k, cache_v, chunk, slots, block_size,
+def _copy_kernel(k_table, v_table, chunk, slots, block_size, num_slots,
                  kb, kn, kh, kd, vb, vn, vh, vd,  # cache view strides (elements)
                  cl, ckv, ct, ch, cd,  # chunk strides [layers, 2, tokens, heads, dim]
-                 layer_k, layer_v,  # per-layer offset of the cache views (elements)
                  HEADS: tl.constexpr, DIM: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TO_CHUNK: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     layer = tl.program_id(1).to(tl.int64)
+    # This layer's K and V views, as pointers of the chunk's (integer) element type.
+    element = tl.pointer_type(chunk.dtype.element_ty)
+    cache_k = tl.load(k_table + layer).to(element)
+    cache_v = tl.load(v_table + layer).to(element)
     slot = tl.load(slots + token).to(tl.int64)
     block = slot // block_size
     pos = slot % block_size
-    h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
+    h = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]
+    d = tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
     # The slot is broadcast to the tile before comparing: the interpreter rejects a scalar
     # boolean combined with a tensor mask. (Plain arithmetic, not tl.zeros: triton's standard
     # library helpers are compiled-only when triton was imported before TRITON_INTERPRET.)
-    mask = ((h * 0 + d * 0 + slot) >= 0) & (h < HEADS) & (d < DIM)
-    k_at = cache_k + layer * layer_k + block * kb + pos * kn + h * kh + d * kd
-    v_at = cache_v + layer * layer_v + block * vb + pos * vn + h * vh + d * vd
+    at = h * 0 + d * 0 + slot
+    mask = (at >= 0) & (at < num_slots) & (h < HEADS) & (d < DIM)
+    k_at = cache_k + block * kb + pos * kn + h * kh + d * kd
+    v_at = cache_v + block * vb + pos * vn + h * vh + d * vd
     c_at = chunk + layer * cl + token * ct + h * ch + d * cd
     if TO_CHUNK:
         tl.store(c_at, tl.load(k_at, mask=mask), mask=mask)
@@ -56,49 +67,110 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t if not t.is_floating_point() else t.view(_BITS[t.element_size()])
 
 
-def _layer_stride(views: Sequence[PagedKV], attr: str) -> int | None:
-    """The constant element distance between consecutive layers' views, if there is one."""
-    tensors = [getattr(v, attr) for v in views]
-    if len(tensors) == 1:
-        return 0
-    size = tensors[0].element_size()
-    if any(t.untyped_storage().data_ptr() != tensors[0].untyped_storage().data_ptr()
-           or t.stride() != tensors[0].stride() for t in tensors):
-        return None
-    steps = {(b.data_ptr() - a.data_ptr()) for a, b in zip(tensors, tensors[1:], strict=False)}
-    if len(steps) != 1 or next(iter(steps)) % size:
-        return None
-    return next(iter(steps)) // size
+@dataclass(frozen=True)
+class _Group:
+    """Layers ``[first, first + count)``, whose K views share one stride tuple and V views
+    another, and their base addresses as int64 device tables ``[count]``."""
+
+    first: int
+    count: int
+    k_strides: tuple[int, ...]
+    v_strides: tuple[int, ...]
+    k_table: torch.Tensor
+    v_table: torch.Tensor
 
 
-def _launch(views: Sequence[PagedKV], chunk: torch.Tensor, slots: torch.Tensor,
-            to_chunk: bool) -> None:
-    check_chunk(views, chunk, slots)
+@dataclass(frozen=True)
+class PointerTables:
+    """A layer set's per-layer pointer tables, in as few stride groups as the layers allow
+    (one for every vLLM layout). Holds only addresses: the views must outlive it."""
+
+    groups: tuple[_Group, ...]
+
+
+def _table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``[len(tensors)]`` int64 base addresses on ``device`` (built on the host, copied once)."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
+
+
+def build_tables(views: Sequence[PagedKV]) -> PointerTables:
+    """Group consecutive layers by (K strides, V strides) and table their base addresses."""
+    device, groups, first = views[0].k.device, [], 0
+    for index in range(1, len(views) + 1):
+        if index < len(views) and views[index].k.stride() == views[first].k.stride() \
+                and views[index].v.stride() == views[first].v.stride():
+            continue
+        part = views[first:index]
+        groups.append(_Group(first, len(part), views[first].k.stride(), views[first].v.stride(),
+                             _table([v.k for v in part], device),
+                             _table([v.v for v in part], device)))
+        first = index
+    return PointerTables(tuple(groups))
+
+
+class _TableMemo:
+    """The tables of the last layer set, so a connector copying chunk after chunk through the
+    same views builds them once (``prepare`` builds them at register time). Keyed by the identity
+    of the ``PagedKV`` objects, held weakly; assumes their tensors are not re-pointed in place
+    (``set_``). One entry, replaced whole: safe across threads."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple[weakref.ref, ...], PointerTables] | None = None
+
+    def get(self, views: Sequence[PagedKV]) -> PointerTables:
+        entry = self._entry
+        if entry is not None and len(entry[0]) == len(views) and all(
+                ref() is view for ref, view in zip(entry[0], views, strict=True)):
+            return entry[1]
+        tables = build_tables(views)
+        self._entry = (tuple(weakref.ref(v) for v in views), tables)
+        return tables
+
+
+_TABLES = _TableMemo()
+
+
+def prepare(views: Sequence[PagedKV]) -> PointerTables:
+    """Build (or find) the pointer tables of ``views``: call once when the caches are
+    registered, so the first copy does not pay the table's host-to-device copy."""
+    return _TABLES.get(views)
+
+
+def _device_slots(slots: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``slots`` on ``device``: as they are when already there; else copied, asynchronously
+    from pinned memory (the caller keeps a pinned host tensor unchanged until the copy ran)."""
+    if slots.device == device:
+        return slots.contiguous()
+    return slots.to(device=device, non_blocking=slots.is_pinned()).contiguous()
+
+
+def _run(views: Sequence[PagedKV], chunk: torch.Tensor, slots: torch.Tensor,
+         to_chunk: bool) -> None:
+    """The launches (one per stride group: one for every vLLM layout), unchecked."""
     if slots.numel() == 0:
         return
-    slots = slots.to(device=views[0].k.device, dtype=torch.int64).contiguous()
+    slots = _device_slots(slots, views[0].k.device)
     chunk_bits = _bits(chunk)
-    k_step, v_step = _layer_stride(views, "k"), _layer_stride(views, "v")
-    # One launch for all layers when they share a storage at a constant stride; else per layer.
-    groups = [(0, views)] if k_step is not None and v_step is not None else [
-        (i, [v]) for i, v in enumerate(views)]
     heads, dim = views[0].k.shape[2], views[0].k.shape[3]
-    for first, group in groups:
-        k, v = _bits(group[0].k), _bits(group[0].v)
-        part = chunk_bits[first:first + len(group)]
-        _copy_kernel[(slots.shape[0], len(group))](
-            k, v, part, slots, group[0].block_size, *k.stride(), *v.stride(),
-            part.stride(0), part.stride(1), part.stride(2), part.stride(3), part.stride(4),
-            k_step or 0, v_step or 0, HEADS=heads, DIM=dim,
+    for group in _TABLES.get(views).groups:
+        part = chunk_bits[group.first:group.first + group.count]
+        _copy_kernel[(slots.shape[0], group.count)](
+            group.k_table, group.v_table, part, slots, views[0].block_size, views[0].num_slots,
+            *group.k_strides, *group.v_strides, *part.stride(), HEADS=heads, DIM=dim,
             BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(dim),
             TO_CHUNK=to_chunk)
 
 
-def gather(views: Sequence[PagedKV], slots: torch.Tensor, chunk: torch.Tensor) -> None:
-    """Copy the KV at ``slots`` of every layer into ``chunk`` ``[layers, 2, tokens, H, D]``."""
-    _launch(views, chunk, slots, to_chunk=True)
+def gather(views: Sequence[PagedKV], slots: torch.Tensor, chunk: torch.Tensor,
+           host_slots: torch.Tensor | None = None) -> None:
+    """Copy the KV at ``slots`` of every layer into ``chunk`` ``[layers, 2, tokens, H, D]``;
+    see ``kernels.gather`` for ``slots``/``host_slots``."""
+    check_chunk(views, chunk, slots, host_slots)
+    _run(views, chunk, slots, to_chunk=True)
 
 
-def scatter(chunk: torch.Tensor, views: Sequence[PagedKV], slots: torch.Tensor) -> None:
+def scatter(chunk: torch.Tensor, views: Sequence[PagedKV], slots: torch.Tensor,
+            host_slots: torch.Tensor | None = None) -> None:
     """Copy ``chunk`` ``[layers, 2, tokens, H, D]`` into the KV at ``slots`` of every layer."""
-    _launch(views, chunk, slots, to_chunk=False)
+    check_chunk(views, chunk, slots, host_slots)
+    _run(views, chunk, slots, to_chunk=False)

@@ -98,15 +98,22 @@ class Generator:
         stats.plan = plan
         if plan.load_tokens == 0:
             return 0, DynamicCache(config=config)
-        dest = empty_cache_kv(self.loaded.layout, plan.load_tokens)
+        device = self._device()
+        # Pinned on a GPU: one asynchronous host-to-device copy of the whole prefix.
+        dest = empty_cache_kv(self.loaded.layout, plan.load_tokens,
+                              pin_memory=device.type == "cuda")
         got = self.engine.retrieve(prompt_ids[:plan.load_tokens], dest)
         stats.loaded_tokens = got
         if got == 0:
             return 0, DynamicCache(config=config)
-        return got, kv_to_cache(dest, got, config)
+        return got, kv_to_cache(dest.to(device, non_blocking=True), got, config)
+
+    def _device(self) -> torch.device:
+        """Where the model runs (the CPU for the built-in server; a GPU in scripts/gpu_check)."""
+        return next(self.loaded.model.parameters()).device
 
     def _run_pieces(self, prompt_ids: list[int], start: int, cache: DynamicCache) -> torch.Tensor:
-        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self._device())
         logits = None
         for begin in range(start, len(prompt_ids), self.chunk_size):
             out = self.loaded.model(input_ids=ids[:, begin:begin + self.chunk_size],
@@ -121,7 +128,7 @@ class Generator:
         start = stats.loaded_tokens
         if len(prompt_ids) - start < self.chunk_size and not self.engine.config.save_unfull_chunk:
             return
-        kv = cache_to_kv(cache, start, len(prompt_ids))
+        kv = cache_to_kv(cache, start, len(prompt_ids)).cpu()  # the tiers hold host memory
         stats.stored_tokens = self.engine.store(prompt_ids, kv, start=start)
 
     # ------------------------------------------------------------------ decode
@@ -148,15 +155,15 @@ class Generator:
                 self._store(prompt_ids, cache, stats)  # after the first token, off its path
             if finish:
                 return
-            out = self.loaded.model(input_ids=torch.tensor([[token]]), past_key_values=cache,
-                                    use_cache=True)
+            out = self.loaded.model(input_ids=torch.tensor([[token]], device=self._device()),
+                                    past_key_values=cache, use_cache=True)
             logits = out.logits[0, -1]
 
 
 def _pick(logits: torch.Tensor, params: SamplingParams, sampler: torch.Generator | None) -> int:
     if not params.do_sample or params.temperature == 0:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    scores = logits.float().cpu() / params.temperature  # the sampler is a CPU generator
     if params.top_k > 0:
         kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
