@@ -224,3 +224,46 @@ def test_without_our_connector_a_lookup_reaches_lmi():
     assert asyncio.run(handler.handle(request({"inputs": "doc"}))) == "answered"
     assert inner.bodies[-1] == {"inputs": "doc"}
     assert LmiLookup.for_engine(SimpleNamespace(vllm_config=None)) is None
+
+
+class Raises:
+    """A part that fails where it is called."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.what} failed")
+
+
+def test_when_the_lookup_cannot_be_built_lmi_serves_lookups():
+    service = SimpleNamespace(initialized=True, vllm_engine=SimpleNamespace(vllm_config=None))
+    inner = Recorder()
+    handler = SessionHandler(inner, service, releaser_for=lambda config: None,
+                             lookup_for=Raises("building the lookup"))
+    asyncio.run(handler.handle(djl_load()))  # loads despite it
+    assert handler.lookup is None
+    assert asyncio.run(handler.handle(request({"inputs": "doc"}))) == "answered"
+    assert inner.bodies[-1] == {"inputs": "doc"}
+
+
+def test_when_answering_raises_lmi_serves_the_lookup():
+    lookup = LmiLookup(hasher(), FakeCaches(1), FakeTokenizer())
+    lookup.answer_async = Raises("answer_async")
+    handler, inner = handler_with(lookup)
+    assert asyncio.run(handler.handle(request({"inputs": [1, 2, 3]}))) == "answered"
+    assert inner.bodies[-1] == {"inputs": [1, 2, 3]}
+    # and the next lookup, once answering works again, is answered
+    del lookup.answer_async
+    answer = answer_of(asyncio.run(handler.handle(request({"inputs": [1, 2, 3]}))))
+    assert json.loads(answer.body) == format_lookup(3, 0, CHUNK)
+
+
+def test_when_tokenising_fails_lmi_serves_the_lookup():
+    tokenizer = FakeTokenizer()
+    tokenizer.encode = Raises("tokenising")
+    handler, inner = handler_with(LmiLookup(hasher(), FakeCaches(1), tokenizer))
+    assert asyncio.run(handler.handle(request({"inputs": "text"}))) == "answered"
+    messages = {"messages": [{"role": "user", "content": "hi"}]}
+    assert asyncio.run(handler.handle(request(messages))) == "answered"
+    assert inner.bodies[-2:] == [{"inputs": "text"}, messages]
