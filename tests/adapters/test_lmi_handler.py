@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from lmcache_ext.adapters.lmi_facts import read_sessions_flag
+from lmcache_ext.adapters.lmi_facts import FALLBACK_REGION, read_sessions_flag, region_for_lmi
 from lmcache_ext.adapters.lmi_handler import (
     SessionHandler,
     attach_session,
@@ -167,3 +167,15 @@ def test_called_again_from_inside_lmi_the_handler_steps_aside(tmp_path):
     known = service.session_manager.create_session().session_id
     invoke(handler, {"prompt": [1]}, {SESSION_HEADER: known})
     assert session_of(seen[-1]["kv_transfer_params"]) == known
+
+
+@pytest.mark.parametrize("env,configured,wanted", [
+    ({"AWS_DEFAULT_REGION": "ap-south-1"}, None, None),  # boto3 finds one: left alone
+    ({}, "eu-central-1", None),  # in boto3's config files
+    ({"AWS_REGION": "eu-west-1"}, None, "eu-west-1"),  # SageMaker's, which boto3 does not read
+    ({}, None, FALLBACK_REGION),
+])
+def test_the_region_lmis_cloudwatch_client_gets(env, configured, wanted):
+    fix = region_for_lmi(env, configured)
+    assert (fix.value if fix else None) == wanted
+    assert fix is None or fix.name == "AWS_DEFAULT_REGION"

@@ -89,4 +89,5 @@ def test_lmi_answers_lookups_from_the_workers_caches_without_generating(tmp_path
         assert (first.results[0].prompt_tokens or 0) >= 2 * CHUNK, first.results
         again = warm([Document("contract", text)], transport, concurrency=1)
         assert again.results[0].outcome == SKIPPED, (again.results, server.log_tail())
+        assert again.lookups_answered is True  # a lookup's answer: no token generated
         assert again.results[0].cached_tokens >= again.results[0].prompt_tokens // CHUNK * CHUNK
