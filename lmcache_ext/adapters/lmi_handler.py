@@ -80,22 +80,26 @@ def normalise_properties(properties: dict[str, Any]) -> None:
 
 def ensure_aws_region(env: dict[str, str] | None = None) -> None:
     """Give LMI's session manager the AWS region its boto3 CloudWatch client needs, where none
-    is set (``lmi_facts.region_for_lmi``), with a warning; ``env`` defaults to ``os.environ``."""
+    is set (``lmi_facts.region_for_lmi``), with a warning; ``env`` defaults to ``os.environ``.
+    Without boto3 LMI builds no client: nothing to do."""
+    try:
+        import botocore.session
+    except ImportError:
+        return
     env = os.environ if env is None else env
-    fix = region_for_lmi(env, _configured_region())
+    fix = region_for_lmi(env, _configured_region(botocore.session.Session()))
     if fix is not None:
         env[fix.name] = fix.value
         log.warning("lmcache-ext: %s", fix.reason)
 
 
-def _configured_region() -> str | None:
-    """The region boto3 finds in its config files (env is read by ``region_for_lmi``); None
-    without boto3 (LMI then skips CloudWatch) or without one."""
+def _configured_region(session: Any) -> str | None:
+    """The region a botocore session finds (its env var or config files); None without one."""
     try:
-        import botocore.session
-    except ImportError:
+        return session.get_config_variable("region")
+    except Exception as exc:  # a broken config file: boto3 fails in LMI too, and says why
+        log.warning("lmcache-ext: boto3 cannot read its config for a region: %s", exc)
         return None
-    return botocore.session.Session().get_config_variable("region")
 
 
 def attach_session(payload: dict[str, Any], session_id: str | None) -> dict[str, Any]:
