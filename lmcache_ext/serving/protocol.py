@@ -26,6 +26,10 @@ MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's payload limit for real-time endp
 # attributes (boto3's CustomAttributes, forwarded verbatim as this header); locally also /lookup.
 CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 LOOKUP_ATTRIBUTE = "lmcache-ext-lookup"
+# What a client sends: key=value, because DJL's front end (LMI) splits the custom attributes on
+# ';' into request properties and drops an item without '=' (RequestParser.parseRequest).
+LOOKUP_REQUEST = f"{LOOKUP_ATTRIBUTE}=true"
+_LOOKUP_OFF = ("false", "0", "no", "off")
 LOOKUP_ROUTE = "/lookup"
 # Chat roles we serve: plain text turns. Tool turns (tool_call_id, tool_calls) are not parsed and
 # the chat templates we ship render no "developer" or "tool" role, so those are refused.
@@ -238,8 +242,14 @@ def wants_lookup(custom_attributes: str | None) -> bool:
     for item in re.split(r"[,;]", custom_attributes or ""):
         name, _, value = item.partition("=")
         if name.strip().lower() == LOOKUP_ATTRIBUTE:
-            return value.strip().lower() not in ("false", "0", "no", "off")
+            return value.strip().lower() not in _LOOKUP_OFF
     return False
+
+
+def wants_lookup_property(value: str | None) -> bool:
+    """Whether the request property DJL makes of ``lmcache-ext-lookup=<value>`` asks for a
+    lookup (None: no such property); values read as in ``wants_lookup``."""
+    return value is not None and value.strip().lower() not in _LOOKUP_OFF
 
 
 # ------------------------------------------------------------------ responses

@@ -5,20 +5,23 @@ out.
 
 ``LmiProcess(spec)`` starts ``python -m lmcache_ext.testing.lmi_process``. The driver puts the
 ``djl_python`` stand-in (``lmi_stub/``) on ``sys.path``, loads the handler file the way DJL loads
-an absolute ``option.entryPoint`` (by path, as module ``model``), calls its ``handle`` once with
-the model's properties (LMI's load call), then serves ``invoke`` and ``reset_prefix_cache``
-(vLLM's own prefix cache; the test's lever, not LMI's). The handler's and vLLM's logs go to
-``log_path``.
+an absolute ``option.entryPoint`` (``service_loader.load_model_service``), calls its ``handle``
+once with the model's properties (LMI's load call), then serves ``invoke`` and
+``reset_prefix_cache`` (vLLM's own prefix cache; the test's lever, not LMI's). Requests and
+answers pass through DJL's Java side as ``lmi_frontend`` models it: the custom attributes split
+into properties, the socket encoding both ways, async mode's binary answers with in-band error
+codes; an answer Java could not decode is an error naming the worker restart. The handler's and
+vLLM's logs go to ``log_path``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +37,13 @@ SERVICE_MODULE = "djl_python.lmi_vllm.vllm_async_service"
 @dataclass(frozen=True)
 class LmiSpec:
     """The model server: LMI's properties for the model (``model_id``, ``kv_transfer_config``,
-    ``enable_stateful_sessions``...), extra env vars, the handler file DJL would load."""
+    ``enable_stateful_sessions``...), extra env vars, the handler file DJL would load, the model
+    directory (None: an empty one; LMI looks there for a ``model.py``)."""
 
     properties: dict
     env: dict = field(default_factory=dict)
     handler: str = str(REPO_HANDLER)
+    model_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class LmiProcess(EngineProcess):
         if session is not None:
             sent[SESSION_HEADER] = session
         reply = self._call({"op": "invoke", "headers": sent, "body": body})
+        if "error" in reply:
+            raise RuntimeError(f"stand-in LMI: {reply['error']}")
         return Invocation(reply["code"], reply["headers"], reply["body"])
 
 
@@ -77,27 +84,47 @@ def use_stand_in() -> None:
 # ---------------------------------------------------------------------- the driver
 
 
-def _load_handler(path: str) -> Any:
-    module_spec = importlib.util.spec_from_file_location("model", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+def _djl_input(data: bytes) -> Any:
+    """The worker's ``Input`` of one request DJL sent (``Input()``, then ``read``)."""
+    from djl_python.inputs import Input
+
+    from lmcache_ext.testing.lmi_frontend import reader
+
+    inputs = Input()
+    inputs.read(reader(data))
+    return inputs
+
+
+async def invoke(model: Any, headers: dict, body: Any) -> dict:
+    """One client request through DJL's front end and LMI's worker: the client's reply."""
+    from lmcache_ext.testing.lmi_frontend import answer_of, http_request
+
+    inputs = _djl_input(http_request(headers, json.dumps(body).encode()))
+    answer = answer_of(await model.invoke_handler_async(inputs.get_function_name(), inputs))
+    text = answer.body.decode("utf-8")
+    try:
+        decoded: Any = json.loads(text) if text else None
+    except ValueError:
+        decoded = text
+    return {"code": answer.code, "headers": answer.headers, "body": decoded}
 
 
 async def _serve(spec: LmiSpec, replies: Any) -> None:
-    from djl_python.inputs import Input
+    from djl_python.service_loader import load_model_service
 
-    handler = _load_handler(spec.handler)
-    await handler.handle(Input(properties=dict(spec.properties)))  # DJL's load call
+    from lmcache_ext.testing.lmi_frontend import HANDLER, encode_request
+
+    model_dir = spec.model_dir or tempfile.mkdtemp(prefix="lmi-model-")
+    model = load_model_service(model_dir, spec.handler, -1)
+    load = _djl_input(encode_request({**spec.properties, HANDLER: "handle"}, []))
+    await model.invoke_handler_async("handle", load)  # DJL's load call; its answer is dropped
     service = sys.modules[SERVICE_MODULE].service
     print(READY, file=replies, flush=True)
     while line := await asyncio.to_thread(sys.stdin.readline):
         message = json.loads(line)
         try:
             if message["op"] == "invoke":
-                output = await handler.handle(Input(message["headers"],
-                                                    json.dumps(message["body"]).encode()))
-                reply = {"code": output.code, "headers": output.properties, "body": output.body}
+                reply = await invoke(model, message["headers"], message["body"])
             elif message["op"] == "reset_prefix_cache":
                 reply = {"reset": bool(await service.vllm_engine.reset_prefix_cache())}
             else:

@@ -1,8 +1,43 @@
-"""What the LMI handler's tests share."""
+"""What the LMI handler's tests share: requests as DJL's front end hands them to LMI's Python
+worker (``lmi_frontend``: custom attributes split, the socket encoding, ``Input().read``), and a
+recorder standing in for LMI's ``handle``."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import pytest
+
+from lmcache_ext.testing.lmi_frontend import HANDLER, encode_request, http_request, reader
+from lmcache_ext.testing.lmi_process import use_stand_in
+
+use_stand_in()
+from djl_python.inputs import Input  # noqa: E402  (the stand-in, found through use_stand_in)
+
+
+@pytest.fixture
+def aws_region(monkeypatch):
+    """A region for boto3 (LMI's session manager builds a CloudWatch client), so that the
+    handler's load call leaves the process's env alone."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+
+
+def djl_input(data: bytes) -> Input:
+    inputs = Input()
+    inputs.read(reader(data))
+    return inputs
+
+
+def djl_request(headers: dict[str, str], body: Any = None, raw: bytes | None = None) -> Input:
+    """A client's request (``body`` as JSON, or ``raw`` bytes) as LMI's worker receives it."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    return djl_input(http_request(headers, data))
+
+
+def djl_load(properties: dict[str, str] | None = None) -> Input:
+    """DJL's load call: the model's properties, no content."""
+    return djl_input(encode_request({**(properties or {}), HANDLER: "handle"}, []))
 
 
 class Recorder:

@@ -7,14 +7,13 @@ session manager is the stand-in's file-backed one."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from lmcache_ext.adapters.lmi_facts import read_sessions_flag
+from lmcache_ext.adapters.lmi_facts import FALLBACK_REGION, read_sessions_flag, region_for_lmi
 from lmcache_ext.adapters.lmi_handler import (
     SessionHandler,
     attach_session,
@@ -25,13 +24,15 @@ from lmcache_ext.adapters.lmi_handler import (
 from lmcache_ext.adapters.session_params import SESSION_KEY, session_of
 from lmcache_ext.sessions.protocol import SESSION_HEADER, SessionError
 from lmcache_ext.testing.lmi_process import use_stand_in
-from tests.adapters.lmi_helpers import Recorder
+from tests.adapters.lmi_helpers import Recorder, aws_region, djl_load, djl_request  # noqa: F401
 
 use_stand_in()
 from djl_python.inputs import Input  # noqa: E402  (the stand-in, found through use_stand_in)
 from djl_python.session_manager import SessionManager  # noqa: E402
 
 SID = "5f0c3a52-8f0e-4d7e-9b1e-2f9a6c1d0e11"
+
+pytestmark = pytest.mark.usefixtures("aws_region")
 OURS = {"kv_transfer_params": {SESSION_KEY: SID}}
 
 
@@ -94,14 +95,14 @@ def test_lmis_case_sensitive_sessions_flag(value, lmi_on, passed_on, warned, cap
 
 
 def test_the_body_is_read_and_replaced_where_lmi_reads_it():
-    request = Input({"Content-Type": "application/json"}, b'{"prompt": [1]}')
+    request = djl_request({"Content-Type": "application/json"}, raw=b'{"prompt": [1]}')
     assert json_body(request) == {"prompt": [1]}
     replace_body(request, {"prompt": [2]})
     assert request.get_as_json() == {"prompt": [2]}
-    assert json_body(Input({"Content-Type": "text/plain"}, b"hello")) is None
-    assert json_body(Input({}, b"{not json")) is None
-    assert json_body(Input({}, b"[1, 2]")) is None
-    assert json_body(Input({})) is None
+    assert json_body(djl_request({"Content-Type": "text/plain"}, raw=b"hello")) is None
+    assert json_body(djl_request({}, raw=b"{not json")) is None
+    assert json_body(djl_request({}, raw=b"[1, 2]")) is None
+    assert json_body(djl_load()) is None
 
 
 def handler_with(tmp_path, manager: bool = True) -> tuple[SessionHandler, Recorder, Any]:
@@ -111,12 +112,12 @@ def handler_with(tmp_path, manager: bool = True) -> tuple[SessionHandler, Record
     inner = Recorder()
     # The releaser is only used on CLOSE, which these tests do not send.
     handler = SessionHandler(inner, service, releaser_for=lambda config: object())
-    asyncio.run(handler.handle(Input({"enable_stateful_sessions": "true"})))  # DJL's load call
+    asyncio.run(handler.handle(djl_load({"enable_stateful_sessions": "true"})))
     return handler, inner, service
 
 
 def invoke(handler: SessionHandler, body: dict, headers: dict) -> None:
-    request = Input({"Content-Type": "application/json", **headers}, json.dumps(body).encode())
+    request = djl_request({"Content-Type": "application/json", **headers}, body)
     assert asyncio.run(handler.handle(request)) == "answered"
 
 
@@ -143,7 +144,7 @@ def test_without_our_connector_requests_pass_untouched(tmp_path):
                               session_manager=SessionManager({"sessions_path": str(tmp_path)}))
     inner = Recorder()
     handler = SessionHandler(inner, service, releaser_for=lambda config: None)
-    asyncio.run(handler.handle(Input({})))
+    asyncio.run(handler.handle(djl_load()))
     invoke(handler, {"prompt": [1], **OURS}, {})
     assert inner.bodies[-1] == {"prompt": [1], **OURS}  # not ours to judge: LMI/vLLM decide
 
@@ -162,7 +163,19 @@ def test_called_again_from_inside_lmi_the_handler_steps_aside(tmp_path):
         return "answered"
 
     handler = SessionHandler(lmi_handle, service, releaser_for=lambda config: object())
-    asyncio.run(handler.handle(Input({})))
+    asyncio.run(handler.handle(djl_load()))
     known = service.session_manager.create_session().session_id
     invoke(handler, {"prompt": [1]}, {SESSION_HEADER: known})
     assert session_of(seen[-1]["kv_transfer_params"]) == known
+
+
+@pytest.mark.parametrize("env,configured,wanted", [
+    ({"AWS_DEFAULT_REGION": "ap-south-1"}, None, None),  # boto3 finds one: left alone
+    ({}, "eu-central-1", None),  # in boto3's config files
+    ({"AWS_REGION": "eu-west-1"}, None, "eu-west-1"),  # SageMaker's, which boto3 does not read
+    ({}, None, FALLBACK_REGION),
+])
+def test_the_region_lmis_cloudwatch_client_gets(env, configured, wanted):
+    fix = region_for_lmi(env, configured)
+    assert (fix.value if fix else None) == wanted
+    assert fix is None or fix.name == "AWS_DEFAULT_REGION"

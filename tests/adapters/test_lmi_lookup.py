@@ -30,14 +30,19 @@ from lmcache_ext.keys import PrefixHasher
 from lmcache_ext.serving.protocol import (
     CUSTOM_ATTRIBUTES_HEADER,
     LOOKUP_ATTRIBUTE,
+    LOOKUP_REQUEST,
     format_lookup,
 )
-from lmcache_ext.testing.lmi_process import use_stand_in
-from tests.adapters.lmi_helpers import Recorder
+from lmcache_ext.testing.lmi_frontend import answer_of, encode_request
+from tests.adapters.lmi_helpers import (  # noqa: F401  (aws_region: a fixture)
+    Recorder,
+    aws_region,
+    djl_input,
+    djl_load,
+    djl_request,
+)
 
-use_stand_in()
-from djl_python.inputs import Input  # noqa: E402  (the stand-in, found through use_stand_in)
-
+pytestmark = pytest.mark.usefixtures("aws_region")
 CHUNK = 16
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 VLLM_CONFIG = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=2),
@@ -153,24 +158,42 @@ def handler_with(lookup: LmiLookup | None) -> tuple[SessionHandler, Recorder]:
     inner = Recorder()
     handler = SessionHandler(inner, service, releaser_for=lambda config: None,
                              lookup_for=lambda engine: lookup)
-    asyncio.run(handler.handle(Input({})))  # DJL's load call
+    asyncio.run(handler.handle(djl_load()))
     return handler, inner
 
 
-def request(body: dict, attributes: str | None = LOOKUP_ATTRIBUTE) -> Input:
+def request(body: dict, attributes: str | None = LOOKUP_REQUEST) -> object:
+    """``body`` with these custom attributes, as DJL's front end hands it to LMI's worker."""
     headers = {"Content-Type": "application/json"}
     if attributes is not None:
         headers[CUSTOM_ATTRIBUTES_HEADER.lower()] = attributes  # headers arrive in any case
-    return Input(headers, json.dumps(body).encode())
+    return djl_request(headers, body)
 
 
-def test_the_handler_answers_a_lookup_as_json_without_calling_lmi():
+def passed_on(body: dict, attributes: str) -> object:
+    """``body`` with the raw custom-attributes header, as a front end that passes it on (the
+    built-in server's, the router's) would hand it over."""
+    return djl_input(encode_request({"Content-Type": "application/json",
+                                     CUSTOM_ATTRIBUTES_HEADER: attributes},
+                                    [("data", json.dumps(body).encode())]))
+
+
+@pytest.mark.parametrize("make", [
+    lambda body: request(body),  # through DJL: the property lmcache-ext-lookup=true
+    lambda body: request(body, f"a=b; {LOOKUP_REQUEST} ;c=d"),
+    lambda body: passed_on(body, LOOKUP_ATTRIBUTE),  # the raw header, bare
+    lambda body: passed_on(body, f"x=1;{LOOKUP_REQUEST}"),
+])
+def test_the_handler_answers_a_lookup_in_lmis_wire_format_without_calling_lmi(make):
+    """The answer is LMI's async binary encoding, which DJL's Java side decodes to the JSON the
+    client reads (raw JSON there would restart LMI's Python worker)."""
     handler, inner = handler_with(LmiLookup(hasher(), FakeCaches(1), FakeTokenizer()))
-    assert is_lookup(request({}))
-    output = asyncio.run(handler.handle(request({"inputs": list(range(2 * CHUNK))})))
-    assert output.code == 200
-    assert output.properties["Content-Type"] == "application/json"
-    assert output.body == format_lookup(2 * CHUNK, CHUNK, CHUNK)
+    assert is_lookup(make({}))
+    output = asyncio.run(handler.handle(make({"inputs": list(range(2 * CHUNK))})))
+    answer = answer_of(output)
+    assert answer.code == 200
+    assert answer.headers["Content-Type"] == "application/json"
+    assert json.loads(answer.body) == format_lookup(2 * CHUNK, CHUNK, CHUNK)
     assert inner.bodies == [None]  # only DJL's load call reached LMI
 
 
@@ -178,7 +201,9 @@ def test_the_handler_answers_a_lookup_as_json_without_calling_lmi():
     ({"inputs": [1, 2, 3]}, None),  # not a lookup
     ({"inputs": [1, 2, 3]}, f"{LOOKUP_ATTRIBUTE}=false"),
     ({"inputs": [1, 2, 3]}, "other=1"),
-    ({"inputs": ["a", "b"]}, LOOKUP_ATTRIBUTE),  # malformed for a lookup: LMI answers
+    # Bare: DJL's front end drops an item without '=', so LMI never sees it (LMI generates).
+    ({"inputs": [1, 2, 3]}, LOOKUP_ATTRIBUTE),
+    ({"inputs": ["a", "b"]}, LOOKUP_REQUEST),  # malformed for a lookup: LMI answers
 ])
 def test_anything_else_reaches_lmi_unchanged(body, attributes):
     handler, inner = handler_with(LmiLookup(hasher(), FakeCaches(1), FakeTokenizer()))
@@ -199,3 +224,46 @@ def test_without_our_connector_a_lookup_reaches_lmi():
     assert asyncio.run(handler.handle(request({"inputs": "doc"}))) == "answered"
     assert inner.bodies[-1] == {"inputs": "doc"}
     assert LmiLookup.for_engine(SimpleNamespace(vllm_config=None)) is None
+
+
+class Raises:
+    """A part that fails where it is called."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.what} failed")
+
+
+def test_when_the_lookup_cannot_be_built_lmi_serves_lookups():
+    service = SimpleNamespace(initialized=True, vllm_engine=SimpleNamespace(vllm_config=None))
+    inner = Recorder()
+    handler = SessionHandler(inner, service, releaser_for=lambda config: None,
+                             lookup_for=Raises("building the lookup"))
+    asyncio.run(handler.handle(djl_load()))  # loads despite it
+    assert handler.lookup is None
+    assert asyncio.run(handler.handle(request({"inputs": "doc"}))) == "answered"
+    assert inner.bodies[-1] == {"inputs": "doc"}
+
+
+def test_when_answering_raises_lmi_serves_the_lookup():
+    lookup = LmiLookup(hasher(), FakeCaches(1), FakeTokenizer())
+    lookup.answer_async = Raises("answer_async")
+    handler, inner = handler_with(lookup)
+    assert asyncio.run(handler.handle(request({"inputs": [1, 2, 3]}))) == "answered"
+    assert inner.bodies[-1] == {"inputs": [1, 2, 3]}
+    # and the next lookup, once answering works again, is answered
+    del lookup.answer_async
+    answer = answer_of(asyncio.run(handler.handle(request({"inputs": [1, 2, 3]}))))
+    assert json.loads(answer.body) == format_lookup(3, 0, CHUNK)
+
+
+def test_when_tokenising_fails_lmi_serves_the_lookup():
+    tokenizer = FakeTokenizer()
+    tokenizer.encode = Raises("tokenising")
+    handler, inner = handler_with(LmiLookup(hasher(), FakeCaches(1), tokenizer))
+    assert asyncio.run(handler.handle(request({"inputs": "text"}))) == "answered"
+    messages = {"messages": [{"role": "user", "content": "hi"}]}
+    assert asyncio.run(handler.handle(request(messages))) == "answered"
+    assert inner.bodies[-2:] == [{"inputs": "text"}, messages]

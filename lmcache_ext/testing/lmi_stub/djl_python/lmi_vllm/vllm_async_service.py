@@ -1,21 +1,42 @@
-"""LMI's vLLM service as a handler sees it (see the package doc): ``service`` (its ``VLLMHandler``:
-``initialized``, ``vllm_engine``, ``session_manager`` only when ``enable_stateful_sessions`` is
-exactly ``"true"``) and ``handle(inputs)``. Requests become vLLM ``CompletionRequest``s as in LMI
-(``prompt`` payloads as they are; LMI's ``inputs`` schema with its ``parameters`` merged in), so
-their ``kv_transfer_params`` reach the engine through ``SamplingParams.extra_args``."""
+"""LMI's vLLM service as a handler sees it (djl_python/lmi_vllm/vllm_async_service.py at the
+commit the package doc names).
+
+- ``handle`` (lines 437-460): the model directory's ``model.py`` (``CustomHandlerService``) is
+  tried first, and answers unless it returns None; then the service initialises once and serves
+  the request (None for the empty load request).
+- ``VLLMHandler.initialize`` (lines 88-205): the engine, then a ``SessionManager`` only when
+  ``enable_stateful_sessions`` is exactly ``"true"`` (no attribute otherwise, as in LMI).
+- ``preprocess_request`` (lines 217-328): the session header is checked first
+  (``session_utils.get_session``: an unknown id raises); payloads by ``prompt``, ``inputs``
+  (LMI's schema, its ``parameters`` merged in), ``requestType`` (NEW_SESSION / CLOSE).
+- ``inference`` (lines 337-380): a request that fails to parse is an in-band 424
+  (``create_non_stream_output(..., code=424)``); answers are ``create_non_stream_output``.
+Requests become vLLM ``CompletionRequest``s as in LMI, so their ``kv_transfer_params`` reach the
+engine through ``SamplingParams.extra_args``. The answer's body is the stand-in's own (token ids
+and vLLM's cached-token count, what the tests read), not LMI's formatters.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any
 
+from djl_python.async_utils import create_non_stream_output
+from djl_python.custom_handler_service import CustomHandlerService
 from djl_python.inputs import Input
 from djl_python.outputs import Output
 from djl_python.session_manager import SessionManager
-from lmcache_ext.sessions.protocol import SESSION_HEADER, format_new_session
+from djl_python.session_utils import (
+    close_session,
+    create_session,
+    get_session,
+    session_non_stream_output_formatter,
+)
 
 DEFAULT_MAX_TOKENS = 16
+SESSION_REQUESTS = {"NEW_SESSION": create_session, "CLOSE": close_session}
 
 
 def _engine_args(properties: dict[str, str]):
@@ -44,36 +65,31 @@ class VLLMHandler:
             self.session_manager = SessionManager(properties)
         self.initialized = True
 
-    async def inference(self, inputs: Input) -> Output:
+    def preprocess_request(self, inputs: Input) -> tuple[Any, Any]:
+        """(the call that serves the request, its argument); raises for a bad request."""
         raw = inputs.get_batches()[0]
-        try:
-            session_id = raw.get_property(SESSION_HEADER)
-            if self.session_manager is None and session_id is not None:
-                raise RuntimeError("stateful sessions not enabled, header not supported")
-            payload = raw.get_as_json()
-            if "requestType" in payload:
-                return self._session_request(payload["requestType"], session_id)
-            if session_id is not None:
-                self.session_manager.get_session(session_id)  # LMI: a bad id is an error
-            request = _completion_request(payload)
-        except Exception as exc:  # LMI: "Input parsing failed", 424
-            return Output.json({"error": f"Input parsing failed: {exc}"}, 424)
-        return await self._generate(request)
+        get_session(self.session_manager, raw)  # LMI: an AttributeError with sessions off
+        payload = raw.get_as_json()
+        if "prompt" in payload or "inputs" in payload:
+            return self._generate, _completion_request(payload)
+        if "requestType" in payload:
+            kind = payload["requestType"]
+            if kind not in SESSION_REQUESTS:
+                raise RuntimeError(f"invalid payload. request type must be one of "
+                                   f"{SESSION_REQUESTS.keys()}")
+            if self.session_manager is None:
+                raise RuntimeError(f"invalid payload. stateful sessions not enabled, {kind} "
+                                   "not supported")
+            return _session_answer(SESSION_REQUESTS[kind]), (self.session_manager, inputs)
+        raise RuntimeError("invalid payload. must contain prompt, inputs, or messages")
 
-    def _session_request(self, kind: str, session_id: str | None) -> Output:
-        if kind == "NEW_SESSION":
-            session = self.session_manager.create_session()
-            expires = format_new_session(session.session_id,
-                                         session.created() + self.session_manager.expiration)
-            return Output.json({"result": f"Session {session.session_id} created"},
-                               properties={SESSION_HEADER: expires})
-        if kind == "CLOSE":
-            try:
-                self.session_manager.close_session(session_id)
-            except ValueError as exc:
-                return Output.json({"error": f"Failed to close session: {exc}"}, 424)
-            return Output.json({"result": f"Session {session_id} closed"})
-        raise RuntimeError("invalid payload. request type must be NEW_SESSION or CLOSE")
+    async def inference(self, inputs: Input) -> Output:
+        try:
+            invoke, request = self.preprocess_request(inputs)
+        except Exception as exc:
+            logging.exception("Input parsing failed")
+            return create_non_stream_output("", error=f"Input parsing failed: {exc}", code=424)
+        return await invoke(request)
 
     async def _generate(self, request: Any) -> Output:
         from vllm.inputs import TextPrompt, TokensPrompt
@@ -86,11 +102,17 @@ class VLLMHandler:
         async for output in self.vllm_engine.generate(prompt, params, str(uuid.uuid4())):
             final = output
         completion = final.outputs[0]
-        return Output.json({
+        return create_non_stream_output({
             "choices": [{"text": completion.text, "token_ids": list(completion.token_ids)}],
             "usage": {"prompt_tokens": len(final.prompt_token_ids),
                       "completion_tokens": len(completion.token_ids),
                       "prompt_tokens_details": {"cached_tokens": final.num_cached_tokens or 0}}})
+
+
+def _session_answer(call: Any) -> Any:
+    async def answer(request: tuple) -> Output:
+        return session_non_stream_output_formatter(await call(request))
+    return answer
 
 
 def _completion_request(payload: dict[str, Any]):
@@ -98,18 +120,24 @@ def _completion_request(payload: dict[str, Any]):
 
     if "prompt" in payload:
         return CompletionRequest(**{"model": "lmi", **payload})
-    if "inputs" in payload:  # LMI's schema: its parameters become the request's fields
-        parameters = dict(payload.get("parameters", {}))
-        fields = {"prompt": payload["inputs"], "model": "lmi",
-                  "max_tokens": parameters.pop("max_new_tokens", 30), **parameters}
-        return CompletionRequest(**fields)
-    raise RuntimeError("invalid payload. must contain prompt, inputs, or messages")
+    parameters = dict(payload.get("parameters", {}))  # LMI's schema: fields of the request
+    fields = {"prompt": payload["inputs"], "model": "lmi",
+              "max_tokens": parameters.pop("max_new_tokens", 30), **parameters}
+    return CompletionRequest(**fields)
 
 
+custom_service = None
 service = VLLMHandler()
 
 
 async def handle(inputs: Input) -> Output | None:
+    global custom_service
+    if custom_service is None:
+        custom_service = CustomHandlerService(inputs.get_properties())
+    if custom_service.initialized:
+        result = await custom_service.handle(inputs)
+        if result is not None:
+            return result
     if not service.initialized:
         await service.initialize(inputs.get_properties())
     if inputs.is_empty():
