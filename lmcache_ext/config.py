@@ -44,6 +44,7 @@ NOT_APPLICABLE_KEYS = frozenset({
 LMI_OPTION_PREFIX = "OPTION_"
 REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
 HASH_ALGORITHMS = ("sha256", "xxh3_128")
+CHUNK_CODECS = ("raw", "int8", "int4")  # lmcache_ext.codecs.CODECS (tested equal)
 
 
 class ConfigError(ValueError):
@@ -118,6 +119,14 @@ TABLE: tuple[ConfigKey, ...] = (
               "network file system); null = unkeyed checksums.", nullable=True),
     ConfigKey("local_disk_auth_previous_key_env", str, None,
               "Like remote_auth_previous_key_env, for the disk tier.", nullable=True),
+    ConfigKey("local_disk_codec", str, "raw",
+              "How the disk tier encodes chunks: raw, int8 (~1.9x smaller, lossy) or int4 "
+              "(~3.2x smaller, lossy); any reader loads all three.", choices=CHUNK_CODECS),
+    ConfigKey("local_disk_encryption_key_env", str, None,
+              "Like remote_encryption_key_env, for the disk tier; null = files in the clear.",
+              nullable=True),
+    ConfigKey("local_disk_encryption_previous_key_env", str, None,
+              "Like remote_encryption_previous_key_env, for the disk tier.", nullable=True),
     ConfigKey("remote_url", str, None, "Shared store, e.g. redis://host:6379; null = off.",
               nullable=True, check=_remote_scheme),
     ConfigKey("remote_key_prefix", str, "lmcache-ext",
@@ -141,8 +150,19 @@ TABLE: tuple[ConfigKey, ...] = (
               check=_non_negative),
     ConfigKey("remote_ttl_s", float, 0.0, "Expiry of stored values; 0 = none (the server's "
               "maxmemory policy evicts).", "s", check=_non_negative),
-    ConfigKey("remote_serde", str, "naive", "Wire format of remote values (raw chunk bytes).",
-              choices=("naive",)),
+    ConfigKey("remote_serde", str, "naive",
+              "How the shared tier encodes chunks: naive (raw KV), int8 (~1.9x smaller, lossy) "
+              "or int4 (~3.2x smaller, lossy); cachegen is read as int4. Any reader loads all "
+              "three.", choices=("naive", "int8", "int4")),
+    ConfigKey("remote_encryption_key_env", str, None,
+              "Name of an env var holding a secret (>= 32 bytes) that encrypts every chunk in "
+              "the shared store (AES-256-GCM, a key derived from it; may be the same secret as "
+              "remote_auth_key_env); unencrypted values are then misses. null = in the clear.",
+              nullable=True),
+    ConfigKey("remote_encryption_previous_key_env", str, None,
+              "During a key rotation: name of an env var holding the previous encryption "
+              "secret, still accepted when reading (never used to encrypt); null = none.",
+              nullable=True),
     ConfigKey("save_unfull_chunk", bool, False, "Also store the last, partial chunk."),
     ConfigKey("extra_config", dict, {}, "Backend options; known: use_odirect (bool)."),
     ConfigKey("pre_caching_hash_algorithm", str, "sha256",
@@ -209,7 +229,11 @@ TABLE: tuple[ConfigKey, ...] = (
 _BY_NAME = {k.name: k for k in TABLE}
 _EXTRA_BY_NAME = {k.name: k for k in EXTRA_KEYS}
 # Values some LMCache files carry that we read as another allowed value, said in the log.
-ALIASES = {("pre_caching_hash_algorithm", "builtin"): "sha256"}
+ALIASES = {("pre_caching_hash_algorithm", "builtin"): "sha256",
+           ("remote_serde", "cachegen"): "int4"}
+# What the log adds when an alias is read, where the two values are not the same thing.
+ALIAS_NOTES = {("remote_serde", "cachegen"): ": lmcache-ext's own 4-bit group-quantized codec, "
+               "NOT LMCache's CacheGen bitstream (values are not interchangeable with LMCache's)"}
 
 
 def key_of(name: str) -> ConfigKey:
@@ -242,6 +266,10 @@ class EngineConfig:
     max_local_disk_size: float = _default("max_local_disk_size")
     local_disk_auth_key_env: str | None = _default("local_disk_auth_key_env")
     local_disk_auth_previous_key_env: str | None = _default("local_disk_auth_previous_key_env")
+    local_disk_codec: str = _default("local_disk_codec")
+    local_disk_encryption_key_env: str | None = _default("local_disk_encryption_key_env")
+    local_disk_encryption_previous_key_env: str | None = _default(
+        "local_disk_encryption_previous_key_env")
     remote_url: str | None = _default("remote_url")
     remote_key_prefix: str = _default("remote_key_prefix")
     remote_password_env: str | None = _default("remote_password_env")
@@ -251,6 +279,8 @@ class EngineConfig:
     remote_backoff_s: float = _default("remote_backoff_s")
     remote_ttl_s: float = _default("remote_ttl_s")
     remote_serde: str = _default("remote_serde")
+    remote_encryption_key_env: str | None = _default("remote_encryption_key_env")
+    remote_encryption_previous_key_env: str | None = _default("remote_encryption_previous_key_env")
     save_unfull_chunk: bool = _default("save_unfull_chunk")
     extra_config: Mapping[str, Any] = _default("extra_config")
     pre_caching_hash_algorithm: str = _default("pre_caching_hash_algorithm")
@@ -281,6 +311,7 @@ class EngineConfig:
     disk_budget_bytes: int = field(init=False)
     disk_dir: str | None = field(init=False)
     use_odirect: bool = field(init=False)
+    remote_codec: str = field(init=False)  # remote_serde as a codec name (naive -> raw)
 
     def __post_init__(self) -> None:
         derived = {
@@ -289,6 +320,7 @@ class EngineConfig:
             "disk_dir": resolve_disk_dir(self.local_disk) if self.local_disk else None,
             "use_odirect": bool(self.extra_config.get(
                 "use_odirect", _EXTRA_BY_NAME["use_odirect"].default)),
+            "remote_codec": "raw" if self.remote_serde == "naive" else self.remote_serde,
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -394,7 +426,8 @@ def check_value(key: ConfigKey, value: Any) -> tuple[Any, str | None]:
     if key.type is float:
         value = float(value)
     if key.type is str and (key.name, value) in ALIASES:
-        log.info("%s: %r is read as %r", key.name, value, ALIASES[key.name, value])
+        log.info("%s: %r is read as %r%s", key.name, value, ALIASES[key.name, value],
+                 ALIAS_NOTES.get((key.name, value), ""))
         value = ALIASES[key.name, value]
     if key.choices and value not in key.choices:
         shown = ", ".join(json.dumps(c) for c in key.choices)

@@ -206,7 +206,7 @@ def test_unknown_env_key_names_the_variable():
     ("max_local_cpu_size: 0\n", "max_local_cpu_size", "must be > 0"),
     ("local_cpu: 'yes'\n", "local_cpu", "expected bool"),
     ("remote_url: http://cache:6379\n", "remote_url", "redis://"),
-    ("remote_serde: cachegen\n", "remote_serde", '"naive"'),
+    ("remote_serde: safetensor\n", "remote_serde", '"naive"'),
     ("local_disk: s3://bucket/x\nmax_local_disk_size: 1\n", "local_disk", "file:// URL"),
     ("extra_config: {use_odirekt: true}\n", "extra_config", "did you mean 'use_odirect'"),
     ("extra_config: {use_odirect: 'yes'}\n", "extra_config", "expected bool"),

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from lmcache_ext.config import ConfigError, EngineConfig
 from lmcache_ext.metrics import EngineMetrics
-from lmcache_ext.storage.auth import chunk_auth
+from lmcache_ext.storage.auth import chunk_stage
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier, TierUsage
 from lmcache_ext.storage.cpu import CPUTier
 from lmcache_ext.storage.disk import DiskTier
@@ -23,10 +23,10 @@ def _cpu(config: EngineConfig, metrics: EngineMetrics, namespace: str) -> Storag
 
 
 def _disk(config: EngineConfig, metrics: EngineMetrics, namespace: str) -> StorageTier:
-    auth = chunk_auth(config, "disk")  # a ConfigError naming the key for an unset env var
+    stage = chunk_stage(config, "disk")  # a ConfigError naming the key for an unset env var
     try:
         return DiskTier(config.disk_dir, config.disk_budget_bytes, namespace, config.use_odirect,
-                        metrics.for_tier("disk"), auth)
+                        metrics.for_tier("disk"), stage.auth, stage)
     except OSError as exc:
         raise ConfigError([f"local_disk: {config.local_disk!r} (directory {config.disk_dir}) "
                            f"cannot be used for the disk tier: {exc}"]) from exc

@@ -1,8 +1,10 @@
-"""Which keys a tier signs and checks chunks with, read from the env vars the config names.
+"""Which keys a tier signs, checks and encrypts chunks with, read from the env vars the config
+names, and the tier's codec stage built from them.
 
 The secrets live only in the environment (like ``remote_password_env``); the config holds the
-names of the variables. ``chunk_auth`` is called once per tier at start; ``integrity_notes``
-says, for ``config check`` and the engine's start-up log, whether each shared tier is keyed.
+names of the variables. ``chunk_auth`` / ``chunk_sealer`` / ``chunk_stage`` are called once per
+tier at start; ``integrity_notes`` says, for ``config check`` and the engine's start-up log,
+whether each shared tier is keyed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from collections.abc import Mapping
 
 from lmcache_ext.chunk import ChunkAuth
+from lmcache_ext.codecs import ChunkSealer, ChunkStage
 from lmcache_ext.config import ConfigError, EngineConfig
 
 # tier name -> its config keys' stem (``<stem>_auth_key_env``, ``<stem>_auth_previous_key_env``)
@@ -21,10 +24,34 @@ def chunk_auth(config: EngineConfig, tier: str,
                env: Mapping[str, str] | None = None) -> ChunkAuth | None:
     """The tier's keys, or None when it is unkeyed. Raises ConfigError naming the config key for
     an env var that is not set or holds too short a secret (the secret is never shown)."""
+    secrets = _secrets(config, TIER_STEMS[tier], "auth", ChunkAuth, env)
+    return None if secrets is None else ChunkAuth(*secrets)
+
+
+def chunk_sealer(config: EngineConfig, tier: str,
+                 env: Mapping[str, str] | None = None) -> ChunkSealer | None:
+    """The tier's encryption keys (``<stem>_encryption_key_env`` and its previous one), or None
+    when its chunks are stored in the clear. ConfigErrors as ``chunk_auth``'s."""
+    secrets = _secrets(config, TIER_STEMS[tier], "encryption", ChunkSealer, env)
+    return None if secrets is None else ChunkSealer(*secrets)
+
+
+def chunk_stage(config: EngineConfig, tier: str,
+                env: Mapping[str, str] | None = None) -> ChunkStage:
+    """The tier's codec stage: its codec (``local_disk_codec`` / ``remote_serde``), keys and
+    encryption keys."""
+    codec = config.local_disk_codec if tier == "disk" else config.remote_codec
+    return ChunkStage(codec, chunk_auth(config, tier, env), chunk_sealer(config, tier, env))
+
+
+def _secrets(config: EngineConfig, stem: str, use: str, check: type,
+             env: Mapping[str, str] | None) -> tuple[bytes, bytes | None] | None:
+    """(current, previous) secrets of ``<stem>_<use>_key_env`` and
+    ``<stem>_<use>_previous_key_env``, each checked by building ``check`` from it; None when the
+    current one is not configured."""
     env = os.environ if env is None else env
-    stem = TIER_STEMS[tier]
     secrets: list[bytes | None] = []
-    for key in (f"{stem}_auth_key_env", f"{stem}_auth_previous_key_env"):
+    for key in (f"{stem}_{use}_key_env", f"{stem}_{use}_previous_key_env"):
         var = getattr(config, key)
         if var is None:
             secrets.append(None)
@@ -34,16 +61,17 @@ def chunk_auth(config: EngineConfig, tier: str,
                                f"is not set or empty"])
         secret = env[var].encode()
         try:
-            ChunkAuth(secret)
+            check(secret)
         except ValueError as exc:
             raise ConfigError([f"{key}: the secret in ${var} is unusable: {exc}"]) from exc
         secrets.append(secret)
     current, previous = secrets
     if current is None and previous is not None:
-        key = f"{stem}_auth_previous_key_env"
+        key = f"{stem}_{use}_previous_key_env"
         raise ConfigError([f"{key}: {getattr(config, key)!r} ({config.source_of(key)}) is "
-                           f"invalid without {stem}_auth_key_env (the key that signs)"])
-    return None if current is None else ChunkAuth(current, previous)
+                           f"invalid without {stem}_{use}_key_env (the key that "
+                           f"{'signs' if use == 'auth' else 'encrypts'})"])
+    return None if current is None else (current, previous)
 
 
 def integrity_notes(config: EngineConfig) -> list[tuple[bool, str]]:

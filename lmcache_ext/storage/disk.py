@@ -4,7 +4,9 @@ Layout: ``<directory>/<namespace id>/<key digest hex>``; each file is a chunk (1
 header, then the KV) padded to 4096 bytes. Another namespace's directory is never read, so keys of
 another model or KV layout are never served. With ``local_disk_auth_key_env`` set (a directory on
 a shared or network file system) files are keyed chunks (format version 2): a file that fails the
-tag is a miss, counted as ``forged``, and deleted, as a corrupt one is.
+tag is a miss, counted as ``forged``, and deleted, as a corrupt one is. The tier's codec stage
+(``lmcache_ext.codecs``: ``local_disk_codec``, ``local_disk_encryption_key_env``) encodes and
+seals what it writes; files of any codec it knows load, whatever it writes with.
 
 Bookkeeping is apart from the I/O: ``DiskIndex`` (``disk_index.py``, no file I/O) decides what is
 stored, what is evicted and how many bytes of the budget are held; this tier does the I/O and
@@ -38,9 +40,9 @@ from lmcache_ext.chunk import (
     ChunkForged,
     ChunkMeta,
     as_kv,
-    decode,
     encode_header,
 )
+from lmcache_ext.codecs import ChunkStage
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics, TierCounters
 from lmcache_ext.storage import direct_io
@@ -59,15 +61,18 @@ class DiskTier(StorageTier):
     ``odirect_active`` says whether reads and writes bypass the page cache (decided once, by a
     probe, and logged loudly when ``use_odirect`` was asked for and cannot be honoured).
     ``auth``: sign and check files with these keys (format version 2); None: unkeyed.
+    ``stage``: the codec stage (codec, encryption); its ``auth`` is replaced by ``auth``.
     """
 
     name = "disk"
 
     def __init__(self, directory: str, budget_bytes: int, namespace: str,
                  use_odirect: bool = False, counters: TierCounters | None = None,
-                 auth: ChunkAuth | None = None):
+                 auth: ChunkAuth | None = None, stage: ChunkStage | None = None):
         self.namespace = namespace
         self.auth = auth
+        self.stage = ChunkStage(stage.codec if stage else "raw", auth,
+                                stage.sealer if stage else None)
         self.directory = os.path.join(os.path.abspath(directory), namespace)
         self.budget_bytes = budget_bytes
         self._counters = counters or EngineMetrics().for_tier(self.name)
@@ -124,12 +129,15 @@ class DiskTier(StorageTier):
             return None
         buffer, nbytes = data
         try:
-            meta, payload = decode(key, buffer.tensor[:nbytes], self.auth)
+            kv, is_view = self.stage.decode(key, buffer.tensor[:nbytes])
         except ChunkCorrupt as exc:
             self._buffers.give_back(buffer)
             self._drop(name, entry, str(exc), forged=isinstance(exc, ChunkForged))
             return None
-        return ChunkLease(Chunk(as_kv(meta, payload)), lambda: self._buffers.give_back(buffer))
+        if not is_view:  # decoded or opened into memory of its own: the buffer is free again
+            self._buffers.give_back(buffer)
+            return ChunkLease(Chunk(kv))
+        return ChunkLease(Chunk(kv), lambda: self._buffers.give_back(buffer))
 
     def put(self, key: ChunkKey, chunk: Chunk) -> bool:
         """Write the chunk (synchronously: TieredStore calls this from write-behind threads).
@@ -144,13 +152,22 @@ class DiskTier(StorageTier):
             log.exception("disk tier: cannot store %s", name)
             self._counters.errors.inc()
             return False
-        reservation = self._reserve(name, HEADER_SIZE + meta.nbytes)
+        encoded = None
+        if not self.stage.passthrough:
+            try:
+                encoded = self.stage.encode(key, chunk.kv)
+            except Exception:  # a KV the stage cannot store: a caller bug, still never a raise
+                log.exception("disk tier: cannot encode %s", name)
+                self._counters.errors.inc()
+                return False
+        size = HEADER_SIZE + meta.nbytes if encoded is None else len(encoded)
+        reservation = self._reserve(name, size)
         if reservation.stored:
             return True  # already stored, or another thread is writing the same chunk
         if reservation.entry is None:
             self._counters.rejected.inc()
             return False
-        return self._write(key, reservation.entry, chunk, meta)
+        return self._write(key, reservation.entry, chunk, meta, encoded)
 
     def remove(self, key: ChunkKey) -> bool:
         name = self._name(key)
@@ -287,10 +304,12 @@ class DiskTier(StorageTier):
         finally:
             os.close(fd)
 
-    def _write(self, key: ChunkKey, entry: DiskEntry, chunk: Chunk, meta: ChunkMeta) -> bool:
+    def _write(self, key: ChunkKey, entry: DiskEntry, chunk: Chunk, meta: ChunkMeta,
+               encoded: bytes | bytearray | None = None) -> bool:
         temp = None
         try:
-            data = self._encode(key, chunk, meta, entry.size)
+            data = self._encode(key, chunk, meta, entry.size) if encoded is None else \
+                self._aligned(encoded, entry.size)
             temp = direct_io.write_temp(self.directory, entry.name, data, self.odirect_active)
             if self._commit(entry, temp):
                 self._counters.stored_bytes.inc(meta.nbytes)
@@ -310,9 +329,7 @@ class DiskTier(StorageTier):
     def _encode(self, key: ChunkKey, chunk: Chunk, meta: ChunkMeta, size: int) -> memoryview:
         """Header + payload + zero padding in this thread's aligned buffer; its first ``size``
         bytes. The payload is copied first so the checksum reads it from the buffer."""
-        buffer = getattr(self._write_buffers, "buffer", None)
-        if buffer is None or buffer.size < size:
-            buffer = self._write_buffers.buffer = AlignedBuffer(size)
+        buffer = self._thread_buffer(size)
         end = HEADER_SIZE + meta.nbytes
         payload = buffer.tensor[HEADER_SIZE:end]
         as_kv(meta, payload).copy_(chunk.kv)  # chunk.kv may be a strided slice
@@ -320,6 +337,19 @@ class DiskTier(StorageTier):
         buffer.view[:HEADER_SIZE] = header
         buffer.tensor[end:size].zero_()  # no stale bytes of an earlier chunk on disk
         return buffer.view[:size]
+
+    def _aligned(self, encoded: bytes | bytearray, size: int) -> memoryview:
+        """A value the codec stage made, zero-padded in this thread's aligned buffer."""
+        buffer = self._thread_buffer(size)
+        buffer.view[:len(encoded)] = encoded
+        buffer.tensor[len(encoded):size].zero_()
+        return buffer.view[:size]
+
+    def _thread_buffer(self, size: int) -> AlignedBuffer:
+        buffer = getattr(self._write_buffers, "buffer", None)
+        if buffer is None or buffer.size < size:
+            buffer = self._write_buffers.buffer = AlignedBuffer(size)
+        return buffer
 
     def _commit(self, entry: DiskEntry, temp: str) -> bool:
         """Rename the written file into place and commit it, unless it was removed meanwhile.

@@ -6,6 +6,8 @@ values are keyed (format version 2, a BLAKE3 tag under a secret the endpoints sh
 never sees): a value that fails the tag (written without the key, with another key, altered, or
 replayed under another key's name) is a miss, counted as ``forged``, deleted, and logged at most
 every 30 s. Without it anyone who can write to the store can plant KV; the start-up log says so.
+The tier's codec stage (``lmcache_ext.codecs``: ``remote_serde``, ``remote_encryption_key_env``)
+encodes and seals what it writes; values of any codec it knows load, whatever it writes with.
 Keys are ``{remote_key_prefix}:{namespace id}:{digest hex}``. No TTL unless ``remote_ttl_s`` > 0:
 the server's ``maxmemory`` + ``allkeys-lru`` policy is the capacity.
 
@@ -38,15 +40,14 @@ from lmcache_ext.chunk import (
     ChunkAuth,
     ChunkCorrupt,
     ChunkForged,
-    as_kv,
-    decode,
     encode_header,
     payload_view,
 )
+from lmcache_ext.codecs import RAW, ChunkSealer, ChunkStage
 from lmcache_ext.config import ConfigError, EngineConfig, default_of
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics, TierCounters
-from lmcache_ext.storage.auth import chunk_auth
+from lmcache_ext.storage.auth import chunk_auth, chunk_sealer
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier, TierUsage
 from lmcache_ext.storage.log_every import LOG_INTERVAL_S, EveryInterval
 from lmcache_ext.storage.redis_url import RedisTarget, parse_redis_url
@@ -84,7 +85,8 @@ _silence_frombuffer_warning()
 @dataclass(frozen=True)
 class RemoteSettings:
     """Everything the tier needs from the config, resolved (password and chunk keys included).
-    ``auth`` None: unkeyed values (format version 1)."""
+    ``auth`` None: unkeyed values (format version 1). ``codec``: what puts encode with (a
+    ``codecs.CODECS`` name); ``sealer`` None: values in the clear."""
 
     target: RedisTarget
     key_prefix: str = default_of("remote_key_prefix")
@@ -93,6 +95,8 @@ class RemoteSettings:
     ttl_s: float = default_of("remote_ttl_s")
     max_connections: int = MAX_CONNECTIONS
     auth: ChunkAuth | None = None
+    codec: str = RAW
+    sealer: ChunkSealer | None = None
 
     @staticmethod
     def from_config(config: EngineConfig, env: Mapping[str, str] | None = None) -> RemoteSettings:
@@ -110,7 +114,8 @@ class RemoteSettings:
             target = target.with_password(env[config.remote_password_env])
         return RemoteSettings(target, config.remote_key_prefix, config.remote_timeout_s,
                               config.remote_backoff_s, config.remote_ttl_s,
-                              auth=chunk_auth(config, "remote", env))
+                              auth=chunk_auth(config, "remote", env), codec=config.remote_codec,
+                              sealer=chunk_sealer(config, "remote", env))
 
 
 class _Breaker:
@@ -197,12 +202,14 @@ class RemoteTier(StorageTier):
         self._last_usage = TierUsage(UNKNOWN, 0, UNKNOWN)
         self._ttl_ms = int(settings.ttl_s * 1000)
         self._bad_value_log = EveryInterval(LOG_INTERVAL_S)
+        self._stage = ChunkStage(settings.codec, settings.auth, settings.sealer)
         target = settings.target
         log.info("remote tier: %s (cluster: %s, TLS: %s, timeout %.2f s, back-off %.1f s, "
-                 "TTL %s, namespace %s, chunks %s)", target.display(), target.cluster, target.tls,
-                 settings.timeout_s, settings.backoff_s,
+                 "TTL %s, namespace %s, chunks %s, codec %s, %s)", target.display(),
+                 target.cluster, target.tls, settings.timeout_s, settings.backoff_s,
                  f"{settings.ttl_s:g} s" if self._ttl_ms else "none", namespace or "-",
-                 "keyed" if settings.auth else "UNAUTHENTICATED")
+                 "keyed" if settings.auth else "UNAUTHENTICATED", settings.codec,
+                 "encrypted" if settings.sealer else "in the clear")
 
     @property
     def backing_off(self) -> bool:
@@ -238,8 +245,7 @@ class RemoteTier(StorageTier):
         try:
             if len(data) < HEADER_SIZE:  # frombuffer refuses b""; decode would say "short" too
                 raise ChunkCorrupt(f"{len(data)} bytes is shorter than a header")
-            meta, payload = decode(key, torch.frombuffer(data, dtype=torch.uint8),
-                                   self.settings.auth)
+            kv, _ = self._stage.decode(key, torch.frombuffer(data, dtype=torch.uint8))
         except ChunkCorrupt as exc:
             forged = isinstance(exc, ChunkForged)
             (self._counters.forged if forged else self._counters.corrupt).inc()
@@ -250,19 +256,22 @@ class RemoteTier(StorageTier):
                             LOG_INTERVAL_S)
             self._call(lambda c: c.delete(name))
             return None
-        return ChunkLease(Chunk(as_kv(meta, payload)))  # nothing to pin: the bytes are ours
+        return ChunkLease(Chunk(kv))  # nothing to pin: the bytes are ours
 
     def put(self, key: ChunkKey, chunk: Chunk) -> bool:
         try:
-            kv = chunk.kv if chunk.kv.device.type == "cpu" else chunk.kv.cpu()
-            payload = payload_view(kv)  # a copy only when the KV is strided
-            header = encode_header(key, chunk.meta, payload, self.settings.auth)
+            if self._stage.passthrough:
+                kv = chunk.kv if chunk.kv.device.type == "cpu" else chunk.kv.cpu()
+                payload = payload_view(kv)  # a copy only when the KV is strided
+                header = encode_header(key, chunk.meta, payload, self.settings.auth)
+                value = memoryview(payload.numpy())
+            else:  # encoded and / or sealed: one value of its own
+                header, value = b"", memoryview(self._stage.encode(key, chunk.kv))
         except Exception:
             log.exception("remote tier: cannot encode a chunk; not stored")
             self._counters.errors.inc()
             return False
-        ok, _ = self._call(lambda c: self._set(c, self.key_name(key), header,
-                                               memoryview(payload.numpy())))
+        ok, _ = self._call(lambda c: self._set(c, self.key_name(key), header, value))
         if ok:
             self._counters.stored_bytes.inc(chunk.meta.nbytes)
         return ok

@@ -1,0 +1,173 @@
+"""Group-quantized KV codecs (``int8``, ``int4``): fewer bytes for the slower tiers.
+
+Scales follow what the KV-quantization literature found best (KIVI, KVQuant): keys are quantized
+per channel (one scale per channel over a group of tokens: key outliers sit in fixed channels),
+values per token (one scale per group of channels of one token). Each group stores its minimum
+and its step as float16 and its codes as unsigned integers (asymmetric, round to nearest); 4-bit
+codes are packed two per byte, low nibble first.
+
+Encoded payload (flat uint8), sections back to back, each in row-major order:
+  key codes   [layers, token groups, kv_heads, head_dim, key group]   (bits per code)
+  key steps   [layers, token groups, kv_heads, head_dim]               float16
+  key minima  [layers, token groups, kv_heads, head_dim]               float16
+  value codes [layers, tokens, kv_heads, channel groups, value group]  (bits per code)
+  value steps, value minima [layers, tokens, kv_heads, channel groups] float16
+A chunk whose token count is not a multiple of the key group is padded (for the keys only) by
+repeating its last token. The sizes follow from the chunk's meta alone (``encoded_size``).
+
+Vectorized torch with no Python loop over the data: the same code runs on a CPU or a GPU tensor.
+Lossy by design: round trips are close, not equal (``max_error`` bounds the error per element).
+KV that float16 steps cannot describe (values beyond +-65504, NaN or inf) raises ``CodecUnfit``;
+the stage then stores the chunk raw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmcache_ext.chunk import ChunkMeta
+
+_STAT = torch.float16  # steps and minima
+_STAT_BYTES = 2
+
+
+class CodecUnfit(ValueError):
+    """This KV cannot be encoded by the codec (non-finite, or beyond its scale range)."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Group sizes and section lengths of one chunk shape (all derived from the meta)."""
+
+    key_group: int  # tokens per key group
+    padded_tokens: int
+    value_group: int  # channels per value group
+    key_codes: int
+    key_groups: int
+    value_codes: int
+    value_groups: int
+
+
+@dataclass(frozen=True)
+class GroupQuantCodec:
+    """Asymmetric group quantization with ``bits`` per element (8 or 4). Immutable, thread-safe.
+
+    ``key_group``: tokens per key scale (fewer if the chunk is shorter); ``value_group``:
+    channels per value scale (the whole head when ``head_dim`` is not a multiple of it)."""
+
+    id: int
+    name: str
+    bits: int
+    key_group: int
+    value_group: int
+
+    def plan(self, meta: ChunkMeta) -> _Plan:
+        layers, two, tokens, heads, dim = _kv_shape(meta.shape)
+        key_group = max(1, min(self.key_group, tokens))
+        padded = -(-tokens // key_group) * key_group
+        value_group = self.value_group if dim % self.value_group == 0 else dim
+        return _Plan(key_group, padded, value_group,
+                     key_codes=layers * padded * heads * dim,
+                     key_groups=layers * (padded // key_group) * heads * dim,
+                     value_codes=layers * tokens * heads * dim,
+                     value_groups=layers * tokens * heads * (dim // value_group))
+
+    def encoded_size(self, meta: ChunkMeta) -> int:
+        plan = self.plan(meta)
+        return (self._code_bytes(plan.key_codes) + self._code_bytes(plan.value_codes)
+                + 2 * _STAT_BYTES * (plan.key_groups + plan.value_groups))
+
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
+        """``kv`` ``[layers, 2, tokens, kv_heads, head_dim]`` (any float dtype, any device) ->
+        flat uint8 of ``encoded_size`` bytes on the same device. Raises ``CodecUnfit``."""
+        plan = self.plan(ChunkMeta.of(kv))
+        layers, _, tokens, heads, dim = kv.shape
+        keys = kv[:, 0].float()  # [L, T, H, D]
+        if plan.padded_tokens > tokens:
+            pad = keys[:, tokens - 1:].expand(layers, plan.padded_tokens - tokens, heads, dim)
+            keys = torch.cat([keys, pad], dim=1)
+        # [L, groups, G, H, D] -> [L, groups, H, D, G]: a key group is one channel over G tokens
+        keys = keys.view(layers, -1, plan.key_group, heads, dim).permute(0, 1, 3, 4, 2)
+        values = kv[:, 1].float().reshape(layers, tokens, heads, -1, plan.value_group)
+        sections = [*self._quantize(keys), *self._quantize(values)]
+        return torch.cat([s.reshape(-1).view(torch.uint8) for s in sections])
+
+    def decode(self, payload: torch.Tensor, meta: ChunkMeta) -> torch.Tensor:
+        """Flat uint8 of ``encoded_size(meta)`` bytes -> KV of ``meta``'s dtype and shape (a new
+        tensor on ``payload``'s device). The caller checks the length."""
+        plan = self.plan(meta)
+        layers, _, tokens, heads, dim = meta.shape
+        parts = _split(payload, [self._code_bytes(plan.key_codes), _STAT_BYTES * plan.key_groups,
+                                 _STAT_BYTES * plan.key_groups,
+                                 self._code_bytes(plan.value_codes),
+                                 _STAT_BYTES * plan.value_groups, _STAT_BYTES * plan.value_groups])
+        kv = torch.empty(meta.shape, dtype=meta.dtype, device=payload.device)
+        keys = self._dequantize(parts[0:3], plan.key_codes, plan.key_group)
+        keys = keys.view(layers, -1, heads, dim, plan.key_group).permute(0, 1, 4, 2, 3)
+        kv[:, 0] = keys.reshape(layers, plan.padded_tokens, heads, dim)[:, :tokens]
+        values = self._dequantize(parts[3:6], plan.value_codes, plan.value_group)
+        kv[:, 1] = values.view(layers, tokens, heads, dim)
+        return kv
+
+    def max_error(self, kv: torch.Tensor) -> float:
+        """An upper bound of ``|decode(encode(kv)) - kv|`` per element: half a step of the widest
+        group, plus the float16 rounding of its minimum and step, plus the dtype's rounding."""
+        span = float(kv.float().abs().max()) * 2
+        step = span / ((1 << self.bits) - 1)
+        return step * 0.5 + span * 2 ** -10 + float(kv.float().abs().max()) * 2 ** -7
+
+    # ---------------------------------------------------------------- internals
+
+    def _code_bytes(self, count: int) -> int:
+        return -(-count * self.bits // 8)
+
+    def _quantize(self, groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Groups along the last dim -> (codes uint8 packed, steps f16, minima f16)."""
+        levels = (1 << self.bits) - 1
+        low = groups.amin(dim=-1, keepdim=True).to(_STAT)
+        high = groups.amax(dim=-1, keepdim=True)
+        step = ((high - low.float()) / levels).to(_STAT)
+        if not (bool(torch.isfinite(low).all()) and bool(torch.isfinite(step).all())):
+            raise CodecUnfit(f"{self.name}: KV beyond float16's range or not finite")
+        divisor = torch.where(step == 0, torch.ones_like(step), step).float()
+        codes = groups.sub(low.float()).div_(divisor).round_().clamp_(0, levels)
+        codes = codes.to(torch.uint8).reshape(-1)
+        return self._pack(codes), step, low
+
+    def _dequantize(self, parts: list[torch.Tensor], count: int, group: int) -> torch.Tensor:
+        codes = self._unpack(parts[0], count).view(-1, group).float()
+        step = parts[1].view(_STAT).float().view(-1, 1)
+        low = parts[2].view(_STAT).float().view(-1, 1)
+        return codes.mul_(step).add_(low)
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            return codes
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_zeros(1)])
+        return codes[0::2] | (codes[1::2] << 4)
+
+    def _unpack(self, packed: torch.Tensor, count: int) -> torch.Tensor:
+        if self.bits == 8:
+            return packed
+        return torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(-1)[:count]
+
+
+def _kv_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+    if len(shape) != 5 or shape[1] != 2 or shape[2] < 1:
+        raise CodecUnfit(f"shape {shape} is not [layers, 2, tokens, kv_heads, head_dim]")
+    return shape  # type: ignore[return-value]
+
+
+def _split(payload: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(payload[start:start + size])
+        start += size
+    return out
+
+
+INT8 = GroupQuantCodec(id=1, name="int8", bits=8, key_group=64, value_group=64)
+INT4 = GroupQuantCodec(id=2, name="int4", bits=4, key_group=32, value_group=32)
