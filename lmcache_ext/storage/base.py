@@ -50,6 +50,13 @@ class ChunkLease:
         if release is not None:
             release()
 
+    def hand_over(self) -> ChunkLease:
+        """A new lease that now holds the chunk; this one no longer does (its ``release``
+        becomes a no-op). For a caller that must keep the chunk past a ``with`` block, e.g.
+        until an asynchronous copy out of it has completed."""
+        release, self._release = self._release, None
+        return ChunkLease(self.chunk, release)
+
     def __enter__(self) -> ChunkLease:
         return self
 
