@@ -177,10 +177,11 @@ class CacheEngine:
         """Hand each leading cached chunk of ``spans`` (consecutive, in order) to ``copy(span,
         lease)`` (``lease.chunk.kv``: ``layout.shape(span.num_tokens)``). The lease is released
         when ``copy`` returns, unless ``copy`` took it (``lease.hand_over()``, e.g. to keep the
-        chunk until an asynchronous copy out of it completes). Stops at the first chunk missing or corrupt in every tier, or
-        the first ``copy`` that raises (the exception propagates). Returns the end of the last
-        chunk handed over (``spans[0].start`` if none): what was copied up to there is valid.
-        Chunks in slower tiers are read ahead in parallel; ``copy`` sees them in order."""
+        chunk until an asynchronous copy out of it completes). Stops at the first chunk missing
+        or corrupt in every tier, or the first ``copy`` that raises (the exception propagates).
+        Returns the end of the last chunk handed over (``spans[0].start`` if none): what was
+        copied up to there is valid. Chunks in slower tiers are read ahead in parallel;
+        ``copy`` sees them in order."""
         done = spans[0].start if spans else 0
         with self.metrics.retrieve_seconds.time():
             with closing(self.storage.get_prefix([s.key for s in spans])) as leases:

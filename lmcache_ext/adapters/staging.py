@@ -21,7 +21,6 @@ import torch
 
 from lmcache_ext.chunk import KVLayout
 
-
 ACQUIRE_TIMEOUT_S = 10.0  # a buffer not back by then is lost or stuck: fail the transfer
 
 
