@@ -228,17 +228,25 @@ class CacheEngine:
         """Each tier's measured read speed in bytes/s (see ``probe_read_speeds``)."""
         return self.storage.read_speeds()
 
-    def probe_read_speeds(self) -> dict[str, float]:
-        """Time a write and a read of one full chunk in every tier, to seed ``read_speeds``.
+    def probe_read_speeds(self, kv: torch.Tensor | None = None,
+                          load: Callable[[ChunkLease], None] | None = None) -> dict[str, float]:
+        """Time a load of one full chunk from every tier, to seed ``read_speeds``.
 
-        The CPU tier's figure is the copy out; slower tiers' include promotion to CPU, as a real
-        read does. Each tier is read twice and the second read timed: the first pays one-off
-        page faults that would make a fast tier look several times slower than it serves. The
-        probe chunk is removed afterwards.
+        ``load(lease)`` is what a load does with a chunk read from a tier and must return once
+        it is done (the vLLM worker: host-to-device copy and scatter into its registered KV
+        caches, ``kv`` being what those caches hold, so the probe writes it back unchanged); by
+        default a copy into host memory (the built-in engine's load). Each tier is read twice
+        and the second read timed: the first pays one-off page faults that would make a fast
+        tier look several times slower than it serves. The probe chunk is removed afterwards.
         """
-        kv = torch.randn(self.layout.shape(self.config.chunk_size)).to(self.layout.dtype)
+        if kv is None:
+            kv = torch.randn(self.layout.shape(self.config.chunk_size)).to(self.layout.dtype)
+        if load is None:
+            dest = torch.empty_like(kv)
+
+            def load(lease: ChunkLease) -> None:
+                dest.copy_(lease.chunk.kv)
         key = ChunkKey(self.namespace.id, hashlib.sha256(f"probe-{os.getpid()}".encode()).digest())
-        dest = torch.empty_like(kv)
         for tier in self.storage.tiers:
             if not tier.put(key, Chunk(kv)):
                 continue
@@ -248,14 +256,13 @@ class CacheEngine:
                 if lease is None:
                     break
                 with lease:
-                    dest.copy_(lease.chunk.kv)
+                    load(lease)
                 if timed:
-                    self.storage.observe_read(tier.name, dest.nbytes,
-                                              time.perf_counter() - began)
+                    self.storage.observe_read(tier.name, kv.nbytes, time.perf_counter() - began)
             tier.remove(key)
         speeds = self.read_speeds()
         for name, speed in speeds.items():
-            log.info("  tier %s reads at %.2f GB/s (probe)", name, speed / 1e9)
+            log.info("  tier %s loads at %.2f GB/s (probe)", name, speed / 1e9)
         return speeds
 
     def pin(self, tokens: Tokens, salt: str = "") -> PrefixPin:

@@ -6,8 +6,10 @@ hit that *every* rank's cache holds beyond vLLM's own computed tokens (one token
 hit, so the last prompt token is recomputed), cut where loading stops paying (``cost.CostModel``:
 the ranks' measured read time of each chunk against vLLM's prefill speed, measured on the workers
 from the forward passes' times). The lookup pins those chunks on the ranks until the
-load (or until the request finishes, is aborted or preempted). A prompt's new whole chunks are
-saved once, in the step that finishes its prefill; with ``save_decode_cache`` a finished
+load (or until the request finishes, is aborted or preempted). A prompt's chunks are saved as
+its prefill computes them: each step saves the whole chunks that step completed (a chunked
+prefill of a long prompt spreads its saves over its steps, never one prompt-sized save at the
+end), and the step that finishes the prefill saves the rest; with ``save_decode_cache`` a finished
 request's whole chunks of prompt + output are saved too (its blocks are held one step for that).
 A request in a SageMaker session (its ``kv_transfer_params`` name one, see ``session_params``)
 has its saves name the session, so the workers keep the conversation pinned for it.
@@ -55,7 +57,7 @@ class _RequestState:
     block_ids: list[int] = field(default_factory=list)
     num_external: int = 0  # tokens to load, set at allocation, consumed by the next metadata
     pin_id: int = 0  # the ranks' pin from the last lookup (0: none held)
-    saved: bool = False
+    saved_until: int = 0  # prompt tokens whose saves are planned (a chunk boundary, or the end)
     num_local: int = 0  # vLLM's own hit at the last lookup: a background load starts there
     load_async: bool = False  # the last lookup's hit loads in the background
     loading: bool = False  # a background load is in flight (until the workers report it)
@@ -206,13 +208,22 @@ class SchedulerSide:
                                          state.pin_id))
             state.num_external = 0
         done = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
-        if state.cacheable and not state.saved and done >= state.num_prompt:
-            state.saved = True  # once per request: its prompt's KV is complete after this step
-            end = min(len(state.digests) * self.chunk_size, state.num_prompt)
-            if end > 0:
-                meta.saves.append(TransferOp(req_id, state.digests, state.num_prompt,
-                                             list(state.block_ids), 0, end,
-                                             session=state.session))
+        end = self._save_end(state, done)
+        if state.cacheable and end > state.saved_until:
+            # The prompt's KV in [saved_until, end) is complete after this step.
+            meta.saves.append(TransferOp(req_id, state.digests[:-(-end // self.chunk_size)],
+                                         state.num_prompt, list(state.block_ids),
+                                         state.saved_until, end, session=state.session))
+            state.saved_until = end
+
+    def _save_end(self, state: _RequestState, done: int) -> int:
+        """The end of the prompt's chunks to save once ``done`` tokens are computed: the whole
+        chunks before ``done``; every chunk (a last partial one where it is hashed) once the
+        prompt is done."""
+        hashed = min(len(state.digests) * self.chunk_size, state.num_prompt)
+        if done >= state.num_prompt:
+            return hashed
+        return min(done - done % self.chunk_size, hashed)
 
     def _on_preempted(self, req_id: str) -> None:
         state = self._requests.get(req_id)

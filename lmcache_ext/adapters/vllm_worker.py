@@ -108,9 +108,6 @@ class WorkerSide:
         self._tier_totals: dict[str, float] = {}
         self._tier_sampled = 0.0
         self._moved = False  # a load or save since the tiers were last sampled
-        engine.probe_read_speeds()  # the cost model needs every tier's speed from the start
-        self._sample_tiers()  # the baseline (the probe's writes are not the service's)
-        self.stats.reset()
         self.saver = BackgroundJobs(f"lmcache-ext-save-r{rank}", MAX_PENDING_SAVES,
                                     self._save_failed)
         # Background loads: each holds only its pin, so the queue is as long as vLLM's batch.
@@ -146,6 +143,35 @@ class WorkerSide:
                                             f"config says {layout}")
         log.info("lmcache-ext rank %d: %d KV cache layers, backend %s, %s layout, block size %d",
                  self.rank, len(caches), backend, paged.value, self._views[0].block_size)
+        self._probe_loads()  # the cost model needs every tier's load speed from the start
+        self._sample_tiers()  # the baseline (the probe's writes are not the service's)
+        self.stats.reset()
+
+    def _probe_loads(self) -> None:
+        """Seed the tiers' read speeds with what a load does here: the tier's read, the
+        host-to-device copy and the scatter into the registered caches, through the load path
+        itself. The probe chunk is what the caches' first slots hold (nothing serves yet), so
+        they end as they were."""
+        tokens = self.engine.config.chunk_size
+        num_blocks = self._views[0].num_slots // self.block_size
+        if -(-tokens // self.block_size) > num_blocks:  # a cache smaller than one chunk
+            self.engine.probe_read_speeds()
+            return
+        slots = self._host_slots(list(range(num_blocks)), 0, tokens)
+        device = self._views[0].k.device
+        kv = torch.empty(self.engine.layout.shape(tokens), dtype=self.engine.layout.dtype,
+                         device=device)  # [layers, 2, tokens, kv_heads, head_dim]
+        kernels.gather(self._views, slots.to(device), kv)
+
+        def load(lease: ChunkLease) -> None:
+            pipeline = LoadPipeline(self.staging, self._views, self._step_streams, slots,
+                                    self._order.mark())
+            try:
+                pipeline.push(lease, 0, tokens, 0)
+            finally:
+                pipeline.finish()
+            self._step_streams.scatter.synchronize()
+        self.engine.probe_read_speeds(kv.cpu(), load)
 
     def _use_device(self, device: torch.device) -> None:
         """The stream order of ``device`` and the side streams of each thread that copies:

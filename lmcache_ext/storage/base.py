@@ -66,7 +66,7 @@ class ChunkLease:
 
 @dataclass(frozen=True)
 class TierUsage:
-    used_bytes: int  # bytes of chunks held (for the CPU tier: buffers in use and pooled)
+    used_bytes: int  # bytes of chunks held (for the CPU tier: its slab's bytes in use)
     capacity_bytes: int
     num_chunks: int
 
