@@ -214,6 +214,8 @@ class SchedulerSide:
             meta.saves.append(TransferOp(req_id, state.digests[:-(-end // self.chunk_size)],
                                          state.num_prompt, list(state.block_ids),
                                          state.saved_until, end, session=state.session))
+            if done < state.num_prompt:  # a chunked prefill's step: saved before its end
+                self.stats.add("prefill_step_saved_tokens", end - state.saved_until)
             state.saved_until = end
 
     def _save_end(self, state: _RequestState, done: int) -> int:
