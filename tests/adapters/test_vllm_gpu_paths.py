@@ -166,9 +166,10 @@ def test_a_chunked_prefill_saves_each_steps_whole_chunks_in_that_step(tmp_path):
 # ------------------------------------------------------------------ fix 11: the load probe
 
 def test_the_probe_times_a_load_into_the_registered_caches_and_leaves_them_unchanged(tmp_path):
-    from tests.adapters.vllm_setup import allocate, vllm_config
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from tests.adapters.vllm_setup import allocate, vllm_config
     layout, backend = next((lay, b) for lay, b in LAYOUTS if b == "CPU_ATTN")
     config = vllm_config(tmp_path, layout, False)
     kv_config, caches = allocate(config, backend)
