@@ -58,6 +58,8 @@ class _RequestState:
     num_external: int = 0  # tokens to load, set at allocation, consumed by the next metadata
     pin_id: int = 0  # the ranks' pin from the last lookup (0: none held)
     saved_until: int = 0  # prompt tokens whose saves are planned (a chunk boundary, or the end)
+    prefill_steps: int = 0  # steps that computed prompt tokens
+    early_saved: int = 0  # tokens saved by prefill steps before the prompt's last one
     num_local: int = 0  # vLLM's own hit at the last lookup: a background load starts there
     load_async: bool = False  # the last lookup's hit loads in the background
     loading: bool = False  # a background load is in flight (until the workers report it)
@@ -80,6 +82,7 @@ class SchedulerSide:
         self._requests: dict[str, _RequestState] = {}
         self._finishing: list[TransferOp] = []  # decode saves for the next metadata
         self._pin_ids = itertools.count(1)
+        self._said_chunked = False  # the first chunked prefill's saves are logged, once
 
     def _state(self, request: Request) -> _RequestState:
         state = self._requests.get(request.request_id)
@@ -208,15 +211,30 @@ class SchedulerSide:
                                          state.pin_id))
             state.num_external = 0
         done = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+        if state.cacheable and num_computed < state.num_prompt:
+            self._save_prefill_step(meta, req_id, state, done)
+
+    def _save_prefill_step(self, meta: LMCacheExtMetadata, req_id: str, state: _RequestState,
+                           done: int) -> None:
+        """Plan the save of the prompt's chunks this step completes (``done``: the tokens
+        computed after it)."""
+        state.prefill_steps += 1
         end = self._save_end(state, done)
-        if state.cacheable and end > state.saved_until:
+        if end > state.saved_until:
             # The prompt's KV in [saved_until, end) is complete after this step.
             meta.saves.append(TransferOp(req_id, state.digests[:-(-end // self.chunk_size)],
                                          state.num_prompt, list(state.block_ids),
                                          state.saved_until, end, session=state.session))
             if done < state.num_prompt:  # a chunked prefill's step: saved before its end
                 self.stats.add("prefill_step_saved_tokens", end - state.saved_until)
+                state.early_saved += end - state.saved_until
             state.saved_until = end
+        if done >= state.num_prompt and state.prefill_steps > 1 and not self._said_chunked:
+            self._said_chunked = True
+            log.info("lmcache-ext: request %s prefilled in %d steps; %d of its %d saved tokens "
+                     "were saved by the steps before the last (each step saves the chunks it "
+                     "completed)", req_id, state.prefill_steps, state.early_saved,
+                     state.saved_until)
 
     def _save_end(self, state: _RequestState, done: int) -> int:
         """The end of the prompt's chunks to save once ``done`` tokens are computed: the whole
