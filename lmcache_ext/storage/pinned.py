@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 log = logging.getLogger(__name__)
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
 
 
 def allocate_slab(nbytes: int) -> torch.Tensor:
@@ -31,7 +32,8 @@ def allocate_slab(nbytes: int) -> torch.Tensor:
     device = torch.cuda.current_device()
     node = gpu_numa_node(device)
     with _on_node(node):
-        status = int(torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), nbytes, 0))
+        status = int(torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), nbytes,
+                                                          HOST_REGISTER_PORTABLE))
     if status != 0:
         raise RuntimeError(f"pinning the CPU tier's {nbytes} bytes failed (cudaError {status})")
     log.info("lmcache-ext: CPU tier pinned %.2f GiB in one slab%s", nbytes / 2**30,
