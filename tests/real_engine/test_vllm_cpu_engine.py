@@ -49,10 +49,10 @@ def test_multiprocess_engine_hits_every_tier_and_a_stalled_worker_side_is_a_miss
     """Scenario: a writer engine (worker in its own process) with CPU, disk and Redis tiers
     serves an evicted prompt from its CPU tier. A second engine (a restart: disk and Redis
     only) serves it from disk, then, with the chunk files gone, from Redis. With the files gone
-    again and Redis stopped, the prompt's lookup still answers at once (it reads no chunk: the
-    disk index lists them) and the load that finds them gone is recomputed: a miss, the same
-    output. A prompt only Redis could hold makes the lookup ask the stopped Redis: the worker
-    cannot answer in time, a miss said in the log, and the request still succeeds."""
+    again and Redis stopped, a prompt only Redis could hold makes the lookup ask the stopped
+    Redis: the worker cannot answer in time, a miss said in the log, and the request succeeds.
+    The stored prompt is then a miss with the same output (its lookup reads no chunk: the disk
+    index still lists them; a load that finds them gone is recomputed)."""
     disk = tmp_path / "kv"
     tiers = {**BASE, "local_disk": str(disk), "max_local_disk_size": 1.0,
              "remote_url": redis.url}
@@ -78,11 +78,11 @@ def test_multiprocess_engine_hits_every_tier_and_a_stalled_worker_side_is_a_miss
     delete_chunk_files(disk)  # promoted back to disk by the Redis hit
     os.kill(redis.process.pid, signal.SIGSTOP)
     reader.reset_prefix_cache()
-    gone = reader.generate(PROMPT, TOKENS)
-    assert (gone.cached_tokens, gone.token_ids) == (0, output), reader.log_tail()
-    stalled = reader.generate(OTHER_PROMPT, TOKENS)
+    stalled = reader.generate(OTHER_PROMPT, TOKENS)  # first: before Redis errors back off
     assert (stalled.cached_tokens, len(stalled.token_ids)) == (0, TOKENS), reader.log_tail()
     assert "cannot reach the KV cache of worker rank 0" in reader.log_text()
+    gone = reader.generate(PROMPT, TOKENS)
+    assert (gone.cached_tokens, gone.token_ids) == (0, output), reader.log_tail()
 
 
 def test_tensor_parallel_ranks_each_hold_their_shard_and_hit_together(engine_factory):
