@@ -21,7 +21,14 @@ from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import EngineConfig, describe
 from lmcache_ext.keys import ChunkKey, ChunkSpan, KeyNamespace, PrefixHasher
 from lmcache_ext.metrics import EngineMetrics
-from lmcache_ext.storage import Chunk, ChunkLease, StorageTier, TieredStore, build_tiers
+from lmcache_ext.storage import (
+    Chunk,
+    ChunkLease,
+    CPUTier,
+    StorageTier,
+    TieredStore,
+    build_tiers,
+)
 from lmcache_ext.storage.auth import integrity_notes
 from lmcache_ext.units import GIB
 
@@ -36,10 +43,12 @@ class PrefixPin:
     (a pin never released makes the cache stop storing once pins fill the budget).
     """
 
-    def __init__(self, leases: list[ChunkLease], num_tokens: int):
+    def __init__(self, leases: list[ChunkLease], num_tokens: int, num_chunks: int | None = None):
+        """``num_chunks``: the chunks the pin covers (default: one per lease; more where chunks
+        in slower tiers are counted without a lease, see ``CacheEngine.pin_in_place``)."""
         self._leases = leases
         self.num_tokens = num_tokens
-        self.num_chunks = len(leases)
+        self.num_chunks = len(leases) if num_chunks is None else num_chunks
 
     def release(self) -> None:
         leases, self._leases = self._leases, []
@@ -159,24 +168,26 @@ class CacheEngine:
         self._check_kv(dest, "dest")
         spans = [s for s in self.spans(tokens, salt) if s.end <= dest.shape[2]]
 
-        def copy(span: ChunkSpan, kv: torch.Tensor) -> None:
-            dest[:, :, span.start:span.end].copy_(kv)
+        def copy(span: ChunkSpan, lease: ChunkLease) -> None:
+            dest[:, :, span.start:span.end].copy_(lease.chunk.kv)
         return self.retrieve_spans(spans, copy)
 
     def retrieve_spans(self, spans: Sequence[ChunkSpan],
-                       copy: Callable[[ChunkSpan, torch.Tensor], None]) -> int:
+                       copy: Callable[[ChunkSpan, ChunkLease], None]) -> int:
         """Hand each leading cached chunk of ``spans`` (consecutive, in order) to ``copy(span,
-        kv)`` while it is held (``kv``: ``layout.shape(span.num_tokens)``, valid only during
-        the call: copy it out). Stops at the first chunk missing or corrupt in every tier, or
-        the first ``copy`` that raises (the exception propagates). Returns the end of the last
-        chunk handed over (``spans[0].start`` if none): what was copied up to there is valid.
-        Chunks in slower tiers are read ahead in parallel; ``copy`` sees them in order."""
+        lease)`` (``lease.chunk.kv``: ``layout.shape(span.num_tokens)``). The lease is released
+        when ``copy`` returns, unless ``copy`` took it (``lease.hand_over()``, e.g. to keep the
+        chunk until an asynchronous copy out of it completes). Stops at the first chunk missing
+        or corrupt in every tier, or the first ``copy`` that raises (the exception propagates).
+        Returns the end of the last chunk handed over (``spans[0].start`` if none): what was
+        copied up to there is valid. Chunks in slower tiers are read ahead in parallel;
+        ``copy`` sees them in order."""
         done = spans[0].start if spans else 0
         with self.metrics.retrieve_seconds.time():
             with closing(self.storage.get_prefix([s.key for s in spans])) as leases:
                 for span, lease in zip(spans, leases, strict=False):  # leases stop at a miss
                     with lease:
-                        copy(span, lease.chunk.kv)
+                        copy(span, lease)
                     done = span.end
             self.storage.touch([s.key for s in spans if s.end <= done])
         self.metrics.retrieved_tokens.inc(done - (spans[0].start if spans else 0))
@@ -217,17 +228,25 @@ class CacheEngine:
         """Each tier's measured read speed in bytes/s (see ``probe_read_speeds``)."""
         return self.storage.read_speeds()
 
-    def probe_read_speeds(self) -> dict[str, float]:
-        """Time a write and a read of one full chunk in every tier, to seed ``read_speeds``.
+    def probe_read_speeds(self, kv: torch.Tensor | None = None,
+                          load: Callable[[ChunkLease], None] | None = None) -> dict[str, float]:
+        """Time a load of one full chunk from every tier, to seed ``read_speeds``.
 
-        The CPU tier's figure is the copy out; slower tiers' include promotion to CPU, as a real
-        read does. Each tier is read twice and the second read timed: the first pays one-off
-        page faults that would make a fast tier look several times slower than it serves. The
-        probe chunk is removed afterwards.
+        ``load(lease)`` is what a load does with a chunk read from a tier and must return once
+        it is done (the vLLM worker: host-to-device copy and scatter into its registered KV
+        caches, ``kv`` being what those caches hold, so the probe writes it back unchanged); by
+        default a copy into host memory (the built-in engine's load). Each tier is read twice
+        and the second read timed: the first pays one-off page faults that would make a fast
+        tier look several times slower than it serves. The probe chunk is removed afterwards.
         """
-        kv = torch.randn(self.layout.shape(self.config.chunk_size)).to(self.layout.dtype)
+        if kv is None:
+            kv = torch.randn(self.layout.shape(self.config.chunk_size)).to(self.layout.dtype)
+        if load is None:
+            dest = torch.empty_like(kv)
+
+            def load(lease: ChunkLease) -> None:
+                dest.copy_(lease.chunk.kv)
         key = ChunkKey(self.namespace.id, hashlib.sha256(f"probe-{os.getpid()}".encode()).digest())
-        dest = torch.empty_like(kv)
         for tier in self.storage.tiers:
             if not tier.put(key, Chunk(kv)):
                 continue
@@ -237,14 +256,13 @@ class CacheEngine:
                 if lease is None:
                     break
                 with lease:
-                    dest.copy_(lease.chunk.kv)
+                    load(lease)
                 if timed:
-                    self.storage.observe_read(tier.name, dest.nbytes,
-                                              time.perf_counter() - began)
+                    self.storage.observe_read(tier.name, kv.nbytes, time.perf_counter() - began)
             tier.remove(key)
         speeds = self.read_speeds()
         for name, speed in speeds.items():
-            log.info("  tier %s reads at %.2f GB/s (probe)", name, speed / 1e9)
+            log.info("  tier %s loads at %.2f GB/s (probe)", name, speed / 1e9)
         return speeds
 
     def pin(self, tokens: Tokens, salt: str = "") -> PrefixPin:
@@ -258,6 +276,26 @@ class CacheEngine:
             leases = list(found)  # slower tiers' chunks are read a few at a time, in parallel
         end = spans[len(leases) - 1].end if leases else (spans[0].start if spans else 0)
         return PrefixPin(leases, end)
+
+    def pin_in_place(self, spans: Sequence[ChunkSpan], tiers: Sequence[str]) -> PrefixPin:
+        """Hold the leading chunks of ``spans`` where they are, reading none (a lookup's pin,
+        which must answer at once). ``tiers[i]``: the tier ``locate_spans`` found span i in. A
+        chunk in the CPU tier is leased there (not evictable until released: a memory lease,
+        no copy); a chunk in a slower tier is counted and left there for the load to read (if
+        it is gone by then, that load fails from there and is recomputed). Stops at the first
+        CPU chunk evicted since it was located."""
+        fast = self.storage.tiers[0]
+        leases: list[ChunkLease] = []
+        count = 0
+        for span, tier in zip(spans, tiers, strict=False):
+            if tier == fast.name and isinstance(fast, CPUTier):
+                lease = fast.get(span.key)
+                if lease is None:
+                    break
+                leases.append(lease)
+            count += 1
+        end = spans[count - 1].end if count else (spans[0].start if spans else 0)
+        return PrefixPin(leases, end, count)
 
     def flush(self) -> None:
         """Wait for write-behinds to reach the slower tiers."""

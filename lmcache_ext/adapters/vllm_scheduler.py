@@ -6,8 +6,10 @@ hit that *every* rank's cache holds beyond vLLM's own computed tokens (one token
 hit, so the last prompt token is recomputed), cut where loading stops paying (``cost.CostModel``:
 the ranks' measured read time of each chunk against vLLM's prefill speed, measured on the workers
 from the forward passes' times). The lookup pins those chunks on the ranks until the
-load (or until the request finishes, is aborted or preempted). A prompt's new whole chunks are
-saved once, in the step that finishes its prefill; with ``save_decode_cache`` a finished
+load (or until the request finishes, is aborted or preempted). A prompt's chunks are saved as
+its prefill computes them: each step saves the whole chunks that step completed (a chunked
+prefill of a long prompt spreads its saves over its steps, never one prompt-sized save at the
+end), and the step that finishes the prefill saves the rest; with ``save_decode_cache`` a finished
 request's whole chunks of prompt + output are saved too (its blocks are held one step for that).
 A request in a SageMaker session (its ``kv_transfer_params`` name one, see ``session_params``)
 has its saves name the session, so the workers keep the conversation pinned for it.
@@ -55,7 +57,9 @@ class _RequestState:
     block_ids: list[int] = field(default_factory=list)
     num_external: int = 0  # tokens to load, set at allocation, consumed by the next metadata
     pin_id: int = 0  # the ranks' pin from the last lookup (0: none held)
-    saved: bool = False
+    saved_until: int = 0  # prompt tokens whose saves are planned (a chunk boundary, or the end)
+    prefill_steps: int = 0  # steps that computed prompt tokens
+    early_saved: int = 0  # tokens saved by prefill steps before the prompt's last one
     num_local: int = 0  # vLLM's own hit at the last lookup: a background load starts there
     load_async: bool = False  # the last lookup's hit loads in the background
     loading: bool = False  # a background load is in flight (until the workers report it)
@@ -78,6 +82,7 @@ class SchedulerSide:
         self._requests: dict[str, _RequestState] = {}
         self._finishing: list[TransferOp] = []  # decode saves for the next metadata
         self._pin_ids = itertools.count(1)
+        self._said_chunked = False  # the first chunked prefill's saves are logged, once
 
     def _state(self, request: Request) -> _RequestState:
         state = self._requests.get(request.request_id)
@@ -206,13 +211,39 @@ class SchedulerSide:
                                          state.pin_id))
             state.num_external = 0
         done = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
-        if state.cacheable and not state.saved and done >= state.num_prompt:
-            state.saved = True  # once per request: its prompt's KV is complete after this step
-            end = min(len(state.digests) * self.chunk_size, state.num_prompt)
-            if end > 0:
-                meta.saves.append(TransferOp(req_id, state.digests, state.num_prompt,
-                                             list(state.block_ids), 0, end,
-                                             session=state.session))
+        if state.cacheable and num_computed < state.num_prompt:
+            self._save_prefill_step(meta, req_id, state, done)
+
+    def _save_prefill_step(self, meta: LMCacheExtMetadata, req_id: str, state: _RequestState,
+                           done: int) -> None:
+        """Plan the save of the prompt's chunks this step completes (``done``: the tokens
+        computed after it)."""
+        state.prefill_steps += 1
+        end = self._save_end(state, done)
+        if end > state.saved_until:
+            # The prompt's KV in [saved_until, end) is complete after this step.
+            meta.saves.append(TransferOp(req_id, state.digests[:-(-end // self.chunk_size)],
+                                         state.num_prompt, list(state.block_ids),
+                                         state.saved_until, end, session=state.session))
+            if done < state.num_prompt:  # a chunked prefill's step: saved before its end
+                self.stats.add("prefill_step_saved_tokens", end - state.saved_until)
+                state.early_saved += end - state.saved_until
+            state.saved_until = end
+        if done >= state.num_prompt and state.prefill_steps > 1 and not self._said_chunked:
+            self._said_chunked = True
+            log.info("lmcache-ext: request %s prefilled in %d steps; %d of its %d saved tokens "
+                     "were saved by the steps before the last (each step saves the chunks it "
+                     "completed)", req_id, state.prefill_steps, state.early_saved,
+                     state.saved_until)
+
+    def _save_end(self, state: _RequestState, done: int) -> int:
+        """The end of the prompt's chunks to save once ``done`` tokens are computed: the whole
+        chunks before ``done``; every chunk (a last partial one where it is hashed) once the
+        prompt is done."""
+        hashed = min(len(state.digests) * self.chunk_size, state.num_prompt)
+        if done >= state.num_prompt:
+            return hashed
+        return min(done - done % self.chunk_size, hashed)
 
     def _on_preempted(self, req_id: str) -> None:
         state = self._requests.get(req_id)

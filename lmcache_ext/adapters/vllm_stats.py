@@ -10,6 +10,8 @@ per interval (``emf_metrics``; ``emf.py`` makes the line).
 ``data`` is a flat dict of numbers (it crosses processes through vLLM's serializers). Names:
   counters, summed over steps and ranks:
     lookup_tokens, hit_tokens, cost_skipped_tokens, lookup_timeouts    (scheduler)
+    prefill_step_saved_tokens   (scheduler: saves planned by chunked-prefill steps before the
+                                 prompt's last one; each step saves the chunks it completed)
     loaded_tokens, load_s, stored_tokens, save_s, store_s              (rank 0: every rank moves
     loaded_tokens.<tier>, stored_tokens.<tier>                          the same tokens)
     failed_loads, failed_saves, forward_tokens, forward_s              (every rank)
@@ -69,6 +71,7 @@ class LMCacheExtStats(KVConnectorStats):
             "cost_skipped_tokens": int(d.get("cost_skipped_tokens", 0)),
             "loaded_tokens": int(d.get("loaded_tokens", 0)),
             "stored_tokens": int(d.get("stored_tokens", 0)),
+            "prefill_step_saved_tokens": int(d.get("prefill_step_saved_tokens", 0)),
             "load_ms": round(1000 * d.get("load_s", 0), 2),
             "save_ms": round(1000 * d.get("save_s", 0), 2),
             "store_ms": round(1000 * d.get("store_s", 0), 2),
@@ -110,6 +113,7 @@ _EMF_TOTALS = {
     "store_s": ("StoreSeconds", "Seconds"),
     "failed_loads": ("FailedLoads", "Count"), "failed_saves": ("FailedSaves", "Count"),
     "lookup_timeouts": ("LookupTimeouts", "Count"),
+    "prefill_step_saved_tokens": ("PrefillStepSavedTokens", "Count"),
 }
 _EMF_PER_TIER = {"loaded_tokens": "LoadedTokens", "stored_tokens": "StoredTokens",
                  **{event: event.capitalize() for event in TIER_EVENTS}}

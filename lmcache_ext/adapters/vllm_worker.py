@@ -25,7 +25,9 @@ import torch
 from lmcache_ext import kernels
 from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.background import BackgroundJobs
+from lmcache_ext.adapters.load_pipeline import LoadPipeline, LoadStreams
 from lmcache_ext.adapters.staging import StagingArea
+from lmcache_ext.adapters.streams import StreamOrder
 from lmcache_ext.adapters.vllm_metadata import TransferOp
 from lmcache_ext.adapters.vllm_stats import TIER_EVENTS, LMCacheExtStats
 from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest, RankAnswer
@@ -33,6 +35,7 @@ from lmcache_ext.adapters.worker_sessions import WorkerSessions
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.engine import CacheEngine, PrefixPin
 from lmcache_ext.keys import ChunkSpan
+from lmcache_ext.storage import ChunkLease
 
 log = logging.getLogger(__name__)
 TIER_SAMPLE_S = 1.0  # how often the tiers' counters and usage are read into the stats
@@ -100,25 +103,19 @@ class WorkerSide:
         self.save_failures = 0  # saves that raised: logged, counted, never passed on
         self.stats = LMCacheExtStats()  # this rank's figures since vLLM last took them
         self._stats_lock = threading.Lock()  # the saver thread counts too
-        self._stream: Any = None  # the saver's CUDA stream (GPU only)
+        self._use_device(torch.device("cpu"))  # the streams of the KV's device, at register
         self.timer = ForwardTimer(torch.device("cpu"), engine.config.chunk_size)
         self._tier_totals: dict[str, float] = {}
         self._tier_sampled = 0.0
         self._moved = False  # a load or save since the tiers were last sampled
-        engine.probe_read_speeds()  # the cost model needs every tier's speed from the start
-        self._sample_tiers()  # the baseline (the probe's writes are not the service's)
-        self.stats.reset()
         self.saver = BackgroundJobs(f"lmcache-ext-save-r{rank}", MAX_PENDING_SAVES,
                                     self._save_failed)
         # Background loads: each holds only its pin, so the queue is as long as vLLM's batch.
         self.loader = BackgroundJobs(f"lmcache-ext-load-r{rank}", MAX_PENDING_LOADS,
                                      lambda: None)
-        self._load_stream: Any = None  # the loader's CUDA stream (GPU only)
         self._loaded: set[str] = set()  # background loads done, not reported to vLLM yet
         self._loaded_failed_blocks: set[int] = set()  # the blocks those could not fill
         self._loaded_lock = threading.Lock()
-        # how long a lookup waits for saves in flight: well inside the scheduler's deadline
-        self.save_wait_s = engine.config.worker_lookup_timeout_s / 4
         config = engine.config
         self.sessions = (WorkerSessions(engine, config.sessions_expiration_s)
                          if config.enable_stateful_sessions else None)
@@ -135,15 +132,54 @@ class WorkerSide:
         backend = vllm_compat.attention_backend(vllm_config, names)
         paged = vllm_compat.paged_layout(caches[0], layout.num_kv_heads, layout.head_dim, backend)
         self._views = kernels.paged_kv_layers(caches, paged, layout.num_kv_heads, layout.head_dim)
-        self.timer = ForwardTimer(self._views[0].k.device, self.engine.config.chunk_size)
-        self.staging = StagingArea(layout, self.engine.config.chunk_size, self._views[0].k.device,
+        device = self._views[0].k.device
+        self.timer = ForwardTimer(device, self.engine.config.chunk_size)
+        self.staging = StagingArea(layout, self.engine.config.chunk_size, device,
                                    self.engine.config.staging_chunks)
+        self._use_device(device)
         found = KVLayout(len(caches), layout.num_kv_heads, layout.head_dim, self._views[0].k.dtype)
         if found != layout:
             raise kernels.UnsupportedLayout(f"vLLM's KV caches are {found}, its KV cache "
                                             f"config says {layout}")
         log.info("lmcache-ext rank %d: %d KV cache layers, backend %s, %s layout, block size %d",
                  self.rank, len(caches), backend, paged.value, self._views[0].block_size)
+        self._probe_loads()  # the cost model needs every tier's load speed from the start
+        self._sample_tiers()  # the baseline (the probe's writes are not the service's)
+        self.stats.reset()
+
+    def _probe_loads(self) -> None:
+        """Seed the tiers' read speeds with what a load does here: the tier's read, the
+        host-to-device copy and the scatter into the registered caches, through the load path
+        itself. The probe chunk is what the caches' first slots hold (nothing serves yet), so
+        they end as they were."""
+        tokens = self.engine.config.chunk_size
+        num_blocks = self._views[0].num_slots // self.block_size
+        if -(-tokens // self.block_size) > num_blocks:  # a cache smaller than one chunk
+            self.engine.probe_read_speeds()
+            return
+        slots = self._host_slots(list(range(num_blocks)), 0, tokens)
+        device = self._views[0].k.device
+        kv = torch.empty(self.engine.layout.shape(tokens), dtype=self.engine.layout.dtype,
+                         device=device)  # [layers, 2, tokens, kv_heads, head_dim]
+        kernels.gather(self._views, slots.to(device), kv)
+
+        def load(lease: ChunkLease) -> None:
+            pipeline = LoadPipeline(self.staging, self._views, self._step_streams, slots,
+                                    self._order.mark())
+            try:
+                pipeline.push(lease, 0, tokens, 0)
+            finally:
+                pipeline.finish()
+            self._step_streams.scatter.synchronize()
+        self.engine.probe_read_speeds(kv.cpu(), load)
+
+    def _use_device(self, device: torch.device) -> None:
+        """The stream order of ``device`` and the side streams of each thread that copies:
+        in-step loads (vLLM's thread), background loads (the loader), saves (the saver)."""
+        self._order = StreamOrder(device)
+        self._step_streams = LoadStreams(self._order.side(), self._order.side())
+        self._bg_streams = LoadStreams(self._order.side(), self._order.side())
+        self._save_stream = self._order.side()
 
     # -------------------------------------------------------------- the scheduler's questions
 
@@ -151,10 +187,9 @@ class WorkerSide:
         """Chunks of the prompt held from the first, the tier of each and the tiers' read
         times; pins chunks [first, held) for the request (replacing its earlier pin). A chunk
         evicted between the count and the pin ends the run there: the answer never counts a
-        chunk that is not pinned."""
-        # A save still being written would be a miss: give the saver a moment (it is idle,
-        # and this free, unless it is backlogged).
-        self.saver.wait_idle(self.save_wait_s)
+        chunk that is not pinned. Answers from the tiers' indexes only: it never waits for the
+        saver (a save still in flight is a miss) and reads no chunk (a chunk in a slower tier
+        is read by the load; see ``CacheEngine.pin_in_place``)."""
         if self.sessions is not None:
             self.sessions.expire()
         spans = self.engine.spans_of(request.digests, request.num_tokens)
@@ -162,7 +197,7 @@ class WorkerSide:
         held = len(tiers)
         pin = None
         if held > request.first:
-            pin = self.engine.pin_spans(spans[request.first:held])
+            pin = self.engine.pin_in_place(spans[request.first:held], tiers[request.first:held])
             held = request.first + pin.num_chunks
         with self._pins_lock:
             old = self._pins.pop(request.req_id, None)
@@ -203,8 +238,16 @@ class WorkerSide:
     # -------------------------------------------------------------- moving KV
 
     def load(self, op: TransferOp) -> set[int]:
-        """Copy positions [start, end) of the request's cached chunks into its blocks; the
-        block ids whose positions could not be loaded (vLLM recomputes them)."""
+        """Copy positions [start, end) of the request's cached chunks into its blocks, in the
+        step (vLLM's thread); the block ids whose positions could not be loaded (vLLM
+        recomputes them). The copies run on the step's streams after what the current stream
+        has queued, and the current stream waits for them on the device (no host wait for the
+        scatters: the forward pass is queued behind them)."""
+        return self._load(op, self._order.mark(), background=False)
+
+    def _load(self, op: TransferOp, after: Any, background: bool) -> set[int]:
+        """``load``, its copies waiting for ``after``; a ``background`` load runs on the
+        loader's streams and waits on the host until the blocks hold the KV."""
         spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens)
                  if s.end > op.start and s.start < op.end]
         loaded = op.start
@@ -213,62 +256,64 @@ class WorkerSide:
             entry = self._pins.get(op.req_id)
         found = entry[2] if entry is not None and entry[0] == op.pin_id else {}
         try:
-            slots = self._slots(op.block_ids, op.start, op.end)
-            device = self._views[0].k.device
-
-            def copy(span: ChunkSpan, kv: torch.Tensor) -> None:
-                # kv: [layers, 2, span tokens, H, D] in the tier's buffer, held while we copy
-                lo, hi = max(span.start, op.start), min(span.end, op.end)
-                part = kv[:, :, lo - span.start:hi - span.start]
-                where = slots[lo - op.start:hi - op.start]
-                if part.device == device:  # CPU: scatter straight from the tier's buffer
-                    kernels.scatter(part, self._views, where)
-                    return
-                buffer = self.staging.acquire()  # GPU: one host-to-device hop per chunk
-                staged = buffer[:, :, :hi - lo]
-                staged.copy_(part)
-                kernels.scatter(staged, self._views, where)
-                used = torch.cuda.Event()
-                used.record()
-                self.staging.release(buffer, used)
-            loaded = min(self.engine.retrieve_spans(spans, copy), op.end)
+            loaded = self._copy_in(op, spans, after,
+                                   self._bg_streams if background else self._step_streams,
+                                   background)
         except Exception:
             log.exception("lmcache-ext: load of request %s failed; it will be recomputed",
                           op.req_id)
             loaded = op.start
         finally:
             self.release(op.req_id, op.pin_id)
-        if self.rank == 0:  # every rank loads the same tokens: counted once
-            self._count("loaded_tokens", max(loaded - op.start, 0))
-            self._count("load_s", time.perf_counter() - began)
-            size = self.engine.config.chunk_size
-            for span in spans:  # by the tier each chunk was found in at the lookup
-                tokens = min(span.end, loaded) - max(span.start, op.start)
-                if tokens > 0:
-                    self._count(f"loaded_tokens.{found.get(span.start // size, 'unknown')}",
-                                   tokens)
+        self._count_load(op, spans, found, loaded, began)
         if loaded >= op.end:
             return set()
         self._count("failed_loads", 1)
         first, last = max(loaded, op.start) // self.block_size, (op.end - 1) // self.block_size
         return set(op.block_ids[first:last + 1])
 
+    def _copy_in(self, op: TransferOp, spans: list[ChunkSpan], after: Any,
+                 streams: LoadStreams, background: bool) -> int:
+        """The load's copies through a ``LoadPipeline``; the end of the positions loaded."""
+        pipeline = LoadPipeline(self.staging, self._views, streams,
+                                self._host_slots(op.block_ids, op.start, op.end), after)
+        try:
+            def copy(span: ChunkSpan, lease: ChunkLease) -> None:
+                lo, hi = max(span.start, op.start), min(span.end, op.end)
+                pipeline.push(lease, lo - span.start, hi - span.start, lo - op.start)
+            loaded = min(self.engine.retrieve_spans(spans, copy), op.end)
+        finally:
+            pipeline.finish()
+        if background:
+            streams.scatter.synchronize()  # the blocks hold the KV before vLLM is told
+        else:
+            self._order.wait_on_current(pipeline.last)  # the forward pass waits on the device
+        return loaded
+
+    def _count_load(self, op: TransferOp, spans: list[ChunkSpan], found: dict[int, str],
+                    loaded: int, began: float) -> None:
+        if self.rank != 0:  # every rank loads the same tokens: counted once
+            return
+        self._count("loaded_tokens", max(loaded - op.start, 0))
+        self._count("load_s", time.perf_counter() - began)
+        size = self.engine.config.chunk_size
+        for span in spans:  # by the tier each chunk was found in at the lookup
+            tokens = min(span.end, loaded) - max(span.start, op.start)
+            if tokens > 0:
+                self._count(f"loaded_tokens.{found.get(span.start // size, 'unknown')}", tokens)
+
     def load_in_background(self, op: TransferOp) -> None:
         """Queue ``op`` (a load into blocks nothing else uses until it is done) on the loader
-        thread; ``take_background_loads`` reports it once done, failed blocks included."""
-        self.loader.submit(lambda: self._background_load(op))
+        thread; ``take_background_loads`` reports it once done, failed blocks included. Its
+        copies wait (on the device) for everything vLLM's current stream has queued now: a
+        forward pass still using blocks this load reuses finishes first."""
+        planned = self._order.mark()
+        self.loader.submit(lambda: self._background_load(op, planned))
 
-    def _background_load(self, op: TransferOp) -> None:
+    def _background_load(self, op: TransferOp, planned: Any) -> None:
         failed: set[int] = set(op.block_ids)  # if even the load's own handling fails
         try:
-            if self._views and self._views[0].k.is_cuda:
-                if self._load_stream is None:
-                    self._load_stream = torch.cuda.Stream(device=self._views[0].k.device)
-                with torch.cuda.stream(self._load_stream):
-                    failed = self.load(op)
-                self._load_stream.synchronize()  # the blocks hold the KV before vLLM is told
-            else:
-                failed = self.load(op)
+            failed = self._load(op, planned, background=True)
         finally:
             with self._loaded_lock:
                 self._loaded.add(op.req_id)
@@ -283,16 +328,17 @@ class WorkerSide:
         return done, failed
 
     def save(self, op: TransferOp) -> None:
-        """Store the request's chunks in [0, end) that the engine lacks (gathering only those:
-        a chunk before them that is evicted meanwhile is skipped, never stored from memory
-        nobody wrote). The KV is copied out of the blocks now; the tiers' writes run on the
-        saver thread. With a session, the saver then pins the chunks [0, end) the engine holds
-        for it (see ``worker_sessions``). A failure is logged and counted, never raised."""
+        """Store the request's chunks in [start, end) that the engine lacks (gathering only
+        those: a chunk before them that is evicted meanwhile is skipped, never stored from
+        memory nobody wrote). A chunked prefill saves each step's new whole chunks in that
+        step (``start`` > 0). The KV is copied out of the blocks now; the tiers' writes run on
+        the saver thread. With a session, the saver then pins the chunks [0, end) the engine
+        holds for it (see ``worker_sessions``). A failure is logged and counted, never raised."""
         began, self._moved = time.perf_counter(), True
         try:
             spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens)
                      if s.end <= op.end]
-            self._save(op, spans)
+            self._save([s for s in spans if s.start >= op.start], op.block_ids)
             if op.session is not None and self.sessions is not None:
                 session, sessions = op.session, self.sessions
                 self.saver.submit(lambda: sessions.extend(session, spans))  # after the stores
@@ -303,24 +349,25 @@ class WorkerSide:
         if self.rank == 0:
             self._count("save_s", time.perf_counter() - began)  # the step's share only
 
-    def _save(self, op: TransferOp, spans: list[ChunkSpan]) -> None:
-        """Gather each chunk the engine lacks into a staging buffer (waiting for one if all are
-        in flight) and queue its store on the saver thread, which gives the buffer back."""
-        present = self.engine.storage.prefix_length([s.key for s in spans])
-        device = self._views[0].k.device
-        for span in spans[present:]:
+    def _save(self, spans: list[ChunkSpan], block_ids: list[int]) -> None:
+        """Gather each chunk the engine lacks into a staging buffer (waiting a bounded time for
+        one if all are in flight) and queue its store on the saver thread, which gives the
+        buffer back. The slots go to the device once, without a host wait."""
+        todo = spans[self.engine.storage.prefix_length([s.key for s in spans]):]
+        if not todo:
+            return
+        base = todo[0].start
+        slots = self._host_slots(block_ids, base, todo[-1].end).to(self._views[0].k.device,
+                                                                   non_blocking=True)
+        for span in todo:
             buffer = self.staging.acquire()
             part = buffer[:, :, :span.num_tokens]  # [layers, 2, tokens, kv_heads, head_dim]
             try:
-                kernels.gather(self._views, self._slots(op.block_ids, span.start, span.end),
-                               part)
+                kernels.gather(self._views, slots[span.start - base:span.end - base], part)
             except Exception:
                 self.staging.release(buffer)
                 raise
-            gathered = None
-            if device.type == "cuda":  # the saver's copy waits for the gather, on its stream
-                gathered = torch.cuda.Event()
-                gathered.record()
+            gathered = self._order.mark()  # the saver's copy waits for the gather, on its stream
             self.saver.submit(self._store_job(span, buffer, part, gathered))
 
     def _store_job(self, span: ChunkSpan, buffer: torch.Tensor, part: torch.Tensor,
@@ -329,28 +376,16 @@ class WorkerSide:
 
         def store() -> None:
             used = None
-            try:
-                if gathered is None:
+            try:  # on a GPU the tier's put is the one device-to-host copy
+                with self._save_stream.run(gathered):
                     stored = self.engine.store_spans([span], part, span.start)
-                else:  # GPU: the tier's put is the one device-to-host copy
-                    stream = self._copy_stream()
-                    stream.wait_event(gathered)
-                    with torch.cuda.stream(stream):
-                        stored = self.engine.store_spans([span], part, span.start)
-                        used = torch.cuda.Event()
-                        used.record()
+                    used = self._save_stream.mark()
             finally:
                 self.staging.release(buffer, used)
             if self.rank == 0:
                 self._count("stored_tokens", stored)
                 self._count("store_s", time.perf_counter() - queued)
         return store
-
-    def _copy_stream(self) -> Any:
-        """The saver thread's CUDA stream for device -> host copies (made on first use)."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=self._views[0].k.device)
-        return self._stream
 
     def _save_failed(self) -> None:
         with self._stats_lock:
@@ -399,13 +434,22 @@ class WorkerSide:
                 self._tier_totals[key] = total
                 self._count(key, round(delta * scale))
 
-    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        """The paged-cache slot of each position in [start, end) (int64, on the KV's device)."""
+    def _host_slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        """The paged-cache slot of each position in [start, end): int64 on the host, pinned
+        where the KV is on a GPU (its copy there then needs no host wait), built once per
+        transfer. Raises ValueError if a position's block is missing or past the cache."""
         positions = torch.arange(start, end)
         blocks = torch.tensor(block_ids, dtype=torch.int64)
-        slots = blocks[positions // self.block_size] * self.block_size + \
-            positions % self.block_size
-        return slots.to(self._views[0].k.device)
+        index = positions // self.block_size
+        if end > start and int(index[-1]) >= len(block_ids):
+            raise ValueError(f"positions up to {end} need {int(index[-1]) + 1} blocks, the "
+                             f"transfer names {len(block_ids)}")
+        slots = blocks[index] * self.block_size + positions % self.block_size
+        if slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < \
+                self._views[0].num_slots:
+            raise ValueError(f"slots {int(slots.min())}..{int(slots.max())} are outside the "
+                             f"cache's {self._views[0].num_slots}")
+        return slots.pin_memory() if self._order.cuda else slots
 
     def close(self) -> None:
         """Stop answering lookups, finish the queued saves, drop every pin, let write-behinds

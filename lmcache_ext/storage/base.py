@@ -50,6 +50,13 @@ class ChunkLease:
         if release is not None:
             release()
 
+    def hand_over(self) -> ChunkLease:
+        """A new lease that now holds the chunk; this one no longer does (its ``release``
+        becomes a no-op). For a caller that must keep the chunk past a ``with`` block, e.g.
+        until an asynchronous copy out of it has completed."""
+        release, self._release = self._release, None
+        return ChunkLease(self.chunk, release)
+
     def __enter__(self) -> ChunkLease:
         return self
 
@@ -59,7 +66,7 @@ class ChunkLease:
 
 @dataclass(frozen=True)
 class TierUsage:
-    used_bytes: int  # bytes of chunks held (for the CPU tier: buffers in use and pooled)
+    used_bytes: int  # bytes of chunks held (for the CPU tier: its slab's bytes in use)
     capacity_bytes: int
     num_chunks: int
 

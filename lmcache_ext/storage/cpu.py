@@ -2,8 +2,10 @@
 
 A chunk being written (between reserve and the end of the copy) or read (while a lease is held)
 cannot be evicted. The copy itself runs outside the lock, so writers of different chunks copy in
-parallel. Chunks live as raw KV in pooled buffers (no header, no checksum): process memory is not
-subject to the corruption a file or a network value is, and a store stays one memcpy.
+parallel. Chunks live as raw KV in slices of one slab of exactly the budget, allocated (and with a
+GPU pinned) when the tier is made, never under the lock (``buffer_pool``, ``pinned``): no header,
+no checksum, since process memory is not subject to the corruption a file or a network value
+is, and a store stays one memcpy (on a GPU host, a device-to-host copy into pinned memory).
 """
 
 from __future__ import annotations
@@ -109,6 +111,15 @@ class CPUTier(StorageTier):
     def usage(self) -> TierUsage:
         with self._lock:
             return TierUsage(self._pool.allocated_bytes, self._pool.budget_bytes, len(self._index))
+
+    @property
+    def slab(self) -> torch.Tensor:
+        """The tier's memory: ``[budget_bytes]`` uint8, every chunk a slice of it."""
+        return self._pool.slab
+
+    def close(self) -> None:
+        """Unpin the slab. Idempotent; no lease may be in use."""
+        self._pool.close()
 
     # -------------------------------------------------------------- internals
 

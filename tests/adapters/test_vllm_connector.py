@@ -66,6 +66,14 @@ class FakeForward:
             self.blocks[new.req_id] = list(new.block_ids[0])
             self._write(new.req_id, new.num_computed_tokens,
                         output.num_scheduled_tokens[new.req_id])
+        cached = output.scheduled_cached_reqs  # a chunked prefill's later steps
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id not in self.blocks or req_id in cached.resumed_req_ids:
+                continue
+            if cached.new_block_ids[i]:
+                self.blocks[req_id] += list(cached.new_block_ids[i][0])
+            self._write(req_id, cached.num_computed_tokens[i],
+                        output.num_scheduled_tokens[req_id])
 
     def _write(self, req_id: str, start: int, count: int) -> None:
         prompt = self.prompts[req_id]

@@ -38,6 +38,7 @@ config = load_config(env={}, overrides={"chunk_size": chunk, "max_local_cpu_size
 layout = KVLayout(2, 2, 8, torch.float32)
 engine = CacheEngine(config, layout, "m", rank, 2)
 engine.store(tokens, torch.randn(layout.shape(len(tokens))))
+engine.probe_read_speeds()  # no vLLM caches registered here (that probes a real load)
 side = WorkerSide(engine, 16, key, rank)
 print("ready", flush=True)
 sys.stdin.read()  # serve until the test closes stdin
@@ -85,7 +86,7 @@ def test_the_hit_is_what_every_rank_holds(two_ranks):
     caches = WorkerCaches(key, 2, timeout_s=5.0, backoff_s=1.0)
     assert lookup(caches, 1) == 2  # rank 0 holds 3 chunks, rank 1 holds 2
     assert lookup(caches, 2, first=1) == 2
-    # Each answer says how long its chunks take to read (the ranks' probed CPU tier).
+    # Each answer says how long its chunks take to load (the ranks' probed CPU tier).
     answer = caches.lookup(LookupRequest("req-t", 9, digests(), len(TOKENS), 0))
     assert answer.chunks == 2 and len(answer.load_s) == 2
     assert all(0 < seconds < 1 for seconds in answer.load_s)

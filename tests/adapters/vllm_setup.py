@@ -58,7 +58,9 @@ class Rig:
         return self.scheduler.connector
 
 
-def vllm_config(tmp_path: Path, layout: str, prefix_caching: bool, **extra) -> VllmConfig:
+def vllm_config(tmp_path: Path, layout: str, prefix_caching: bool, max_batched: int = 512,
+                **extra) -> VllmConfig:
+    """``max_batched``: vLLM's max_num_batched_tokens (small: a chunked prefill)."""
     model_dir = tmp_path / "tiny-llama"
     model_dir.mkdir(exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
@@ -67,7 +69,8 @@ def vllm_config(tmp_path: Path, layout: str, prefix_caching: bool, **extra) -> V
     cache = CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=prefix_caching)
     if hasattr(cache, "kv_cache_layout"):
         cache.kv_cache_layout = layout  # resolved by the engine core in a real run
-    scheduler = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024,
+    scheduler = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=max_batched,
+                                max_model_len=1024,
                                 enable_chunked_prefill=True, is_encoder_decoder=False)
     transfer = KVTransferConfig(
         kv_connector=CONNECTOR, kv_connector_module_path=MODULE, kv_role="kv_both",
@@ -203,6 +206,14 @@ def step(rig: Rig, forward=None, token: int = 7):
     return complete(rig, rig.scheduler.schedule(), forward, token)
 
 
+def _sampled(rig: Rig, req_id: str, token: int) -> list[int]:
+    """The step's sampled tokens of a request: none in a chunked prefill's partial steps."""
+    request = rig.scheduler.requests.get(req_id)
+    if request is not None and request.num_computed_tokens < request.num_prompt_tokens:
+        return []
+    return [token]
+
+
 def complete(rig: Rig, output, forward=None, token: int = 7):
     """worker -> update_from_output for a step already scheduled (``output``)."""
     errors, sending, recving = run_worker(rig, output, forward)
@@ -210,7 +221,8 @@ def complete(rig: Rig, output, forward=None, token: int = 7):
         output.scheduled_cached_reqs.req_ids)
     runner = ModelRunnerOutput(req_ids=req_ids,
                                req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                               sampled_token_ids=[[token] for _ in req_ids], logprobs=None,
+                               sampled_token_ids=[_sampled(rig, r, token) for r in req_ids],
+                               logprobs=None,
                                prompt_logprobs_dict={}, pooler_output=[])
     if errors or sending or recving or rig.last_stats is not None:  # as vLLM's mixin does
         from vllm.v1.outputs import KVConnectorOutput

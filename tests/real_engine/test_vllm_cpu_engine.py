@@ -17,6 +17,7 @@ from lmcache_ext.testing.vllm_engine import synthetic_prompt
 CHUNK = 256
 PROMPT = synthetic_prompt(1100)  # 4 whole chunks of 256 and a partial one
 HIT = 1024
+OTHER_PROMPT = synthetic_prompt(600, seed=5)  # never stored anywhere
 TOKENS = 8
 # These scenarios check where hits come from, so every hit is taken (but in the same-process
 # one, where a CPU-tier hit must pass the cost model fed with vLLM's own timing): it would
@@ -47,9 +48,11 @@ def test_multiprocess_engine_hits_every_tier_and_a_stalled_worker_side_is_a_miss
         engine_factory, tmp_path, redis):
     """Scenario: a writer engine (worker in its own process) with CPU, disk and Redis tiers
     serves an evicted prompt from its CPU tier. A second engine (a restart: disk and Redis
-    only) serves it from disk, then, with the chunk files gone, from Redis; then, with the
-    files gone and Redis stopped, its worker cannot answer the lookup in time: a miss, said
-    in the log, and the request still succeeds with the same output."""
+    only) serves it from disk, then, with the chunk files gone, from Redis. With the files gone
+    again and Redis stopped, a prompt only Redis could hold makes the lookup ask the stopped
+    Redis: the worker cannot answer in time, a miss said in the log, and the request succeeds.
+    The stored prompt is then a miss with the same output (its lookup reads no chunk: the disk
+    index still lists them; a load that finds them gone is recomputed)."""
     disk = tmp_path / "kv"
     tiers = {**BASE, "local_disk": str(disk), "max_local_disk_size": 1.0,
              "remote_url": redis.url}
@@ -75,9 +78,11 @@ def test_multiprocess_engine_hits_every_tier_and_a_stalled_worker_side_is_a_miss
     delete_chunk_files(disk)  # promoted back to disk by the Redis hit
     os.kill(redis.process.pid, signal.SIGSTOP)
     reader.reset_prefix_cache()
-    stalled = reader.generate(PROMPT, TOKENS)
-    assert (stalled.cached_tokens, stalled.token_ids) == (0, output), reader.log_tail()
+    stalled = reader.generate(OTHER_PROMPT, TOKENS)  # first: before Redis errors back off
+    assert (stalled.cached_tokens, len(stalled.token_ids)) == (0, TOKENS), reader.log_tail()
     assert "cannot reach the KV cache of worker rank 0" in reader.log_text()
+    gone = reader.generate(PROMPT, TOKENS)
+    assert (gone.cached_tokens, gone.token_ids) == (0, output), reader.log_tail()
 
 
 def test_tensor_parallel_ranks_each_hold_their_shard_and_hit_together(engine_factory):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+import torch
+
 from lmcache_ext.metrics import EngineMetrics
-from lmcache_ext.storage import CPUTier
+from lmcache_ext.storage import Chunk, CPUTier
 from tests.helpers import CHUNK_BYTES, chunk, key, verify_chunk
 
 
@@ -141,3 +144,75 @@ def test_budget_under_eight_concurrent_writers_and_readers():
     assert not errors, errors[:3]
     assert tier.peak_allocated_bytes <= 6 * CHUNK_BYTES
     assert tier.usage().num_chunks == 6
+
+
+# ------------------------------------------------------------------ one slab (issue 22, fix 3)
+
+def slab_range(tier: CPUTier) -> range:
+    base = tier.slab.data_ptr()
+    return range(base, base + tier.slab.nbytes)
+
+
+def test_the_tier_is_one_slab_of_exactly_the_budget_allocated_at_start():
+    tier = tier_for(4)
+    assert tier.slab.nbytes == 4 * CHUNK_BYTES and tier.slab.dtype == torch.uint8
+    assert tier.usage().used_bytes == 0
+    for n in range(12):  # three times what fits: every chunk is a slice of the slab
+        assert tier.put(key(n), chunk(n))
+        with tier.get(key(n)) as lease:
+            kv = lease.chunk.kv
+            assert kv.data_ptr() in slab_range(tier)
+            assert kv.data_ptr() + kv.nbytes - 1 in slab_range(tier)
+        assert tier.usage().used_bytes <= tier.usage().capacity_bytes
+    assert tier.peak_allocated_bytes <= 4 * CHUNK_BYTES
+
+
+def test_eviction_frees_slots_that_later_chunks_reuse():
+    tier = tier_for(2)
+    for n in (1, 2):
+        tier.put(key(n), chunk(n))
+    first = {n: tier.get(key(n)) for n in (1, 2)}
+    addresses = {lease.chunk.kv.data_ptr() for lease in first.values()}
+    for lease in first.values():
+        lease.release()
+    tier.put(key(3), chunk(3))  # evicts 1, takes its place
+    with tier.get(key(3)) as lease:
+        assert lease.chunk.kv.data_ptr() in addresses
+        verify_chunk(lease.chunk, 3)
+    with tier.get(key(2)) as lease:
+        verify_chunk(lease.chunk, 2)
+
+
+def test_chunks_of_different_sizes_share_the_slab_and_free_space_merges_back():
+    """Scenario: full chunks and partial ones (a prompt's last chunk) mixed; removing them all
+    leaves one free extent: the whole slab, nothing lost to fragments."""
+    tier = tier_for(4)
+    full = chunk(1)
+    half = Chunk(full.kv[:, :, : full.kv.shape[2] // 2].clone())
+    assert tier.put(key(1), full) and tier.put(key(2), half) and tier.put(key(3), full)
+    assert tier.put(key(4), half) and tier.put(key(5), full)
+    assert tier.usage().num_chunks == 5
+    for n in (2, 4):
+        tier.remove(key(n))
+    assert tier.put(key(6), full)  # fits in the room two halves left (evicting if need be)
+    for n in range(1, 7):
+        tier.remove(key(n))
+    assert tier.usage().used_bytes == 0 and tier._pool.free_extents() == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_host_the_slab_is_the_only_pinned_memory_and_exactly_the_budget():
+    """torch's pinned allocator would round each chunk up to a power of two and keep it: the
+    tier must pin its budget once (registered as it is) and nothing per chunk."""
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    budget = 10 * CHUNK_BYTES + 12345  # not a power of two
+    tier = CPUTier(budget)
+    assert tier.slab.is_pinned() and tier.slab.nbytes == budget
+    device_kv = chunk(1).kv.cuda()
+    for n in range(30):
+        assert tier.put(key(n), Chunk(device_kv))
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) == before
+    with tier.get(key(29)) as lease:
+        assert torch.equal(lease.chunk.kv.cuda(), device_kv)
+    tier.close()

@@ -1,0 +1,111 @@
+"""One load's chunks into vLLM's paged blocks, double-buffered: tier buffer -> staging buffer
+(a ``non_blocking`` host-to-device copy on a copy stream) -> scatter into the blocks (on a
+scatter stream that waits for that copy's event). While the GPU copies and scatters chunk i, the
+host reads and queues chunk i+1; it waits only for chunk i-1's copy (to give back its tier lease)
+and scatter (to reuse its staging buffer). On a CPU the same calls run with synchronous copies.
+
+Ownership: ``push`` takes the chunk's lease; ``finish`` (call it in a ``finally``) waits for
+every copy still in flight and gives every lease and staging buffer back, whatever failed. A
+lease is never given back before the copy that reads its buffer has completed (a tier may reuse
+that memory for another chunk the moment it is released).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmcache_ext import kernels
+from lmcache_ext.adapters.staging import StagingArea
+from lmcache_ext.adapters.streams import SideStream
+from lmcache_ext.storage import ChunkLease
+
+DEPTH = 2  # chunks in flight per load (double buffering)
+
+
+@dataclass
+class LoadStreams:
+    """A loader thread's two streams (one pair per thread that loads)."""
+
+    copy: SideStream
+    scatter: SideStream
+
+
+@dataclass
+class _InFlight:
+    lease: ChunkLease
+    buffer: torch.Tensor
+    copied: Any = None  # the host-to-device copy's event (the lease may go after it)
+    scattered: Any = None  # the scatter's event (the buffer may be reused after it)
+
+
+class LoadPipeline:
+    """One thread's load. ``slots`` (host, int64, pinned on a GPU host) maps each position of
+    the load to its paged-cache slot; it is moved to the device once, without a host wait.
+    ``after``: an event the copies wait for on the device (vLLM's compute stream when the load
+    was planned)."""
+
+    def __init__(self, staging: StagingArea, views: Sequence[kernels.PagedKV],
+                 streams: LoadStreams, slots: torch.Tensor, after: Any):
+        self._staging, self._views, self._streams = staging, views, streams
+        self._after = after
+        self._depth = max(1, min(DEPTH, staging.count))
+        self._inflight: deque[_InFlight] = deque()
+        self._failed = False
+        with streams.scatter.run(after):  # used only by the scatters, on that stream
+            self._slots = slots.to(views[0].k.device, non_blocking=True)
+        self.last: Any = None  # the last scatter's event: the blocks hold the KV after it
+
+    def push(self, lease: ChunkLease, lo: int, hi: int, at: int) -> None:
+        """Queue tokens [lo, hi) of the lease's chunk into the load's positions [at, at + hi -
+        lo). Takes the lease (given back by ``finish`` at the latest)."""
+        kept = lease.hand_over()
+        try:
+            buffer = self._buffer()
+        except BaseException:
+            kept.release()
+            raise
+        entry = _InFlight(kept, buffer)
+        self._inflight.append(entry)
+        self._failed = True  # until both copies are queued
+        staged = buffer[:, :, :hi - lo]  # [layers, 2, tokens, kv_heads, head_dim]
+        with self._streams.copy.run(self._after):
+            staged.copy_(kept.chunk.kv[:, :, lo:hi], non_blocking=True)
+            entry.copied = self._streams.copy.mark()
+        with self._streams.scatter.run(entry.copied):
+            kernels.scatter(staged, self._views, self._slots[at:at + hi - lo])
+            entry.scattered = self.last = self._streams.scatter.mark()
+        self._failed = False
+
+    def finish(self) -> None:
+        """Wait for the copies in flight (all of them, on the host, if anything failed) and
+        give every lease and buffer back. Idempotent."""
+        try:
+            if self._failed:
+                self._streams.copy.synchronize()
+                self._streams.scatter.synchronize()
+        finally:
+            while self._inflight:
+                self._retire()
+
+    def _buffer(self) -> torch.Tensor:
+        """A staging buffer: first our own oldest back once the window is full or none is
+        free (never wait on ourselves), else one another transfer gives back."""
+        if len(self._inflight) >= self._depth:
+            self._retire()
+        while (buffer := self._staging.try_acquire()) is None and self._inflight:
+            self._retire()
+        return buffer if buffer is not None else self._staging.acquire()
+
+    def _retire(self) -> None:
+        entry = self._inflight.popleft()
+        try:
+            if entry.copied is not None:
+                entry.copied.synchronize()  # the tier's buffer has been read
+        finally:
+            entry.lease.release()
+            self._staging.release(entry.buffer, entry.scattered)
