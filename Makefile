@@ -81,7 +81,8 @@ gpu-wheelhouse: setup
 		$(PY) -m pip download -q --only-binary=:all: --no-deps --python-version $$v \
 			--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
 			--platform manylinux_2_28_x86_64 -d .gpu-wheelhouse \
-			xxhash blake3 prometheus-client || exit 1; \
+			xxhash blake3 prometheus-client redis cryptography cffi pycparser \
+			pytest pluggy iniconfig packaging || exit 1; \
 	done
 
 # The SageMaker suite through boto3 and the SageMaker SDK (also part of `make test`): against a

@@ -5,7 +5,8 @@
 #
 # For a machine with one GPU, torch (2.11, CUDA 13), triton and transformers, and only this
 # repository copied in: no vLLM, no network, no weights. The package's light deps that such a
-# machine may lack (xxhash, blake3, prometheus-client; numpy and pyyaml come with transformers)
+# machine may lack (xxhash, blake3, prometheus-client, cryptography, redis-py for the storage
+# tests' fixtures, pytest; numpy and pyyaml come with transformers)
 # are installed from .gpu-wheelhouse/ (`make gpu-wheelhouse` fills it here; carry it along) with
 # --no-index when an import fails; without it the missing ones are named and the check stops.
 # --dry-run: the same logic on the CPU (tiny shapes, Triton's interpreter), as CI runs it.
@@ -14,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELHOUSE=.gpu-wheelhouse
-MODULES="torch triton transformers tokenizers numpy yaml xxhash blake3 prometheus_client pytest"
+MODULES="torch triton transformers tokenizers numpy yaml xxhash blake3 prometheus_client redis cryptography pytest"
 missing() {
     "$PYTHON" - "$@" <<'PY'
 import importlib.util, sys

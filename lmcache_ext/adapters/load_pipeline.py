@@ -21,7 +21,7 @@ import torch
 
 from lmcache_ext import kernels
 from lmcache_ext.adapters.staging import StagingArea
-from lmcache_ext.adapters.streams import SideStream
+from lmcache_ext.kernels.streams import SideStream
 from lmcache_ext.storage import ChunkLease
 
 DEPTH = 2  # chunks in flight per load (double buffering)
@@ -58,6 +58,7 @@ class LoadPipeline:
         self._failed = False
         with streams.scatter.run(after):  # used only by the scatters, on that stream
             self._slots = slots.to(views[0].k.device, non_blocking=True)
+        self._host_slots = slots  # bounds are checked on this copy: no device sync
         self.last: Any = None  # the last scatter's event: the blocks hold the KV after it
 
     def push(self, lease: ChunkLease, lo: int, hi: int, at: int) -> None:
@@ -77,7 +78,8 @@ class LoadPipeline:
             staged.copy_(kept.chunk.kv[:, :, lo:hi], non_blocking=True)
             entry.copied = self._streams.copy.mark()
         with self._streams.scatter.run(entry.copied):
-            kernels.scatter(staged, self._views, self._slots[at:at + hi - lo])
+            kernels.scatter(staged, self._views, self._slots[at:at + hi - lo],
+                            host_slots=self._host_slots[at:at + hi - lo])
             entry.scattered = self.last = self._streams.scatter.mark()
         self._failed = False
 

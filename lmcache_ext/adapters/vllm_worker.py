@@ -27,13 +27,13 @@ from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.background import BackgroundJobs
 from lmcache_ext.adapters.load_pipeline import LoadPipeline, LoadStreams
 from lmcache_ext.adapters.staging import StagingArea
-from lmcache_ext.adapters.streams import StreamOrder
 from lmcache_ext.adapters.vllm_metadata import TransferOp
 from lmcache_ext.adapters.vllm_stats import TIER_EVENTS, LMCacheExtStats
 from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest, RankAnswer
 from lmcache_ext.adapters.worker_sessions import WorkerSessions
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.engine import CacheEngine, PrefixPin
+from lmcache_ext.kernels.streams import StreamOrder
 from lmcache_ext.keys import ChunkSpan
 from lmcache_ext.storage import ChunkLease
 
@@ -132,6 +132,7 @@ class WorkerSide:
         backend = vllm_compat.attention_backend(vllm_config, names)
         paged = vllm_compat.paged_layout(caches[0], layout.num_kv_heads, layout.head_dim, backend)
         self._views = kernels.paged_kv_layers(caches, paged, layout.num_kv_heads, layout.head_dim)
+        kernels.prepare(self._views)  # on a GPU: the kernel's per-layer pointer tables, once
         device = self._views[0].k.device
         self.timer = ForwardTimer(device, self.engine.config.chunk_size)
         self.staging = StagingArea(layout, self.engine.config.chunk_size, device,
@@ -161,7 +162,7 @@ class WorkerSide:
         device = self._views[0].k.device
         kv = torch.empty(self.engine.layout.shape(tokens), dtype=self.engine.layout.dtype,
                          device=device)  # [layers, 2, tokens, kv_heads, head_dim]
-        kernels.gather(self._views, slots.to(device), kv)
+        kernels.gather(self._views, slots.to(device), kv, host_slots=slots)
 
         def load(lease: ChunkLease) -> None:
             pipeline = LoadPipeline(self.staging, self._views, self._step_streams, slots,
@@ -357,13 +358,14 @@ class WorkerSide:
         if not todo:
             return
         base = todo[0].start
-        slots = self._host_slots(block_ids, base, todo[-1].end).to(self._views[0].k.device,
-                                                                   non_blocking=True)
+        host = self._host_slots(block_ids, base, todo[-1].end)
+        slots = host.to(self._views[0].k.device, non_blocking=True)
         for span in todo:
             buffer = self.staging.acquire()
             part = buffer[:, :, :span.num_tokens]  # [layers, 2, tokens, kv_heads, head_dim]
             try:
-                kernels.gather(self._views, slots[span.start - base:span.end - base], part)
+                at = slice(span.start - base, span.end - base)
+                kernels.gather(self._views, slots[at], part, host_slots=host[at])
             except Exception:
                 self.staging.release(buffer)
                 raise

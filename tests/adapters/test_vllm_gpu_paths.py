@@ -1,7 +1,8 @@
-"""The worker's GPU-path rules, on the CPU code path they share (issue 22): staging buffers
+"""The worker's GPU-path rules, on the CPU code path they share: staging buffers
 that always come back, a lookup that never waits for the saver nor reads a slow tier, a chunked
 prefill saved step by step, the load probe timing the real load path, leases held until their
-copy is done, and stream order (its CUDA half runs under ``-m cuda``)."""
+copy is done, and a background load ordered after vLLM's stream (the streams themselves:
+tests/kernels/test_streams.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import torch
 from lmcache_ext.adapters import load_pipeline
 from lmcache_ext.adapters.load_pipeline import LoadPipeline, LoadStreams
 from lmcache_ext.adapters.staging import StagingArea, StagingTimeout
-from lmcache_ext.adapters.streams import StreamOrder
 from lmcache_ext.adapters.worker_channel import LookupRequest
 from lmcache_ext.chunk import KVLayout
+from lmcache_ext.kernels.streams import StreamOrder
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.storage import Chunk, CPUTier
 from tests.adapters.test_vllm_connector import (
@@ -219,18 +220,6 @@ def test_a_chunk_stays_leased_until_its_copy_is_done_and_failures_give_everythin
 
 # ------------------------------------------------------------------ fix 1: stream order
 
-def test_stream_order_on_a_cpu_is_synchronous_no_ops():
-    order = StreamOrder(torch.device("cpu"))
-    assert order.mark() is None
-    side = order.side()
-    ran = []
-    with side.run(order.mark()):
-        ran.append(True)
-    assert ran == [True] and side.mark() is None
-    order.wait_on_current(None)
-    side.synchronize()
-
-
 def test_a_background_load_orders_after_the_stream_current_when_it_was_planned(tmp_path):
     """Scenario (async_load=always): the event the loader's copies wait for is marked on
     vLLM's thread when the load is handed over, not later on the loader's thread."""
@@ -250,22 +239,3 @@ def test_a_background_load_orders_after_the_stream_current_when_it_was_planned(t
     assert marks and marks[0] == threading.current_thread().name
     step(rig, forward)  # B runs on its loaded KV
     assert b_blocks_hold_a_prefix(rig, forward)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_side_stream_waits_for_work_queued_before_its_mark():
-    """On a GPU: a long kernel queued on the current stream, then a mark; the side stream's
-    copy after it sees the kernel's result (without the wait it would read the old value)."""
-    device = torch.device("cuda")
-    order = StreamOrder(device)
-    src = torch.zeros(1 << 20, device=device)
-    torch.cuda._sleep(50_000_000)  # keep the current stream busy
-    src.fill_(1.0)
-    planned = order.mark()
-    side = order.side()
-    with side.run(planned):
-        out = src.clone()
-        done = side.mark()
-    StreamOrder.done(done)
-    assert bool((out == 1.0).all())

@@ -201,7 +201,6 @@ def test_chunks_of_different_sizes_share_the_slab_and_free_space_merges_back():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_host_the_slab_is_the_only_pinned_memory_and_exactly_the_budget():
     """torch's pinned allocator would round each chunk up to a power of two and keep it: the
     tier must pin its budget once (registered as it is) and nothing per chunk."""
