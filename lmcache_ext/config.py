@@ -550,7 +550,8 @@ def _build(layers: list[tuple[str, Mapping[str, Any], bool]]) -> EngineConfig:
                 continue
             values[key.name] = typed
             sources[key.name] = source
-    problems += _cross_checks(values, sources)
+    if not problems:  # a key whose value was rejected would mislead the rules across keys
+        problems += _cross_checks(values, sources)
     if problems:
         raise ConfigError(problems)
     for name, source in ignored.items():
@@ -569,6 +570,11 @@ def _cross_checks(given: Mapping[str, Any], sources: Mapping[str, str]) -> list[
         problems.append(
             f"max_local_disk_size: {disk_size!r} ({sources.get('max_local_disk_size', 'default')}) "
             f"is invalid: the disk tier local_disk={disk!r} needs a size > 0 (GiB)")
+    # A budget with no local_disk at all is a mistake; local_disk: null turns the tier off.
+    if "local_disk" not in given and "max_local_disk_size" in given and disk_size > 0:
+        problems.append(
+            f"max_local_disk_size: {disk_size!r} ({sources.get('max_local_disk_size', 'default')}) "
+            "is invalid without local_disk: a disk budget needs the tier's directory")
     if values["extra_config"].get("use_odirect") and not disk:
         problems.append("extra_config.use_odirect: true is invalid without local_disk "
                         "(O_DIRECT applies to the disk tier)")

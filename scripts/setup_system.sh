@@ -16,6 +16,8 @@ declare -A PACKAGE_OF=(
     [openssl]=openssl             # the TLS test makes its own certificate
     [gcc]=gcc                     # scripts/cuda_stubs.py builds the torch 2.11 venv's stubs
     [readelf]=binutils            # ... from torch's own symbol tables
+    [dockerd]=docker.io           # the image tests build and run the image (tests/image)
+    [debootstrap]=debootstrap     # ... on a stand-in LMI base built from Debian
 )
 
 missing=()

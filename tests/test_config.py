@@ -307,3 +307,8 @@ def test_our_own_names_win_over_lmis_for_the_session_keys():
 def test_session_budgets_out_of_range_are_errors(key, value):
     with pytest.raises(ConfigError, match=key):
         load_config(env={}, overrides={key: value})
+
+
+def test_a_disk_budget_without_local_disk_is_an_error_naming_both_keys(tmp_path):
+    message = only_problem(path=write(tmp_path, "max_local_disk_size: 5.0\n"), env={})
+    assert message.startswith("max_local_disk_size:") and "local_disk" in message
