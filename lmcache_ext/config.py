@@ -528,6 +528,7 @@ def _build(layers: list[tuple[str, Mapping[str, Any], bool]]) -> EngineConfig:
     sources: dict[str, str] = {}
     ignored: dict[str, str] = {}
     problems: list[str] = []
+    named: set[str] = set()  # keys some source set, valid or not
     for source, mapping, is_text in layers:
         for name, raw in mapping.items():
             key = _BY_NAME.get(str(name))
@@ -539,6 +540,7 @@ def _build(layers: list[tuple[str, Mapping[str, Any], bool]]) -> EngineConfig:
                 problems.append(f"{shown} ({source}): unknown key"
                                 f"{_did_you_mean(str(name), _BY_NAME)}")
                 continue
+            named.add(key.name)
             try:
                 typed = _parse_text(key, raw, source) if is_text else raw
             except (ValueError, yaml.YAMLError) as exc:
@@ -550,8 +552,7 @@ def _build(layers: list[tuple[str, Mapping[str, Any], bool]]) -> EngineConfig:
                 continue
             values[key.name] = typed
             sources[key.name] = source
-    if not problems:  # a key whose value was rejected would mislead the rules across keys
-        problems += _cross_checks(values, sources)
+    problems += _cross_checks(values, sources, named)
     if problems:
         raise ConfigError(problems)
     for name, source in ignored.items():
@@ -560,8 +561,10 @@ def _build(layers: list[tuple[str, Mapping[str, Any], bool]]) -> EngineConfig:
     return EngineConfig(**values, sources=sources, not_applicable=ignored)
 
 
-def _cross_checks(given: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
-    """Rules that involve more than one key (``given``: the keys set; the rest take defaults)."""
+def _cross_checks(given: Mapping[str, Any], sources: Mapping[str, str],
+                  named: set[str]) -> list[str]:
+    """Rules that involve more than one key (``given``: the keys set to valid values, the rest
+    take defaults; ``named``: every key a source set, valid or not)."""
     problems = []
     values = {key.name: given.get(key.name, key.default) for key in TABLE}
     disk = values["local_disk"]
@@ -571,7 +574,7 @@ def _cross_checks(given: Mapping[str, Any], sources: Mapping[str, str]) -> list[
             f"max_local_disk_size: {disk_size!r} ({sources.get('max_local_disk_size', 'default')}) "
             f"is invalid: the disk tier local_disk={disk!r} needs a size > 0 (GiB)")
     # A budget with no local_disk at all is a mistake; local_disk: null turns the tier off.
-    if "local_disk" not in given and "max_local_disk_size" in given and disk_size > 0:
+    if "local_disk" not in named and "max_local_disk_size" in given and disk_size > 0:
         problems.append(
             f"max_local_disk_size: {disk_size!r} ({sources.get('max_local_disk_size', 'default')}) "
             "is invalid without local_disk: a disk budget needs the tier's directory")
