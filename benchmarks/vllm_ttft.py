@@ -136,7 +136,7 @@ def configs(workdir: str, redis_url: str, lmcache_python: str) -> list[Config]:
 
 
 CODECS = ("int8", "int4")  # quantized chunk codecs (lmcache_ext.codecs), beside the raw rows
-SEAL_ENV = "LMCACHE_EXT_BENCH_SEAL_KEY"
+SEAL_ENV = "VLLM_TTFT_SEAL_KEY"  # not LMCACHE_EXT_*: those are config keys
 
 
 def codec_configs(disk: dict, redis: dict) -> list[Config]:
