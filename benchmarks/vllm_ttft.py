@@ -19,6 +19,9 @@ same engine, measured right after, so "ratios" holds both yardsticks), and
 with ``ext_cpu_mp`` and ``ext_nosave`` both run, "save_overhead": {"contexts",
 "step_s_without", "step_s_with", "ratio"} (cold TTFT summed over the contexts: the steps that
 prefill and save, against the same engine with nothing to save).
+``ext_{disk,redis}_{int8,int4}_mp``: the disk and Redis rows with a quantized chunk codec,
+``ext_redis_sealed_mp`` with encryption at rest; "ratios" holds each one's warm TTFT over its
+raw tier's.
 
 Background loads (unless ``--no-async``): a request decodes 48 tokens; after 4 of them a 2K-token
 prompt held only in a slow tier (Redis behind a link that holds every request 50 ms) arrives,
@@ -107,6 +110,7 @@ def configs(workdir: str, redis_url: str, lmcache_python: str) -> list[Config]:
                {**cpu, "chunk_size": 8192}),
         Config("ext_disk_mp", "lmcache-ext disk tier (O_DIRECT), worker process", disk),
         Config("ext_redis_mp", "lmcache-ext Redis tier, worker process", redis),
+        *codec_configs(disk, redis),
         Config("ext_cpu_tp", "lmcache-ext CPU tier, tensor parallel 3 (3 worker processes)",
                cpu, tensor_parallel_size=3, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}),
         Config("native_offload", "vLLM's native CPU offloading",
@@ -129,6 +133,26 @@ def configs(workdir: str, redis_url: str, lmcache_python: str) -> list[Config]:
                         "--supported-transfer-mode", "engine_driven", "--disable-metrics",
                         "--disable-observability")),
     ]
+
+
+CODECS = ("int8", "int4")  # quantized chunk codecs (lmcache_ext.codecs), beside the raw rows
+SEAL_ENV = "VLLM_TTFT_SEAL_KEY"  # not LMCACHE_EXT_*: those are config keys
+
+
+def codec_configs(disk: dict, redis: dict) -> list[Config]:
+    """The disk and Redis rows again with each quantized codec, and Redis sealed (AES-256-GCM,
+    raw KV): the same tiers, fewer (or sealed) bytes."""
+    rows = []
+    for codec in CODECS:
+        rows.append(Config(f"ext_disk_{codec}_mp", f"lmcache-ext disk tier, {codec} chunks",
+                           {**disk, "local_disk": disk["local_disk"] + f"-{codec}",
+                            "local_disk_codec": codec}))
+        rows.append(Config(f"ext_redis_{codec}_mp", f"lmcache-ext Redis tier, {codec} chunks",
+                           {**redis, "remote_serde": codec, "remote_key_prefix": codec}))
+    rows.append(Config("ext_redis_sealed_mp", "lmcache-ext Redis tier, sealed (AES-256-GCM)",
+                       {**redis, "remote_encryption_key_env": SEAL_ENV,
+                        "remote_key_prefix": "sealed"}, env={SEAL_ENV: "s" * 32}))
+    return rows
 
 
 def measure(config: Config, contexts: tuple[int, ...], python: str, log_dir: Path) -> dict:
@@ -254,6 +278,12 @@ def ratios(entries: dict) -> dict:
         own = entries.get(name, {}).get("own_prefix_hit_s")
         if own and warm:
             out[f"{name}_warm_vs_own_prefix_hit"] = round(warm / own, 2)
+    for tier in ("disk", "redis"):  # a codec's hit against the same tier's raw hit
+        raw = entries.get(f"ext_{tier}_mp", {}).get("warm_s")
+        for codec in (*CODECS, "sealed"):
+            warm = entries.get(f"ext_{tier}_{codec}_mp", {}).get("warm_s")
+            if raw and warm:
+                out[f"ext_{tier}_{codec}_mp_warm_vs_raw_{tier}_warm"] = round(warm / raw, 2)
     return out
 
 
@@ -277,11 +307,13 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(figsize=(8, 5))
-    for name, entry in report["configs"].items():
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>pPX*hH8d"
+    for index, (name, entry) in enumerate(report["configs"].items()):
         if "error" in entry or len(entry["by_context"]) < 2:
             continue
         lengths = [int(x) for x in entry["by_context"]]
-        axes.plot(lengths, [r["warm_s"] for r in entry["by_context"].values()], marker="o",
+        axes.plot(lengths, [r["warm_s"] for r in entry["by_context"].values()],
+                  marker=markers[index % len(markers)], color=colours[index % len(colours)],
                   label=f"{name} (warm)")
     off = report["configs"].get("off", {}).get("by_context")
     if off:
