@@ -1,4 +1,4 @@
-"""Our image serving real requests with the cache on, in containers (issue 23 a-f).
+"""Our image serving real requests with the cache on, in containers (issue 23 a, b, c, d, f).
 
 The seed's configs (container/lmcache_config_*.yaml) are mounted in the model directory and the
 seed's env vars (sagemaker_tests/seed.env) set, as a user runs the image. Prompts are token ids
@@ -13,12 +13,9 @@ container's log (``emf_totals``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -28,7 +25,7 @@ from lmcache_ext.testing.vllm_engine import text_prompt
 from sagemaker_tests.deployment import SESSIONS_DEFAULTS
 from sagemaker_tests.envfile import read_env_file
 from tests.image.conftest import STAND_IN, Containers, make_model_dir
-from tests.image.containers import REPO, Container, ContainerSpec, free_port
+from tests.image.containers import REPO, Container, ContainerSpec
 
 SEED_ENV = read_env_file(REPO / "sagemaker_tests" / "seed.env")
 NO_VLLM_PREFIX_CACHE = {"OPTION_ENABLE_PREFIX_CACHING": "false"}
@@ -192,7 +189,7 @@ def keyed(model_dir, redis: RedisServer, secret: str) -> ContainerSpec:
 
 @pytest.fixture(scope="module")
 def shared_pair(image, tmp_path_factory) -> Iterator[tuple[Containers, RedisServer, list]]:
-    """One redis-server on loopback and two containers keyed alike in front of it (c and e)."""
+    """One redis-server on loopback and two containers keyed alike in front of it (c)."""
     folder = tmp_path_factory.mktemp("shared")
     pool = Containers(image, folder)
     redis = RedisServer(folder / "redis").start()
@@ -234,53 +231,6 @@ def test_two_containers_share_a_keyed_redis_and_another_key_gets_no_hits(shared_
         assert figures.get("LoadedTokens.remote", 0) == 0, figures
     finally:
         other.remove()
-
-
-def test_the_sagemaker_suite_passes_against_two_containers_behind_the_runtime(shared_pair,
-                                                                              tmp_path):
-    """e: `sagemaker_tests` (boto3 and the SageMaker SDK) against the two containers behind
-    `lmcache-ext route` (SageMaker runtime's API, session-sticky), as against a real endpoint
-    (SAGEMAKER_ENDPOINT_NAME and AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME). Streaming is left out:
-    the stand-in's server does not stream."""
-    _, _, pair = shared_pair
-    port, name = free_port(), "lmcache-ext-image"
-    command = [sys.executable, "-m", "lmcache_ext.cli", "route", "--port", str(port),
-               "--endpoint-name", name]
-    for server in pair:
-        command += ["--backend", f"http://127.0.0.1:{server.port}"]
-    log = tmp_path / "route.log"
-    with open(log, "w") as out:
-        router = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_ping(f"http://127.0.0.1:{port}", router, log)
-        env = {**os.environ, "SAGEMAKER_ENDPOINT_NAME": name, "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": f"http://127.0.0.1:{port}",
-               "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
-               "PYTHONPATH": str(REPO)}
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-s",
-             "sagemaker_tests/test_endpoint.py", "sagemaker_tests/test_sessions.py",
-             "-k", "not stream"], cwd=REPO, env=env, capture_output=True, text=True,
-            timeout=600)
-        print(done.stdout[-3000:])
-        assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:] + \
-            log.read_text()[-2000:]
-    finally:
-        router.terminate()
-        router.wait(timeout=30)
-
-
-def wait_for_ping(url: str, process: subprocess.Popen, log, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url}/ping not 200 in {timeout_s} s: {log.read_text()}")
 
 
 UNSUPPORTED_BASE = """FROM {stand_in}
