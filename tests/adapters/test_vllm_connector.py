@@ -178,12 +178,14 @@ def test_second_request_loads_the_shared_prefix_bit_exactly(tmp_path, layout, ba
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
-def test_full_hit_recomputes_the_last_token_and_vllm_own_hits_come_first(tmp_path, layout,
+def test_full_hit_recomputes_the_last_block_and_vllm_own_hits_come_first(tmp_path, layout,
                                                                           backend):
     rig = rig_for(tmp_path, layout, backend, prefix_caching=True)
     save_prompt_a(rig, backend)
     exact = make_request("c", PROMPT_A[:96])  # 96 tokens, all three chunks cached
-    assert rig.connector.get_num_new_matched_tokens(exact, 0) == (95, False)
+    # vLLM computes at least the last token, from the start of its block (as after its own
+    # prefix-cache hits): the last block is recomputed.
+    assert rig.connector.get_num_new_matched_tokens(exact, 0) == (96 - BLOCK_SIZE, False)
     # vLLM's own prefix cache already holds 80 tokens of B: we add nothing below that.
     assert rig.connector.get_num_new_matched_tokens(make_request("b", PROMPT_B), 80) == (0,
                                                                                           False)
@@ -273,23 +275,25 @@ def test_requires_no_kv_delivery(tmp_path):
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[-1:])
-def test_a_partial_block_load_fills_only_the_positions_asked_for(tmp_path, layout, backend):
-    """Scenario: a full hit loads all but the last prompt token; that token's slot, in the
-    middle of the last block, stays as vLLM left it."""
+def test_a_full_hit_loads_whole_blocks_and_leaves_the_last_block_to_vllm(tmp_path, layout,
+                                                                          backend):
+    """Scenario: a full hit loads every block but the last (vLLM computes from a block's start,
+    as after its own prefix-cache hits); the last block's slots stay as vLLM left them."""
     rig = rig_for(tmp_path, layout, backend)
     save_prompt_a(rig, backend)
     zero_caches(rig)
     rig.scheduler.add_request(make_request("exact", PROMPT_A[:96]))
     output = rig.scheduler.schedule()
     (new,) = output.scheduled_new_reqs
-    assert new.num_computed_tokens == 95
+    loaded = new.num_computed_tokens
+    assert loaded == 96 - BLOCK_SIZE
     rig.worker.bind_connector_metadata(output.kv_connector_metadata)
     rig.worker.start_load_kv(None)
     blocks = list(new.block_ids[0])
     got = read_kv(rig, backend, blocks, range(96))
-    assert torch.equal(got[:95].view(torch.int16),
-                       expected_kv(PROMPT_A, range(95)).view(torch.int16))
-    assert torch.count_nonzero(got[95].view(torch.int16)) == 0
+    assert torch.equal(got[:loaded].view(torch.int16),
+                       expected_kv(PROMPT_A, range(loaded)).view(torch.int16))
+    assert torch.count_nonzero(got[loaded:].view(torch.int16)) == 0
 
 
 # ---------------------------------------------------------------------- background loads

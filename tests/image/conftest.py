@@ -44,18 +44,22 @@ def image(daemon) -> str:
     return IMAGE
 
 
-@pytest.fixture
-def model_dir(tmp_path) -> Path:
+def make_model_dir(parent: Path) -> Path:
     """A model directory as SageMaker mounts one: the converted model's files (hard links, or
     copies across file systems) and serving.properties; tests add lmcache_config.yaml."""
     try:
         source = default_model_dir()
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
-    target = tmp_path / "model"
+    target = parent / "model"
     shutil.copytree(source, target, copy_function=_link_or_copy)
     (target / "serving.properties").write_text(PROPERTIES)
     return target
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    return make_model_dir(tmp_path)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -65,27 +69,38 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-@pytest.fixture
-def containers(image, tmp_path) -> Iterator:
-    """Starts containers of our image from specs; removes them (and their volumes) after."""
-    started: list[Container] = []
-    volumes: list[str] = []
+class Containers:
+    """Starts containers of our image from specs (``start`` does not wait for /ping, so several
+    load at once); ``volume`` makes a Docker volume; ``close`` removes both."""
 
-    def make(spec: ContainerSpec) -> Container:
-        container = Container(image, spec, tmp_path)
-        started.append(container)
+    def __init__(self, image: str, log_dir: Path):
+        self.image, self.log_dir = image, log_dir
+        self.started: list[Container] = []
+        self.volumes: list[str] = []
+
+    def start(self, spec: ContainerSpec) -> Container:
+        container = Container(self.image, spec, self.log_dir)
+        self.started.append(container)
         container.run()
         return container
 
-    def volume() -> str:
+    __call__ = start
+
+    def volume(self) -> str:
         name = f"lmcache-ext-test-{uuid.uuid4().hex[:8]}"
         subprocess.run(["docker", "volume", "create", name], check=True, capture_output=True)
-        volumes.append(name)
+        self.volumes.append(name)
         return name
 
-    make.volume = volume
-    yield make
-    for container in started:
-        container.remove()
-    for name in volumes:
-        subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True)
+    def close(self) -> None:
+        for container in self.started:
+            container.remove()
+        for name in self.volumes:
+            subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True)
+
+
+@pytest.fixture
+def containers(image, tmp_path) -> Iterator[Containers]:
+    pool = Containers(image, tmp_path)
+    yield pool
+    pool.close()
