@@ -13,14 +13,13 @@ Bit-identical to ``reference.py`` (tested): same-dtype copies only, never arithm
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from lmcache_ext.kernels import reference
-from lmcache_ext.kernels.layouts import PagedKV, check_chunk
+from lmcache_ext.kernels.layouts import LayerSetMemo, PagedKV, check_chunk
 from lmcache_ext.kernels.slot_plan import CopyPlan, plan_copy
 
 
@@ -95,26 +94,7 @@ def _stacks(views: Sequence[PagedKV]) -> tuple[_Stack, ...]:
     return tuple(stacks)
 
 
-class _StackMemo:
-    """``_stacks`` of the last layer set, so a connector copying chunk after chunk through the
-    same views checks their strides once. Keyed by the identity of the ``PagedKV`` objects, held
-    weakly (the memo never keeps an engine's cache alive); assumes their tensors are not
-    re-pointed in place (``set_``). One entry, replaced whole: safe across threads."""
-
-    def __init__(self) -> None:
-        self._entry: tuple[tuple[weakref.ref, ...], tuple[_Stack, ...]] | None = None
-
-    def get(self, views: Sequence[PagedKV]) -> tuple[_Stack, ...]:
-        entry = self._entry
-        if entry is not None and len(entry[0]) == len(views) and all(
-                ref() is view for ref, view in zip(entry[0], views, strict=True)):
-            return entry[1]
-        stacks = _stacks(views)
-        self._entry = (tuple(weakref.ref(v) for v in views), stacks)
-        return stacks
-
-
-_MEMO = _StackMemo()
+_MEMO = LayerSetMemo(_stacks)  # the strides of the last layer set, checked once
 
 
 def _wordable(t: torch.Tensor) -> bool:

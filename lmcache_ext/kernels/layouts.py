@@ -29,8 +29,10 @@ also the kernel view's slot number, so slot mappings need no translation.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
@@ -153,3 +155,26 @@ def check_chunk(views: Sequence[PagedKV], chunk: torch.Tensor, slots: torch.Tens
     top = int(host.max())
     if top >= views[0].num_slots:
         raise ValueError(f"slot {top} is past the cache's {views[0].num_slots} slots")
+
+
+T = TypeVar("T")
+
+
+class LayerSetMemo(Generic[T]):
+    """What ``build`` makes of the last layer set, so a connector copying chunk after chunk
+    through the same views works it out once. Keyed by the identity of the ``PagedKV`` objects,
+    held weakly (the memo never keeps an engine's cache alive); assumes their tensors are not
+    re-pointed in place (``set_``). One entry, replaced whole: safe across threads."""
+
+    def __init__(self, build: Callable[[Sequence[PagedKV]], T]) -> None:
+        self._build = build
+        self._entry: tuple[tuple[weakref.ref, ...], T] | None = None
+
+    def get(self, views: Sequence[PagedKV]) -> T:
+        entry = self._entry
+        if entry is not None and len(entry[0]) == len(views) and all(
+                ref() is view for ref, view in zip(entry[0], views, strict=True)):
+            return entry[1]
+        built = self._build(views)
+        self._entry = (tuple(weakref.ref(v) for v in views), built)
+        return built

@@ -17,7 +17,6 @@ this file with ``TRITON_INTERPRET=1`` on the CPU and compare bit-exactly.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmcache_ext.kernels.layouts import PagedKV, check_chunk
+from lmcache_ext.kernels.layouts import LayerSetMemo, PagedKV, check_chunk
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -108,26 +107,8 @@ def build_tables(views: Sequence[PagedKV]) -> PointerTables:
     return PointerTables(tuple(groups))
 
 
-class _TableMemo:
-    """The tables of the last layer set, so a connector copying chunk after chunk through the
-    same views builds them once (``prepare`` builds them at register time). Keyed by the identity
-    of the ``PagedKV`` objects, held weakly; assumes their tensors are not re-pointed in place
-    (``set_``). One entry, replaced whole: safe across threads."""
-
-    def __init__(self) -> None:
-        self._entry: tuple[tuple[weakref.ref, ...], PointerTables] | None = None
-
-    def get(self, views: Sequence[PagedKV]) -> PointerTables:
-        entry = self._entry
-        if entry is not None and len(entry[0]) == len(views) and all(
-                ref() is view for ref, view in zip(entry[0], views, strict=True)):
-            return entry[1]
-        tables = build_tables(views)
-        self._entry = (tuple(weakref.ref(v) for v in views), tables)
-        return tables
-
-
-_TABLES = _TableMemo()
+# The tables of the last layer set: built once (``prepare`` builds them at register time).
+_TABLES = LayerSetMemo(build_tables)
 
 
 def prepare(views: Sequence[PagedKV]) -> PointerTables:
