@@ -1,6 +1,9 @@
 #!/bin/sh
-# The stand-in's /usr/local/bin/dockerd-entrypoint.sh, shaped as LMI's: `serve` starts the model
-# server (DJL Serving in LMI, lmi_standin.testing.lmi_server here); anything else is run as a command.
+# The stand-in's /usr/local/bin/dockerd-entrypoint.sh, shaped as LMI's (djl-serving
+# serving/docker/dockerd-entrypoint.sh: `serve` runs /usr/bin/djl-serving with the other
+# arguments, again while it exits 77; anything else is eval'ed). Here `serve` starts the model
+# server (lmi_standin.testing.lmi_server) once, and anything else is exec'ed; no restart loop
+# and no Neo/partition modes.
 if [ "$1" = "serve" ]; then
     shift
     exec python3 -m lmi_standin.testing.lmi_server "$@"
