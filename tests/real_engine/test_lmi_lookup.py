@@ -17,7 +17,8 @@ import sys
 import time
 
 from lmcache_ext.client.transport import Reply
-from lmcache_ext.client.warm import SKIPPED, WARMED, Document, warm
+from lmcache_ext.client.warm import (DEFAULT_TEMPLATE, SKIPPED, WARMED, Document, warm,
+                                     warm_body, wrap)
 from lmcache_ext.serving.protocol import CUSTOM_ATTRIBUTES_HEADER, LOOKUP_ATTRIBUTE, LOOKUP_REQUEST
 from lmcache_ext.testing.lmi_process import LmiProcess, LmiSpec
 from lmcache_ext.testing.vllm_engine import CONNECTOR, synthetic_prompt
@@ -47,6 +48,18 @@ def lookup_body(prompt: list[int]) -> dict:
     return {"inputs": prompt, "parameters": {"max_new_tokens": 1}}
 
 
+def stored(server: LmiProcess, body: dict, tokens: int, deadline_s: float = 60.0) -> dict:
+    """The lookup's answer once it holds ``tokens`` (or at the deadline): a request's stores go
+    to the worker's saver thread and land after its answer, so a lookup sent at once may still
+    count fewer chunks."""
+    end = time.monotonic() + deadline_s
+    while True:
+        answer = server.invoke(body, headers=LOOKUP).body["lookup"]
+        if answer["cached_tokens"] >= tokens or time.monotonic() > end:
+            return answer
+        time.sleep(0.05)
+
+
 def test_lmi_answers_lookups_from_the_workers_caches_without_generating(tmp_path):
     properties = {"model_id": model_dir(), "dtype": "float32", "max_model_len": "8192",
                   "kv_transfer_config": json.dumps({**CONNECTOR, "kv_connector_extra_config":
@@ -64,13 +77,16 @@ def test_lmi_answers_lookups_from_the_workers_caches_without_generating(tmp_path
         _, cached = generation(server.invoke(completion(prompt)))
         assert cached == 0
 
-        # (b) After that request the worker holds the prompt's whole chunks.
+        # (b) Once that request's stores land, the worker holds the prompt's whole chunks.
+        whole = 600 // CHUNK * CHUNK
+        assert stored(server, lookup_body(prompt), whole)["cached_tokens"] >= whole, \
+            server.log_tail()
         times = []
         for _ in range(5):
             began = time.perf_counter()
             held = server.invoke(lookup_body(prompt), headers=LOOKUP)
             times.append((time.perf_counter() - began) * 1000)
-            assert held.body["lookup"]["cached_tokens"] >= 600 // CHUNK * CHUNK, \
+            assert held.body["lookup"]["cached_tokens"] >= whole, \
                 server.log_tail()
         print(f"lookup of 600 tokens through the handler: median {statistics.median(times):.1f}"
               f" ms (min {min(times):.1f}, max {max(times):.1f})")
@@ -87,6 +103,9 @@ def test_lmi_answers_lookups_from_the_workers_caches_without_generating(tmp_path
         assert first.results[0].outcome == WARMED, first.results
         assert first.lookups_answered is True
         assert (first.results[0].prompt_tokens or 0) >= 2 * CHUNK, first.results
+        whole = first.results[0].prompt_tokens // CHUNK * CHUNK
+        body = json.loads(warm_body(wrap(DEFAULT_TEMPLATE, text)))
+        assert stored(server, body, whole)["cached_tokens"] >= whole, server.log_tail()
         again = warm([Document("contract", text)], transport, concurrency=1)
         assert again.results[0].outcome == SKIPPED, (again.results, server.log_tail())
         assert again.lookups_answered is True  # a lookup's answer: no token generated
