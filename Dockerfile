@@ -11,7 +11,7 @@ ARG PYTHON=python3
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Fail the build, with the reason, when the base's vLLM is one our connector does not support
-# (keep in step with lmcache_ext/adapters/vllm_compat.py SUPPORTED).
+# (keep in step with lmcache_ext/adapters/vllm/compat.py SUPPORTED).
 RUN vllm_version="$(${PYTHON} -c 'import vllm; print(vllm.__version__)')" \
     && case "${vllm_version}" in \
          0.23.*|0.32.*|0.33.*) echo "base image vLLM ${vllm_version}: supported by lmcache-ext" ;; \

@@ -70,7 +70,7 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(VLLM_VENV_T211)/bin/python -m pytest -q -m "not cuda" tests/adapters tests/kernels
 	$(VLLM_VENV_CPU)/bin/python -m pytest -q -m "not cuda" tests/real_engine \
-		tests/adapters/test_vllm_plugin.py $(addprefix --ignore=,$(LMI_ENGINE_TESTS))
+		tests/adapters/vllm/test_plugin.py $(addprefix --ignore=,$(LMI_ENGINE_TESTS))
 	$(VLLM_VENV_LMI)/bin/python -m pytest -q -m "not cuda" $(LMI_ENGINE_TESTS)
 	OUT=$${OUT:-$$(mktemp -d)} PYTHON=$(PY) scripts/gpu_check.sh --dry-run
 	$(MAKE) image-test

@@ -46,10 +46,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lmcache_ext.adapters.transformers_kv import cache_to_kv, kv_to_cache  # noqa: E402
 from lmcache_ext.chunk import ChunkMeta  # noqa: E402
 from lmcache_ext.codecs import CODECS, ChunkSealer  # noqa: E402
 from lmcache_ext.keys import ChunkKey  # noqa: E402
+from lmcache_ext.serving.transformers_kv import cache_to_kv, kv_to_cache  # noqa: E402
 from lmcache_ext.storage import Chunk  # noqa: E402
 from lmcache_ext.storage.redis_url import parse_redis_url  # noqa: E402
 from lmcache_ext.storage.remote import RemoteSettings, RemoteTier  # noqa: E402

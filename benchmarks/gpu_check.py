@@ -227,8 +227,8 @@ def random_model(plan: Plan):
     from tokenizers import Tokenizer, models
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-    from lmcache_ext.adapters.transformers_kv import layout_of
     from lmcache_ext.serving.model import LoadedModel
+    from lmcache_ext.serving.transformers_kv import layout_of
     context = max(plan.prompts) + 1024
     if plan.dry_run:
         config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128,

@@ -5,7 +5,7 @@ recompute). Here every decision compares two measured speeds: each tier's read s
 from the engine's start-up probe and a running average of real reads) and the model's prefill
 speed (tokens/s: the built-in engine times its prefills, the vLLM connector times vLLM's
 forward passes on the workers). Both the built-in engine (``serving/generator.py``) and the vLLM
-connector's scheduler side (``adapters/vllm_scheduler.py``) plan with this one model; it knows
+connector's scheduler side (``adapters/vllm/scheduler.py``) plan with this one model; it knows
 neither of them.
 """
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from lmcache_ext.adapters.lmi_facts import SESSIONS_ON
+from lmcache_ext.adapters.lmi.facts import SESSIONS_ON
 from lmcache_ext.container.entrypoint import CONFIG_FILE_ENV, KV_ENV
 from lmcache_ext.container.lmi_sessions import SESSIONS_ENV
 from lmcache_ext.container.routes import SEED_KV_TRANSFER_CONFIG

@@ -7,7 +7,7 @@ directory over ``OPTION_*`` env vars (``lmi_settings``). LMCache is switched on 
 ``option.kv_transfer_config`` naming ``LMCacheConnectorV1`` (env or serving.properties),
 ``option.lmcache_auto_config=true``, ``option.kv_offloading_backend=lmcache``. Whichever it is,
 vLLM runs our connector in LMCache's place: the ``lmcache_ext`` vLLM plugin
-(``adapters/vllm_plugin``) resolves LMCache's names to ours in every vLLM process, so this
+(``adapters/vllm/plugin``) resolves LMCache's names to ours in every vLLM process, so this
 entrypoint rewrites nothing for that; it says once which route switched the cache on, and:
 1. checks the route's settings (JSON with a ``kv_role``; a size for the offloading backend);
 2. resolves ``option.lmcache_config_file`` against the model directory and exports it as
@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lmcache_ext.adapters.vllm_plugin import OUR_CONNECTOR, TAKEOVER_ENV, takeover_enabled
+from lmcache_ext.adapters.vllm.takeover import OUR_CONNECTOR, TAKEOVER_ENV, takeover_enabled
 from lmcache_ext.config import (
     TABLE,
     ConfigError,

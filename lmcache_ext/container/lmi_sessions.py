@@ -1,7 +1,7 @@
 """LMI's stateful sessions at container start: its ``enable_stateful_sessions`` pitfall, and the
 entry point that lets sessions pin their conversation in lmcache-ext's cache.
 
-1. LMI's vLLM service reads only ``"true"`` as on (``adapters/lmi_facts``). ``True`` set by env
+1. LMI's vLLM service reads only ``"true"`` as on (``adapters/lmi/facts``). ``True`` set by env
    (``OPTION_ENABLE_STATEFUL_SESSIONS=True``) is passed on as ``true``, with a warning: the user
    meant on, and on is LMI's own default. Set in serving.properties (which wins over env and is
    not ours to rewrite), it is a warning: our handler passes ``true`` on when it runs, LMI's
@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from lmcache_ext.adapters.lmi_facts import (
+from lmcache_ext.adapters.lmi.facts import (
     LMI_VLLM_SERVICE,
     SESSIONS_ON,
     SESSIONS_OPTION,

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lmcache_ext.adapters.vllm_plugin import OUR_CONNECTOR, OUR_MODULE
+from lmcache_ext.adapters.vllm.takeover import OUR_CONNECTOR, OUR_MODULES
 from lmcache_ext.config import parse_bool
 from lmcache_ext.container.lmi_settings import LmiSettings, Option
 
@@ -65,7 +65,7 @@ def _is_lmcache(kv: dict[str, Any]) -> bool:
     """LMCache's name with no module path (or ours): vLLM's registry resolves it, so the plugin
     decides. A module path to LMCache's own package is the user's explicit choice."""
     module = kv.get("kv_connector_module_path")
-    return kv["kv_connector"] in LMCACHE_NAMES and module in (None, OUR_MODULE)
+    return kv["kv_connector"] in LMCACHE_NAMES and module in (None, *OUR_MODULES)
 
 
 def _auto(settings: LmiSettings) -> Option | None:

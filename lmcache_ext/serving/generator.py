@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from lmcache_ext.adapters.transformers_kv import cache_to_kv, empty_cache_kv, kv_to_cache
 from lmcache_ext.cost import CostModel, RetrievalPlan
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.serving.model import LoadedModel
 from lmcache_ext.serving.protocol import SamplingParams
+from lmcache_ext.serving.transformers_kv import cache_to_kv, empty_cache_kv, kv_to_cache
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lmcache_ext.adapters.transformers_kv import layout_of
 from lmcache_ext.chunk import KVLayout
+from lmcache_ext.serving.transformers_kv import layout_of
 
 log = logging.getLogger(__name__)
 

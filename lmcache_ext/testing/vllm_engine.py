@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The module path users' configs name (a shim of adapters/vllm/connector.py): every real-engine
+# test loads our connector the way they do.
 CONNECTOR = {"kv_connector": "LMCacheExtConnector",
              "kv_connector_module_path": "lmcache_ext.adapters.vllm_connector",
              "kv_role": "kv_both"}

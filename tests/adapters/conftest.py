@@ -11,6 +11,6 @@ def _close_rigs():
     rig module (it imports vLLM) is looked up, not imported: a test that never made a rig needs
     no vLLM (the cuda tests here run on a GPU machine without it)."""
     yield
-    rigs = sys.modules.get("tests.adapters.vllm_setup")
+    rigs = sys.modules.get("tests.adapters.vllm.rig")
     if rigs is not None:
         rigs.close_rigs()

@@ -43,7 +43,7 @@ def test_the_package_goes_in_without_touching_torch_or_vllm():
 
 
 def test_the_build_checks_the_vllm_versions_the_connector_supports():
-    compat = (REPO / "lmcache_ext" / "adapters" / "vllm_compat.py").read_text()
+    compat = (REPO / "lmcache_ext" / "adapters" / "vllm" / "compat.py").read_text()
     supported = re.search(r"SUPPORTED = \(([^\n]*)\)\n", compat).group(1)
     versions = {f"{a}.{b}" for a, b in re.findall(r"\((\d+), (\d+)\)", supported)}
     case = re.search(r"^\s*([\d.*|]+)\) echo \"base image vLLM", DOCKERFILE, re.M).group(1)

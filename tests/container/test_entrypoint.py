@@ -11,7 +11,7 @@ from tests.container.entry_helpers import SEED_KV, run_entrypoint
 from tests.helpers import REPO, SEED_CPU, SEED_NVME
 
 OURS = {"kv_connector": "LMCacheExtConnector",
-        "kv_connector_module_path": "lmcache_ext.adapters.vllm_connector"}
+        "kv_connector_module_path": "lmcache_ext.adapters.vllm.connector"}
 
 
 def test_the_seeds_env_vars_turn_our_cache_on(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmcache_ext.adapters.lmi_facts import LMI_VLLM_SERVICE
+from lmcache_ext.adapters.lmi.facts import LMI_VLLM_SERVICE
 from tests.container.entry_helpers import SEED_KV, run_entrypoint
 from tests.helpers import REPO
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.container.entry_helpers import SEED_KV, Run, lmi_stand_in, run_entrypoint
 from tests.helpers import TINY_LLAMA
 
-OURS = "lmcache_ext.adapters.vllm_connector.LMCacheExtConnector"
+OURS = "lmcache_ext.adapters.vllm.connector.LMCacheExtConnector"
 LMCACHES = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_connector.LMCacheConnectorV1"
 
 

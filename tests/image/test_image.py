@@ -31,7 +31,7 @@ SEED_ENV = read_env_file(REPO / "sagemaker_tests" / "seed.env")
 NO_VLLM_PREFIX_CACHE = {"OPTION_ENABLE_PREFIX_CACHING": "false"}
 EMF_EVERY_S = {"OPTION_LMCACHE_EMF_INTERVAL_S": "1"}  # the counters in the log within seconds
 # A 135M model on a busy 2-CPU machine prefills so fast that the cost model may rightly
-# recompute part of a hit (its choices: tests/adapters/test_vllm_cost.py); where a test counts
+# recompute part of a hit (its choices: tests/adapters/vllm/test_cost.py); where a test counts
 # where hits come from, every hit is taken.
 EVERY_HIT = {"OPTION_LMCACHE_COST_AWARE_RETRIEVAL": "false"}
 CHUNK = 256  # the seed's chunk_size

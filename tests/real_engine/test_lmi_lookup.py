@@ -17,8 +17,15 @@ import sys
 import time
 
 from lmcache_ext.client.transport import Reply
-from lmcache_ext.client.warm import (DEFAULT_TEMPLATE, SKIPPED, WARMED, Document, warm,
-                                     warm_body, wrap)
+from lmcache_ext.client.warm import (
+    DEFAULT_TEMPLATE,
+    SKIPPED,
+    WARMED,
+    Document,
+    warm,
+    warm_body,
+    wrap,
+)
 from lmcache_ext.serving.protocol import CUSTOM_ATTRIBUTES_HEADER, LOOKUP_ATTRIBUTE, LOOKUP_REQUEST
 from lmcache_ext.testing.lmi_process import LmiProcess, LmiSpec
 from lmcache_ext.testing.vllm_engine import CONNECTOR, synthetic_prompt

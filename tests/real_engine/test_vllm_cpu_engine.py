@@ -22,7 +22,7 @@ TOKENS = 8
 # These scenarios check where hits come from, so every hit is taken (but in the same-process
 # one, where a CPU-tier hit must pass the cost model fed with vLLM's own timing): it would
 # rightly recompute a tiny model's prompt rather than read it from a slow tier (its choices are
-# tested in tests/adapters/test_vllm_cost.py).
+# tested in tests/adapters/vllm/test_cost.py).
 BASE = {"chunk_size": CHUNK, "cost_aware_retrieval": False}
 
 

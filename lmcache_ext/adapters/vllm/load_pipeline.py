@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lmcache_ext import kernels
-from lmcache_ext.adapters.staging import StagingArea
+from lmcache_ext.adapters.vllm.staging import StagingArea
 from lmcache_ext.kernels.streams import SideStream
 from lmcache_ext.storage import ChunkLease
 

@@ -12,17 +12,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmcache_ext.adapters.lmi_handler import SessionHandler
-from lmcache_ext.adapters.lmi_lookup import (
+from lmcache_ext.adapters.lmi.handler import SessionHandler
+from lmcache_ext.adapters.lmi.lookup import (
     LmiLookup,
     cached_tokens,
     is_lookup,
     prompt_of,
     tokenize,
 )
-from lmcache_ext.adapters.vllm_connector import scheduler_hasher
-from lmcache_ext.adapters.vllm_scheduler import request_salt
-from lmcache_ext.adapters.worker_channel import LookupAnswer, WorkerCaches
+from lmcache_ext.adapters.vllm.channel import LookupAnswer, WorkerCaches
+from lmcache_ext.adapters.vllm.connector import scheduler_hasher
+from lmcache_ext.adapters.vllm.scheduler import request_salt
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
 from lmcache_ext.engine import key_namespace
@@ -34,7 +34,7 @@ from lmcache_ext.serving.protocol import (
     format_lookup,
 )
 from lmcache_ext.testing.lmi_frontend import answer_of, encode_request
-from tests.adapters.lmi_helpers import (  # noqa: F401  (aws_region: a fixture)
+from tests.adapters.lmi.helpers import (  # noqa: F401  (aws_region: a fixture)
     Recorder,
     aws_region,
     djl_input,

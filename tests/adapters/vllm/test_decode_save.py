@@ -8,7 +8,8 @@ import pytest
 import torch
 from vllm.v1.request import Request, RequestStatus
 
-from tests.adapters.test_vllm_connector import (
+from tests.adapters.vllm.rig import BLOCK_SIZE, LAYER_NAMES, Rig, make_request, step
+from tests.adapters.vllm.test_connector import (
     LAYOUTS,
     PROMPT_A,
     expected_kv,
@@ -17,7 +18,6 @@ from tests.adapters.test_vllm_connector import (
     split_kv,
     token_kv,
 )
-from tests.adapters.vllm_setup import BLOCK_SIZE, LAYER_NAMES, Rig, make_request, step
 
 # PROMPT_A is 100 tokens; 29 sampled tokens make 128 with computed KV (the last sampled token
 # has none yet): one whole chunk (96..127) holding prompt and output tokens.

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
 
-from lmcache_ext.adapters.vllm_connector import LMCacheExtConnector
-from tests.adapters.test_vllm_connector import LAYOUTS, PROMPT_A, PROMPT_B, rig_for, save_prompt_a
-from tests.adapters.vllm_setup import make_request, step
+from lmcache_ext.adapters.vllm.connector import LMCacheExtConnector
+from tests.adapters.vllm.rig import make_request, step
+from tests.adapters.vllm.test_connector import LAYOUTS, PROMPT_A, PROMPT_B, rig_for, save_prompt_a
 from tests.test_emf import verify_emf
 
 
@@ -81,7 +81,7 @@ def test_a_failed_load_is_counted(tmp_path, layout, backend):
     for tier in rig.worker.engine.storage.tiers:
         for span in rig.worker.engine.spans(PROMPT_B):
             tier.remove(span.key)
-    from tests.adapters.vllm_setup import run_worker
+    from tests.adapters.vllm.rig import run_worker
     errors, _, _ = run_worker(rig, output, forward)
     assert errors and rig.last_stats.data["failed_loads"] == 1
 

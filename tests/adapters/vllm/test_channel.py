@@ -18,7 +18,7 @@ import pytest
 import torch
 import zmq
 
-from lmcache_ext.adapters.worker_channel import LookupRequest, WorkerCaches, socket_path
+from lmcache_ext.adapters.vllm.channel import LookupRequest, WorkerCaches, socket_path
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
 from lmcache_ext.engine import key_namespace
@@ -29,7 +29,7 @@ LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 TOKENS = list(range(100, 164))  # 4 chunks
 RANK_SCRIPT = """
 import json, sys, torch
-from lmcache_ext.adapters.vllm_worker import WorkerSide
+from lmcache_ext.adapters.vllm.worker import WorkerSide
 from lmcache_ext.config import load_config
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.engine import CacheEngine
@@ -101,7 +101,7 @@ def test_a_stalled_rank_is_a_quick_miss_said_once_and_hits_resume(two_ranks, cap
     caches = WorkerCaches(key, 2, timeout_s=0.5, backoff_s=1.0)
     assert lookup(caches, 1) == 2
     os.kill(procs[1].pid, signal.SIGSTOP)
-    with caplog.at_level(logging.INFO, logger="lmcache_ext.adapters.worker_channel"):
+    with caplog.at_level(logging.INFO, logger="lmcache_ext.adapters.vllm.channel"):
         began = time.monotonic()
         assert lookup(caches, 2) == 0
         assert time.monotonic() - began < 2.0

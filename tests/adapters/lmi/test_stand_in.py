@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from lmcache_ext.adapters.lmi_facts import FALLBACK_REGION
-from lmcache_ext.adapters.lmi_handler import SessionHandler
+from lmcache_ext.adapters.lmi.facts import FALLBACK_REGION
+from lmcache_ext.adapters.lmi.handler import SessionHandler
 from lmcache_ext.testing.lmi_frontend import (
     WorkerRestart,
     answer_of,
@@ -23,7 +23,7 @@ from lmcache_ext.testing.lmi_frontend import (
     request_properties,
 )
 from lmcache_ext.testing.lmi_process import use_stand_in
-from tests.adapters.lmi_helpers import djl_input, djl_load, djl_request
+from tests.adapters.lmi.helpers import djl_input, djl_load, djl_request
 
 use_stand_in()
 from djl_python.inputs import Input  # noqa: E402  (the stand-in, found through use_stand_in)

@@ -1,21 +1,12 @@
-"""The vLLM general plugin: LMCache's connector names resolve to ``LMCacheExtConnector``.
+"""Which kv_connector names run lmcache-ext's connector: LMCache's names are taken over unless
+``LMCACHE_EXT_TAKEOVER=false``, and what a config that names one means for our engine config.
 
-vLLM loads every ``vllm.general_plugins`` entry point (pyproject.toml names ``register``) in each
-of its processes (API server, engine core, every worker) before it builds a KV connector. So one
-hook covers every way a user switches LMCache on: ``--kv-transfer-config`` /
-``OPTION_KV_TRANSFER_CONFIG`` / ``option.kv_transfer_config`` in serving.properties / LMI's
-auto-config (all name ``LMCacheConnectorV1``) and ``--kv-offloading-backend lmcache``
-(vLLM 0.23-0.33 map it to ``LMCacheMPConnector``). ``kv_connector_module_path`` still wins in
-vLLM's factory: a config that names LMCache's module explicitly is left to LMCache.
-
-``LMCACHE_EXT_TAKEOVER=false`` leaves LMCache's names alone (the real LMCache runs); our own name
-``LMCacheExtConnector`` is registered either way. No side effects at import (no vLLM, no torch):
-the entrypoint imports ``takeover_enabled`` from here.
+Imports neither vLLM nor torch (``VllmConfig`` for types only): the container's entrypoint and
+routes read these before any engine starts, the plugin and the connector at run time.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -25,11 +16,12 @@ from lmcache_ext.config import parse_bool
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-log = logging.getLogger(__name__)
-
 TAKEOVER_ENV = "LMCACHE_EXT_TAKEOVER"
 OUR_CONNECTOR = "LMCacheExtConnector"
-OUR_MODULE = "lmcache_ext.adapters.vllm_connector"
+OUR_MODULE = "lmcache_ext.adapters.vllm.connector"
+# Module paths of our connector a kv_connector_module_path may name: the module, and the path
+# users' configs named before the vLLM room existed (a one-line shim, kept importable).
+OUR_MODULES = (OUR_MODULE, "lmcache_ext.adapters.vllm_connector")
 # LMCache's connector names in vLLM's registry that resolve to ours while the takeover is on.
 TAKEN_OVER = ("LMCacheConnectorV1", "LMCacheMPConnector")
 OFFLOADING_CONNECTOR = "LMCacheMPConnector"  # what kv_offloading_backend="lmcache" sets
@@ -45,26 +37,6 @@ def takeover_enabled(env: Mapping[str, str]) -> bool:
     except ValueError as exc:
         raise ValueError(f"{TAKEOVER_ENV}={text!r}: {exc}") from exc
 
-
-def _our_class() -> type:
-    from lmcache_ext.adapters.vllm_connector import LMCacheExtConnector
-
-    return LMCacheExtConnector
-
-
-def register() -> None:
-    """vLLM's general-plugin hook. Idempotent; runs once per vLLM process. Replaces the registry
-    entries of ``TAKEN_OVER`` with a loader of our class (vLLM's ``register_connector`` refuses a
-    name twice, so the entry is set directly) and adds ``LMCacheExtConnector``."""
-    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-
-    registry = KVConnectorFactory._registry
-    registry[OUR_CONNECTOR] = _our_class
-    if not takeover_enabled(os.environ):
-        log.debug("%s=false: LMCache's connector names stay LMCache's", TAKEOVER_ENV)
-        return
-    for name in TAKEN_OVER:
-        registry[name] = _our_class
 
 
 def offloading_overrides(vllm_config: VllmConfig, world: int) -> dict[str, Any]:
@@ -87,7 +59,7 @@ def runs_our_connector(vllm_config: VllmConfig) -> bool:
     if transfer is None or not transfer.kv_connector:
         return False
     module = getattr(transfer, "kv_connector_module_path", None)
-    if module and module != OUR_MODULE:
+    if module and module not in OUR_MODULES:
         return False
     return transfer.kv_connector == OUR_CONNECTOR or \
         (transfer.kv_connector in TAKEN_OVER and takeover_enabled(os.environ))

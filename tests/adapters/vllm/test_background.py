@@ -9,15 +9,15 @@ import time
 import pytest
 import torch
 
-from lmcache_ext.adapters.background import BackgroundJobs
-from tests.adapters.test_vllm_connector import (
+from lmcache_ext.adapters.vllm.background import BackgroundJobs
+from tests.adapters.vllm.rig import make_request
+from tests.adapters.vllm.test_connector import (
     LAYOUTS,
     PROMPT_A,
     FakeForward,
     expected_kv,
     rig_for,
 )
-from tests.adapters.vllm_setup import make_request
 
 PUT_S = 0.5  # a deliberately slow CPU tier: each chunk write takes this long
 

@@ -14,9 +14,10 @@ from importlib.metadata import distribution
 
 import pytest
 
-from lmcache_ext.adapters.vllm_plugin import (
+from lmcache_ext.adapters.vllm.takeover import (
     OUR_CONNECTOR,
     OUR_MODULE,
+    OUR_MODULES,
     TAKEN_OVER,
     takeover_enabled,
 )
@@ -29,8 +30,10 @@ from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.plugins import load_general_plugins
 load_general_plugins()
 found = {}
-for name in sys.argv[1:]:
-    config = KVTransferConfig(kv_connector=name, kv_role="kv_both")
+module = sys.argv[1] or None  # a kv_connector_module_path, or "" for none
+for name in sys.argv[2:]:
+    config = KVTransferConfig(kv_connector=name, kv_role="kv_both",
+                              kv_connector_module_path=module)
     try:
         cls = KVConnectorFactory.get_connector_class(config)
         found[name] = cls.__module__ + "." + cls.__qualname__
@@ -42,10 +45,11 @@ OURS = f"{OUR_MODULE}.{OUR_CONNECTOR}"
 NAMES = [*TAKEN_OVER, OUR_CONNECTOR]
 
 
-def resolve(env: dict[str, str] | None = None) -> dict[str, str]:
+def resolve(env: dict[str, str] | None = None, module: str = "",
+            names: list[str] = NAMES) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("LMCACHE_EXT_TAKEOVER",
                                                                "VLLM_PLUGINS")}
-    done = subprocess.run([sys.executable, "-c", RESOLVE, *NAMES], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", RESOLVE, module, *names], capture_output=True,
                           text=True, timeout=300, env={**clean, **(env or {})}, cwd=REPO)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
@@ -61,6 +65,13 @@ def test_the_installed_distribution_declares_the_plugin_of_pyproject():
 
 def test_lmcaches_names_resolve_to_ours_in_vllms_factory():
     assert resolve() == {name: OURS for name in NAMES}
+
+
+def test_the_module_path_users_configs_name_still_loads_our_connector():
+    """``lmcache_ext.adapters.vllm_connector``, the path users' ``kv_connector_module_path``
+    named before the vLLM room existed, is a shim of the room's connector module."""
+    for module in OUR_MODULES:
+        assert resolve(module=module, names=[OUR_CONNECTOR]) == {OUR_CONNECTOR: OURS}
 
 
 def test_the_off_switch_leaves_lmcaches_names_to_lmcache():

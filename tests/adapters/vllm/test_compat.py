@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmcache_ext.adapters import vllm_compat
+from lmcache_ext.adapters.vllm import compat as vllm_compat
 from lmcache_ext.kernels import PagedLayout, UnsupportedLayout, paged_kv_layers
-from tests.adapters.test_vllm_connector import rig_for, save_prompt_a
-from tests.adapters.vllm_setup import HEAD_DIM, KV_HEADS, LAYER_NAMES, allocate, vllm_config
+from tests.adapters.vllm.rig import HEAD_DIM, KV_HEADS, LAYER_NAMES, allocate, vllm_config
+from tests.adapters.vllm.test_connector import rig_for, save_prompt_a
 
 pytestmark = pytest.mark.skipif(
     vllm_compat.VLLM_VERSION < vllm_compat.PACKED_SINCE,

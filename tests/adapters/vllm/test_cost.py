@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from lmcache_ext.adapters.worker_channel import RankAnswer, combine
-from tests.adapters.test_vllm_connector import LAYOUTS, PROMPT_A, PROMPT_B, FakeForward, rig_for
-from tests.adapters.vllm_setup import make_request, step
+from lmcache_ext.adapters.vllm.channel import RankAnswer, combine
+from tests.adapters.vllm.rig import make_request, step
+from tests.adapters.vllm.test_connector import LAYOUTS, PROMPT_A, PROMPT_B, FakeForward, rig_for
 
 FORWARD_S = 0.3  # the stand-in model's time for one prefill step
 

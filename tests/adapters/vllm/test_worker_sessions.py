@@ -4,7 +4,7 @@ CacheEngine; the clock is the test's)."""
 
 from __future__ import annotations
 
-from lmcache_ext.adapters.worker_sessions import WorkerSessions
+from lmcache_ext.adapters.vllm.sessions import WorkerSessions
 from tests.sessions.test_pins import CHUNK, CHUNK_BYTES, conversation, engine_with, flood, stored
 
 EXPIRY_S = 60.0

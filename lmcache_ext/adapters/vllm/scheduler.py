@@ -22,11 +22,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.session_params import session_of
-from lmcache_ext.adapters.vllm_metadata import LMCacheExtMetadata, TransferOp
-from lmcache_ext.adapters.vllm_stats import LMCacheExtStats
-from lmcache_ext.adapters.worker_channel import LookupAnswer, LookupRequest, WorkerCaches
+from lmcache_ext.adapters.vllm import compat as vllm_compat
+from lmcache_ext.adapters.vllm.channel import LookupAnswer, LookupRequest, WorkerCaches
+from lmcache_ext.adapters.vllm.metadata import LMCacheExtMetadata, TransferOp
+from lmcache_ext.adapters.vllm.stats import LMCacheExtStats
 from lmcache_ext.cost import CostModel
 from lmcache_ext.keys import PrefixHasher
 

@@ -30,7 +30,9 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
-from lmcache_ext.adapters import vllm_compat, vllm_connector, worker_channel
+from lmcache_ext.adapters.vllm import channel as worker_channel
+from lmcache_ext.adapters.vllm import compat as vllm_compat
+from lmcache_ext.adapters.vllm import connector as vllm_connector
 from tests.helpers import TINY_LLAMA
 
 BLOCK_SIZE, CHUNK = 16, 32
@@ -39,7 +41,7 @@ LAYERS, KV_HEADS, HEAD_DIM = (TINY_LLAMA[k] for k in ("num_hidden_layers",
 DTYPE = torch.bfloat16
 NUM_BLOCKS = 40
 CONNECTOR = "LMCacheExtConnector"
-MODULE = "lmcache_ext.adapters.vllm_connector"
+MODULE = "lmcache_ext.adapters.vllm.connector"
 LAYER_NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 
 

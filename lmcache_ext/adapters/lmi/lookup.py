@@ -114,13 +114,13 @@ class LmiLookup:
     def for_engine(engine: Any) -> LmiLookup | None:
         """The lookup of LMI's vLLM engine (vLLM's ``AsyncLLM``); None where vLLM does not run
         our connector (lookups then go to LMI, which generates)."""
-        from lmcache_ext.adapters.vllm_connector import (
+        from lmcache_ext.adapters.vllm.channel import WorkerCaches
+        from lmcache_ext.adapters.vllm.connector import (
             LMCacheExtConnector,
             model_layout,
             scheduler_hasher,
         )
-        from lmcache_ext.adapters.vllm_plugin import runs_our_connector
-        from lmcache_ext.adapters.worker_channel import WorkerCaches
+        from lmcache_ext.adapters.vllm.takeover import runs_our_connector
 
         vllm_config = getattr(engine, "vllm_config", None)
         if vllm_config is None or not runs_our_connector(vllm_config):
@@ -140,7 +140,7 @@ class LmiLookup:
     def held_chunks(self, tokens: Sequence[int]) -> int:
         """Leading chunks of ``tokens`` every rank holds (0 where a rank does not answer in
         time); pins nothing."""
-        from lmcache_ext.adapters.worker_channel import LookupRequest
+        from lmcache_ext.adapters.vllm.channel import LookupRequest
 
         digests = self.digests(tokens)
         if not digests:

@@ -12,15 +12,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmcache_ext.adapters import load_pipeline
-from lmcache_ext.adapters.load_pipeline import LoadPipeline, LoadStreams
-from lmcache_ext.adapters.staging import StagingArea, StagingTimeout
-from lmcache_ext.adapters.worker_channel import LookupRequest
+from lmcache_ext.adapters.vllm import load_pipeline
+from lmcache_ext.adapters.vllm.channel import LookupRequest
+from lmcache_ext.adapters.vllm.load_pipeline import LoadPipeline, LoadStreams
+from lmcache_ext.adapters.vllm.staging import StagingArea, StagingTimeout
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.kernels.streams import StreamOrder
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.storage import Chunk, CPUTier
-from tests.adapters.test_vllm_connector import (
+from tests.adapters.vllm.rig import CHUNK, make_request, step
+from tests.adapters.vllm.test_connector import (
     LAYOUTS,
     PROMPT_A,
     PROMPT_B,
@@ -31,7 +32,6 @@ from tests.adapters.test_vllm_connector import (
     save_prompt_a,
     zero_caches,
 )
-from tests.adapters.vllm_setup import CHUNK, make_request, step
 
 LAYOUT, BACKEND = LAYOUTS[0]
 
@@ -170,7 +170,7 @@ def test_the_probe_times_a_load_into_the_registered_caches_and_leaves_them_uncha
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-    from tests.adapters.vllm_setup import allocate, vllm_config
+    from tests.adapters.vllm.rig import allocate, vllm_config
     layout, backend = next((lay, b) for lay, b in LAYOUTS if b == "CPU_ATTN")
     config = vllm_config(tmp_path, layout, False)
     kv_config, caches = allocate(config, backend)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from lmcache_ext.adapters.session_params import SESSION_KEY
-from lmcache_ext.adapters.worker_channel import WorkerCaches
-from tests.adapters.test_vllm_connector import LAYOUTS, PROMPT_A, pinned_chunks, rig_for
-from tests.adapters.vllm_setup import CHUNK, HEAD_DIM, KV_HEADS, LAYERS, Rig, make_request, step
+from lmcache_ext.adapters.vllm.channel import WorkerCaches
+from tests.adapters.vllm.rig import CHUNK, HEAD_DIM, KV_HEADS, LAYERS, Rig, make_request, step
+from tests.adapters.vllm.test_connector import LAYOUTS, PROMPT_A, pinned_chunks, rig_for
 
 CHUNK_BYTES = LAYERS * 2 * CHUNK * KV_HEADS * HEAD_DIM * 2  # bfloat16
 CPU_CHUNKS = 12

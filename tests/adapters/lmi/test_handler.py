@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from lmcache_ext.adapters.lmi_facts import FALLBACK_REGION, read_sessions_flag, region_for_lmi
-from lmcache_ext.adapters.lmi_handler import (
+from lmcache_ext.adapters.lmi.facts import FALLBACK_REGION, read_sessions_flag, region_for_lmi
+from lmcache_ext.adapters.lmi.handler import (
     SessionHandler,
     attach_session,
     json_body,
@@ -24,7 +24,7 @@ from lmcache_ext.adapters.lmi_handler import (
 from lmcache_ext.adapters.session_params import SESSION_KEY, session_of
 from lmcache_ext.sessions.protocol import SESSION_HEADER, SessionError
 from lmcache_ext.testing.lmi_process import use_stand_in
-from tests.adapters.lmi_helpers import Recorder, aws_region, djl_load, djl_request  # noqa: F401
+from tests.adapters.lmi.helpers import Recorder, aws_region, djl_load, djl_request  # noqa: F401
 
 use_stand_in()
 from djl_python.inputs import Input  # noqa: E402  (the stand-in, found through use_stand_in)

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from lmcache_ext.adapters import vllm_compat
-from tests.adapters.vllm_setup import (
+from lmcache_ext.adapters.vllm import compat as vllm_compat
+from tests.adapters.vllm.rig import (
     BLOCK_SIZE,
     CHUNK,
     HEAD_DIM,

@@ -39,8 +39,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from lmcache_ext.adapters.lmi_facts import SESSIONS_OPTION, read_sessions_flag, region_for_lmi
-from lmcache_ext.adapters.lmi_lookup import LmiLookup, is_lookup, lookup_output
+from lmcache_ext.adapters.lmi.facts import SESSIONS_OPTION, read_sessions_flag, region_for_lmi
+from lmcache_ext.adapters.lmi.lookup import LmiLookup, is_lookup, lookup_output
 from lmcache_ext.adapters.session_params import with_session
 from lmcache_ext.sessions.protocol import (
     CLOSE,
@@ -159,7 +159,7 @@ class SessionReleaser:
     worker channel. Thread-safe (one request at a time on the channel)."""
 
     def __init__(self, engine_key: str, world_size: int, timeout_s: float, backoff_s: float):
-        from lmcache_ext.adapters.worker_channel import WorkerCaches
+        from lmcache_ext.adapters.vllm.channel import WorkerCaches
 
         self._caches = WorkerCaches(engine_key, world_size, timeout_s, backoff_s)
         self._lock = threading.Lock()
@@ -168,8 +168,8 @@ class SessionReleaser:
     def for_engine(vllm_config: Any) -> SessionReleaser | None:
         """The releaser for the engine ``vllm_config`` describes; None (said once) where vLLM
         does not run our connector or the connector's config has sessions off."""
-        from lmcache_ext.adapters.vllm_connector import LMCacheExtConnector
-        from lmcache_ext.adapters.vllm_plugin import runs_our_connector
+        from lmcache_ext.adapters.vllm.connector import LMCacheExtConnector
+        from lmcache_ext.adapters.vllm.takeover import runs_our_connector
 
         if not runs_our_connector(vllm_config):
             log.info("lmcache-ext handler: vLLM does not run lmcache-ext's connector; sessions "

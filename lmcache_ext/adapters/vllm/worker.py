@@ -23,14 +23,14 @@ from typing import Any
 import torch
 
 from lmcache_ext import kernels
-from lmcache_ext.adapters import vllm_compat
-from lmcache_ext.adapters.background import BackgroundJobs
-from lmcache_ext.adapters.load_pipeline import LoadPipeline, LoadStreams
-from lmcache_ext.adapters.staging import StagingArea
-from lmcache_ext.adapters.vllm_metadata import TransferOp
-from lmcache_ext.adapters.vllm_stats import TIER_EVENTS, LMCacheExtStats
-from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest, RankAnswer
-from lmcache_ext.adapters.worker_sessions import WorkerSessions
+from lmcache_ext.adapters.vllm import compat as vllm_compat
+from lmcache_ext.adapters.vllm.background import BackgroundJobs
+from lmcache_ext.adapters.vllm.channel import CacheServer, LookupRequest, RankAnswer
+from lmcache_ext.adapters.vllm.load_pipeline import LoadPipeline, LoadStreams
+from lmcache_ext.adapters.vllm.metadata import TransferOp
+from lmcache_ext.adapters.vllm.sessions import WorkerSessions
+from lmcache_ext.adapters.vllm.staging import StagingArea
+from lmcache_ext.adapters.vllm.stats import TIER_EVENTS, LMCacheExtStats
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.engine import CacheEngine, PrefixPin
 from lmcache_ext.kernels.streams import StreamOrder
