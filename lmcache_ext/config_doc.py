@@ -105,15 +105,20 @@ def replace_block(text: str, block: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Rewrite the doc's generated block (exit 0), or with ``--check`` compare it: exit 0 when
-    equal, 1 when it differs (nothing written), 2 when the markers are missing."""
+    equal, 1 when it differs (nothing written), 2 when the file cannot be read or lacks the
+    markers."""
     parser = argparse.ArgumentParser(prog=REGENERATE, description=__doc__.splitlines()[0])
     parser.add_argument("path", nargs="?", default=str(DOC_PATH))
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 if stale")
     args = parser.parse_args(argv)
     path = Path(args.path)
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")
         wanted = replace_block(text, render())
+    except OSError as error:
+        print(f"cannot read {path} ({error.strerror}): run from a repository checkout or pass "
+              "the doc's path", file=sys.stderr)
+        return 2
     except ValueError as error:
         print(f"{path}: {error}", file=sys.stderr)
         return 2

@@ -69,3 +69,5 @@ def test_the_command_checks_then_rewrites_a_stale_doc(tmp_path: Path, capsys) ->
     assert "| `chunk_size` |" in rewritten
     doc.write_text("no markers\n", encoding="utf-8")
     assert config_doc.main(["--check", str(doc)]) == 2
+    assert config_doc.main([str(tmp_path / "absent.md")]) == 2
+    assert "cannot read" in capsys.readouterr().err
