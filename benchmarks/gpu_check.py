@@ -254,8 +254,7 @@ def bench_engine(plan: Plan) -> list[dict]:
     """Cold vs warm TTFT through the built-in engine's generator, output compared."""
     from lmcache_ext.config import load_config
     from lmcache_ext.engine import CacheEngine
-    from lmcache_ext.serving.generator import GenerationStats, Generator
-    from lmcache_ext.serving.protocol import SamplingParams
+    from lmcache_ext.serving.generator import GenerationStats, Generator, SamplingParams
     loaded = random_model(plan)
     kv_gib = sum(plan.prompts) * loaded.layout.num_layers * 2 * loaded.layout.num_kv_heads * \
         loaded.layout.head_dim * loaded.layout.dtype.itemsize / 2 ** 30

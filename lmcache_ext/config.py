@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 
-from lmcache_ext.sessions.protocol import DEFAULT_EXPIRY_S
 from lmcache_ext.units import GIB
 
 log = logging.getLogger(__name__)
@@ -214,7 +213,7 @@ TABLE: tuple[ConfigKey, ...] = (
               "SageMaker stateful sessions on /invocations (create, use, close); on by default, "
               "as in LMI's vLLM service. LMI reads anything but 'true' as off, so its name "
               "takes only true or false.", lmi_option="enable_stateful_sessions"),
-    ConfigKey("sessions_expiration_s", float, DEFAULT_EXPIRY_S,
+    ConfigKey("sessions_expiration_s", float, 1200.0,  # DJL's and the container standards' default
               "A session ends this long after its last use (sliding) and its pins are released.",
               "s", check=_positive, lmi_option="sessions_expiration"),
     ConfigKey("session_pin_max_gib", float, 1.0,

@@ -271,11 +271,10 @@ def test_empty_file_means_defaults(tmp_path):
 # ------------------------------------------------------------------ stateful sessions
 
 
-def test_sessions_are_on_by_default_with_the_protocols_expiry():
-    from lmcache_ext.sessions.protocol import DEFAULT_EXPIRY_S
+def test_sessions_are_on_by_default_with_djls_expiry():
     config = load_config(env={})
     assert config.enable_stateful_sessions is True
-    assert config.sessions_expiration_s == DEFAULT_EXPIRY_S
+    assert config.sessions_expiration_s == 1200.0  # DJL's sessions_expiration default (20 min)
 
 
 @pytest.mark.parametrize("text,expected", [("true", True), ("TRUE", True), ("False", False),

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from lmcache_ext.serving.protocol import CUSTOM_ATTRIBUTES_HEADER
 from lmcache_ext.sessions.protocol import (
     CLOSED_SESSION_HEADER,
     NEW_SESSION_HEADER,
     SESSION_HEADER,
 )
+from lmcache_ext.wire import CUSTOM_ATTRIBUTES_HEADER
 
 DEFAULT_TIMEOUT_S = 600.0
 CONTENT_TYPE = "application/json"

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from lmcache_ext.client.transport import Reply
-from lmcache_ext.serving.protocol import LOOKUP_REQUEST
+from lmcache_ext.wire import LOOKUP_REQUEST
 
 DOCUMENT_PLACEHOLDER = "{document}"
 DEFAULT_TEMPLATE = DOCUMENT_PLACEHOLDER

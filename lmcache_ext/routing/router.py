@@ -41,7 +41,6 @@ from urllib.parse import urlsplit
 
 from lmcache_ext.routing import eventstream
 from lmcache_ext.routing.policy import Policy, RouteRequest, SessionTable
-from lmcache_ext.serving.protocol import MAX_BODY_BYTES
 from lmcache_ext.sessions.protocol import (
     CLOSED_SESSION_HEADER,
     NEW_SESSION,
@@ -51,6 +50,7 @@ from lmcache_ext.sessions.protocol import (
     SessionError,
     parse_new_session,
 )
+from lmcache_ext.wire import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,18 @@ from transformers import DynamicCache
 from lmcache_ext.cost import CostModel, RetrievalPlan
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.serving.model import LoadedModel
-from lmcache_ext.serving.protocol import SamplingParams
 from lmcache_ext.serving.transformers_kv import cache_to_kv, empty_cache_kv, kv_to_cache
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    do_sample: bool = False  # False = greedy, whatever the temperature
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
 
 
 @dataclass(frozen=True)

@@ -28,22 +28,24 @@ from prometheus_client import generate_latest
 
 from lmcache_ext.serving.generator import GenerationStats, TokenEvent
 from lmcache_ext.serving.protocol import (
-    CUSTOM_ATTRIBUTES_HEADER,
-    LOOKUP_ROUTE,
-    MAX_BODY_BYTES,
     GenerateRequest,
     RequestError,
     decode_body,
     format_event,
     format_full,
-    format_lookup,
     parse_chat,
     parse_completions,
     parse_invocation,
-    wants_lookup,
 )
 from lmcache_ext.serving.service import Service
 from lmcache_ext.sessions.protocol import SESSION_HEADER, SessionError, parse_session_request
+from lmcache_ext.wire import (
+    CUSTOM_ATTRIBUTES_HEADER,
+    LOOKUP_ROUTE,
+    MAX_BODY_BYTES,
+    format_lookup,
+    wants_lookup,
+)
 
 log = logging.getLogger(__name__)
 

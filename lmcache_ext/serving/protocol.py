@@ -5,32 +5,20 @@
 OpenAI chat (``messages``). Every problem is a ``RequestError`` naming the field, never a crash.
 Response bodies in the request's style (``format_full``, ``format_event``) are shaped here too.
 A lookup-only request (``/lookup``, or ``/invocations`` with the ``lmcache-ext-lookup`` custom
-attribute) takes the same payloads and is answered by ``format_lookup``.
+attribute) takes the same payloads and is answered by ``wire.format_lookup``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # the generator imports SamplingParams from here
-    from lmcache_ext.serving.generator import GenerationStats, TokenEvent
+from lmcache_ext.serving.generator import GenerationStats, SamplingParams, TokenEvent
+from lmcache_ext.wire import MAX_BODY_BYTES
 
-MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's payload limit for real-time endpoints
-# A lookup-only request: the prompt's cached prefix is reported, nothing is generated or stored.
-# Through SageMaker only /invocations reaches the container, so the request says so in its custom
-# attributes (boto3's CustomAttributes, forwarded verbatim as this header); locally also /lookup.
-CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
-LOOKUP_ATTRIBUTE = "lmcache-ext-lookup"
-# What a client sends: key=value, because DJL's front end (LMI) splits the custom attributes on
-# ';' into request properties and drops an item without '=' (RequestParser.parseRequest).
-LOOKUP_REQUEST = f"{LOOKUP_ATTRIBUTE}=true"
-_LOOKUP_OFF = ("false", "0", "no", "off")
-LOOKUP_ROUTE = "/lookup"
 # Chat roles we serve: plain text turns. Tool turns (tool_call_id, tool_calls) are not parsed and
 # the chat templates we ship render no "developer" or "tool" role, so those are refused.
 CHAT_ROLES = ("system", "user", "assistant")
@@ -42,17 +30,6 @@ class RequestError(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    do_sample: bool = False  # False = greedy, whatever the temperature
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -235,26 +212,6 @@ def parse_invocation(payload: dict[str, Any]) -> GenerateRequest:
     raise RequestError("body: needs 'inputs' (LMI), 'prompt' (completions) or 'messages' (chat)")
 
 
-def wants_lookup(custom_attributes: str | None) -> bool:
-    """Whether a request's custom attributes ask for a lookup: ``lmcache-ext-lookup`` as one of
-    its items (comma or semicolon separated, blanks ignored, any case), bare or ``=true`` /
-    ``=1`` / ``=yes``; ``=false``, ``=0`` or ``=no`` turn it off."""
-    for item in re.split(r"[,;]", custom_attributes or ""):
-        name, _, value = item.partition("=")
-        if name.strip().lower() == LOOKUP_ATTRIBUTE:
-            return value.strip().lower() not in _LOOKUP_OFF
-    return False
-
-
-def wants_lookup_property(value: str | None) -> bool:
-    """Whether the request property DJL makes of ``lmcache-ext-lookup=<value>`` asks for a
-    lookup (None: no such property); values read as in ``wants_lookup``."""
-    return value is not None and value.strip().lower() not in _LOOKUP_OFF
-
-
-# ------------------------------------------------------------------ responses
-
-
 def _usage(stats: GenerationStats) -> dict[str, Any]:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
             "total_tokens": stats.prompt_tokens + stats.generated_tokens,
@@ -282,13 +239,6 @@ def format_full(request: GenerateRequest, stats: GenerationStats, model: str) ->
         kind = "text_completion"
     return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": kind, "created": int(time.time()),
             "model": model, "choices": [choice], "usage": _usage(stats)}
-
-
-def format_lookup(prompt_tokens: int, cached_tokens: int, chunk_tokens: int) -> dict[str, Any]:
-    """A lookup's answer: the prompt's length, the leading tokens the cache holds now (whole
-    chunks), and the chunk size (a prompt's last partial chunk is never stored)."""
-    return {"lookup": {"prompt_tokens": prompt_tokens, "cached_tokens": cached_tokens,
-                       "chunk_tokens": chunk_tokens}}
 
 
 def format_event(request: GenerateRequest, event: TokenEvent, stats: GenerationStats,

@@ -25,7 +25,6 @@ CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
 NEW_SESSION = "NEW_SESSION"  # the header's value, and the create body's requestType
 CLOSE = "CLOSE"
 REQUEST_TYPE = "requestType"
-DEFAULT_EXPIRY_S = 1200.0  # DJL's and the container standards' default
 FAILED_STATUS = 424  # a create or close that failed on the server's side (DJL's code for it)
 MAX_ID_CHARS = 256
 ID_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")

@@ -26,9 +26,9 @@ from lmcache_ext.client.warm import (
     warm_body,
     wrap,
 )
-from lmcache_ext.serving.protocol import CUSTOM_ATTRIBUTES_HEADER, LOOKUP_ATTRIBUTE, LOOKUP_REQUEST
 from lmcache_ext.testing.lmi_process import LmiProcess, LmiSpec
 from lmcache_ext.testing.vllm_engine import CONNECTOR, synthetic_prompt
+from lmcache_ext.wire import CUSTOM_ATTRIBUTES_HEADER, LOOKUP_ATTRIBUTE, LOOKUP_REQUEST
 from tests.real_engine.conftest import ENGINE_ENV, model_dir
 from tests.real_engine.test_lmi_sessions import CHUNK, completion, generation
 

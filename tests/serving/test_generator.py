@@ -10,8 +10,7 @@ from lmcache_ext.config import load_config
 from lmcache_ext.cost import CostModel
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import EngineMetrics
-from lmcache_ext.serving.generator import GenerationStats, Generator
-from lmcache_ext.serving.protocol import SamplingParams
+from lmcache_ext.serving.generator import GenerationStats, Generator, SamplingParams
 from lmcache_ext.storage import CPUTier
 
 CHUNK = 32

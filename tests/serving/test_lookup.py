@@ -10,7 +10,7 @@ import pytest
 
 from lmcache_ext.config import load_config
 from lmcache_ext.serving.app import build_endpoint
-from lmcache_ext.serving.protocol import (
+from lmcache_ext.wire import (
     CUSTOM_ATTRIBUTES_HEADER,
     LOOKUP_REQUEST,
     wants_lookup,

@@ -12,7 +12,7 @@ The request's prompt is tokenised as vLLM does for that payload
 connector's scheduler side hashes it (``vllm_connector.scheduler_hasher``: a request without
 LoRA or cache salt), and every worker rank is asked over the connector's worker channel how many
 of its leading chunks it holds. Nothing is pinned (``first`` is past the last chunk), nothing
-is generated. The answer is the built-in server's (``serving.protocol.format_lookup``): the
+is generated. The answer is the built-in server's (``wire.format_lookup``): the
 prompt's tokens, the leading tokens every rank holds (whole chunks), the chunk size, in LMI's own
 wire format (``lookup_output``: ``async_utils.create_non_stream_output``, whose binary encoding
 DJL's Java side decodes in async mode; raw JSON there breaks the connection and restarts the
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lmcache_ext.keys import PrefixHasher
-from lmcache_ext.serving.protocol import (
+from lmcache_ext.wire import (
     CUSTOM_ATTRIBUTES_HEADER,
     LOOKUP_ATTRIBUTE,
     format_lookup,
