@@ -454,8 +454,10 @@ class WorkerSide:
         return slots.pin_memory() if self._order.cuda else slots
 
     def close(self) -> None:
-        """Stop answering lookups, finish the queued saves, drop every pin, let write-behinds
-        finish and close the tiers. Idempotent."""
+        """Stop answering lookups, finish the queued saves, drain the sessions' pinned
+        conversations to the shared tier (``drain_timeout_s``), drop every pin, let
+        write-behinds finish (dropped if the drain ran out of time) and close the tiers.
+        Idempotent."""
         self.server.close()
         self.loader.close()
         self.saver.close()
@@ -463,9 +465,11 @@ class WorkerSide:
             pins, self._pins = list(self._pins.values()), {}
         for _, pin, _ in pins:
             pin.release()
-        if self.sessions is not None:
+        report = None
+        if self.sessions is not None:  # vLLM shuts the connector down on SIGTERM: drain first
+            report = self.sessions.drain(self.engine.config.drain_timeout_s)
             self.sessions.close()
-        self.engine.close()
+        self.engine.close(discard_queued=report is not None and not report.complete)
 
 
 def _runs(tiers: list[str]) -> tuple[tuple[str, int], ...]:
