@@ -173,11 +173,17 @@ def test_a_dead_replica_is_a_502_naming_it():
         router.close()
 
 
-def test_a_session_whose_replica_died_is_a_502(replicas, router):
+def test_a_session_whose_replica_is_gone_is_unknown_and_others_go_elsewhere(replicas, router):
+    """Scenario: scale-in; the replica no longer listens. Its session is a 400 "unknown" (the
+    client re-creates it), and requests without a session reach the replicas left."""
     session_id, name = create(router.url)
     next(r for r in replicas if r.name == name).close()
     answer = post(router.url, chat(), {SESSION_HEADER: session_id})
-    assert answer.status == 502 and f"replica {name}" in answer.json()["error"]
+    assert answer.status == 400
+    assert f"session {session_id} is unknown: replica {name} is gone" in answer.json()["error"]
+    for _ in range(6):
+        answer = post(router.url, chat())
+        assert answer.status == 200 and answer.replica != name
 
 
 def test_a_replica_that_hangs_up_or_stays_silent_is_a_502():
