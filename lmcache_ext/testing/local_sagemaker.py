@@ -45,6 +45,7 @@ class LocalSageMaker:
     name: str = "lmcache-ext-local"
     replicas: int = 2
     session_expiry_s: float | None = None  # None: the server's default
+    shared_tier: bool = True  # False: no redis-server, replicas without remote_url
     extra_env: dict[str, str] = field(default_factory=dict)
     redis: RedisServer | None = field(default=None, repr=False)
     processes: list[subprocess.Popen] = field(default_factory=list, repr=False)
@@ -70,7 +71,8 @@ class LocalSageMaker:
 
     def start(self) -> LocalSageMaker:
         try:
-            self.redis = RedisServer(self.workdir / "redis").start()
+            if self.shared_tier:
+                self.redis = RedisServer(self.workdir / "redis").start()
             env = self.replica_env()
             for index in range(self.replicas):
                 port = free_port()
