@@ -58,10 +58,10 @@ class Setting:
     queue_chunks: int  # write_behind_queue_chunks of the replicas
 
 
-SETTINGS = {"quick": Setting(users=9, rounds=4, kill_after=2, max_tokens=8, history_words=300,
+SETTINGS = {"quick": Setting(users=9, rounds=4, kill_after=2, max_tokens=8, history_words=100,
                              queue_chunks=2),
             "full": Setting(users=12, rounds=6, kill_after=3, max_tokens=16,
-                            history_words=600, queue_chunks=2)}
+                            history_words=250, queue_chunks=2)}
 
 
 @dataclass
@@ -165,7 +165,7 @@ def run(mode: str, model: Path | None = None, runs: tuple[str, ...] = tuple(RUNS
         if model is None:
             from lmcache_ext.testing.tiny_model import build_tiny_model
 
-            model = build_tiny_model(Path(tmp) / "model", max_context=4096)
+            model = build_tiny_model(Path(tmp) / "model", max_context=8192)
         results = {}
         for name in runs:
             workdir = Path(tmp) / name
