@@ -11,6 +11,10 @@ runs, each on fresh processes:
 - ``crash``: SIGKILL; only what was written behind already is in Redis (the yardstick);
 - ``no_shared_tier``: SIGTERM, no Redis; the history is recomputed (no peer hands it over).
 
+The replicas' write-behind queue is short (``queue_chunks``): the shared tier falls behind a
+burst of stores and drops some (counted), as a remote store under load does. That gap is what a
+crash loses and a drain writes.
+
 Figures per run: ``failed_turns``; ``next_turn_after_drain_s`` (mean time of the turns that
 re-created a session) against ``warm_turn_s`` (mean time of the other turns after the first,
 same run) and their ratio; ``history_tokens_recomputed``: over the re-created turns, the whole
@@ -117,8 +121,8 @@ def run_once(name: str, setting: Setting, model: Path, workdir: Path) -> dict:
              # A short queue: the shared tier falls behind a burst of stores (what it drops
              # is counted), as a remote store under load does; the drain's margin is there.
              "OPTION_LMCACHE_WRITE_BEHIND_QUEUE_CHUNKS": str(setting.queue_chunks)}
-    local = LocalSageMaker(workdir, model, replicas=3, extra_env=extra,
-                           shared_tier=shared).start()
+    local = LocalSageMaker(workdir, model, replicas=3, extra_env=extra, shared_tier=shared,
+                           start_timeout_s=600).start()
     try:
         client = SessionClient(HttpTransport(local.url, timeout_s=300), system_prompt=SYSTEM,
                                params=ChatParams(max_tokens=setting.max_tokens))
@@ -132,7 +136,7 @@ def run_once(name: str, setting: Setting, model: Path, workdir: Path) -> dict:
         figures = summarize(record, setting)
         figures.update(stop_s=round(stop_s, 2), exit_code=local.processes[0].returncode,
                        drain_log=[line for line in local.log(0).splitlines()
-                                  if "drain" in line][-2:])
+                                  if "sessions.drain" in line or "SIGTERM" in line])
         return figures
     finally:
         local.close()
