@@ -186,17 +186,16 @@ class Router:
             index = min(up, key=lambda i: outstanding[i]) if up else index
         return index
 
-    def mark_gone(self, index: int) -> bool:
+    def mark_gone(self, index: int) -> None:
         """Replica ``index`` refused a connection: nothing listens there any more (scaled
         in, drained, exited). New requests avoid it while another replica is up; its
-        sessions are unknown from now on. False if it was known gone already."""
+        sessions are unknown from now on (said once)."""
         with self._lock:
             fresh = index not in self._gone
             self._gone.add(index)
         if fresh:
             log.warning("replica %s (%s) is gone: no new requests go there; its sessions are "
                         "unknown", self.backends[index].name, self.backends[index].url)
-        return fresh
 
     def is_gone(self, index: int) -> bool:
         with self._lock:
@@ -321,13 +320,14 @@ class RouterHandler(BaseHTTPRequestHandler):
         body = self._read_body(target)
         if body is None:
             return
-        for _attempt in range(len(self.router.backends) + 1):  # another if one is gone
+        attempts = len(self.router.backends) + 1  # another replica while one is gone
+        for attempt in range(attempts):
             index = self.router.choose(body, self.headers)
             if self._session_gone(target, index):
                 return
             self.router.begin(index)
             try:
-                if self._forward(target, index, body):
+                if self._forward(target, index, body, last=attempt == attempts - 1):
                     return
             finally:
                 self.router.end(index)
@@ -368,9 +368,10 @@ class RouterHandler(BaseHTTPRequestHandler):
             return None
         return self.rfile.read(int(length))
 
-    def _forward(self, target: Target, index: int, body: bytes) -> bool:
+    def _forward(self, target: Target, index: int, body: bytes, last: bool) -> bool:
         """Send to replica ``index`` and relay its answer; False (nothing answered) when the
-        replica refused the connection and another may take the request."""
+        replica refused the connection and, not being the ``last`` attempt, another may take
+        the request."""
         headers = forwarded(self.headers.items())
         if target.kind == "rest_stream":
             headers = [("Accept", v) if n.lower() == STREAM_ACCEPT_HEADER.lower() else (n, v)
@@ -378,8 +379,8 @@ class RouterHandler(BaseHTTPRequestHandler):
         try:
             conn, response = self.router.open(index, "POST", "/invocations", body, headers)
         except ReplicaError as exc:
-            if isinstance(exc.__cause__, ConnectionRefusedError) and \
-                    self.router.mark_gone(index):
+            if isinstance(exc.__cause__, ConnectionRefusedError) and not last:
+                self.router.mark_gone(index)
                 return False  # try again: its session is now unknown, others go elsewhere
             log.warning("%s", exc)
             self._error(target, 502, str(exc))

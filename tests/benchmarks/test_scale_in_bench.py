@@ -4,17 +4,11 @@ over while a replica without a shared tier recomputes it all."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).parents[2] / "benchmarks" / "scale_in.py"
+import importlib
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("scale_in_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("scale_in")  # benchmarks/ is on the path (conftest.py)
 
 
 def test_quick_mode_gives_every_figure_and_the_drain_loses_no_history(tmp_path):

@@ -222,3 +222,27 @@ def test_prefix_aware_spreads_creates(replicas):
         assert picked == {"r0", "r1", "r2"}
     finally:
         router.close()
+
+
+def test_requests_racing_to_a_gone_replica_all_reach_the_one_left(replicas):
+    """Scenario: many requests at once while a replica has just gone; each one that finds it
+    refusing goes to the replica left (none is a 502 because another found it first)."""
+    live = replicas[0]
+    router = Router([Backend("gone", "127.0.0.1", closed_port()),
+                     Backend.from_url(live.url, live.name)], make_policy("random", seed=1)).start()
+    try:
+        answers: list = []
+        start = threading.Barrier(4)  # the router's listen backlog is 5 connections
+
+        def send() -> None:
+            start.wait()
+            answers.append(post(router.url, chat()))
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [a.status for a in answers] == [200] * 4
+        assert {a.replica for a in answers} == {live.name}
+    finally:
+        router.close()
