@@ -55,8 +55,9 @@ class Endpoint:
         """The SIGTERM path, all within ``timeout_s`` (``drain_timeout_s``): refuse new
         connections, let requests in flight finish (at most half the time), write the
         sessions' pinned conversations and the write-behind queue to the shared tier, close.
-        What the time did not allow is logged and dropped, never waited for. Call it from a
-        thread other than the one in ``serve_forever``."""
+        What the time did not allow is logged and dropped, never waited for (``timeout_s`` 0:
+        no drain, queued write-behinds dropped). Call it once ``serve_forever`` has returned,
+        or from another thread."""
         began = time.monotonic()
         self.server.shutdown()
         self.server.server_close()  # new connections are refused from here on
@@ -65,7 +66,7 @@ class Endpoint:
             log.warning("drain: %d request(s) still in flight after %.1f s; their turns may "
                         "not be drained", busy, timeout_s / 2)
         report = self.service.sessions.drain(max(0.0, timeout_s - (time.monotonic() - began)))
-        self.close(discard_queued=report is not None and not report.complete)
+        self.close(discard_queued=timeout_s <= 0 or (report is not None and not report.complete))
         return report
 
 
