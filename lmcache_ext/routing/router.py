@@ -5,7 +5,9 @@ Paths served:
   (status, headers and body both ways; a streamed answer is relayed piece by piece).
 - ``POST /endpoints/{name}/invocations``: SageMaker runtime's ``InvokeEndpoint``. A container
   answer of 2xx is relayed (with ``X-Amzn-SageMaker-New-Session-Id`` / ``-Closed-Session-Id``,
-  which botocore reads as ``NewSessionId`` / ``ClosedSessionId``); any other status becomes
+  which botocore reads as ``NewSessionId`` / ``ClosedSessionId``; a create answered as LMI
+  answers it, in ``X-Amzn-SageMaker-Session-Id``, becomes ``NewSessionId`` as on SageMaker:
+  ``new_session_value``); any other status becomes
   SageMaker's ``ModelError`` (424, with ``OriginalStatusCode`` and ``OriginalMessage``).
 - ``POST /endpoints/{name}/invocations-response-stream``: ``InvokeEndpointWithResponseStream``;
   the container's streamed body relayed as event-stream ``PayloadPart`` events. As on SageMaker,
@@ -180,16 +182,18 @@ class Router:
     def observe(self, index: int, status: int, headers: Iterable[tuple[str, str]]) -> None:
         """Record a created session (a 2xx answer naming a new session: with the
         ``NEW_SESSION`` header or without it, as the server allows), forget a closed one."""
-        for name, value in headers:
-            if name.lower() == NEW_SESSION_HEADER.lower() and 200 <= status < 300:
-                try:
-                    session_id, _ = parse_new_session(value)
-                except SessionError as exc:
-                    log.warning("replica %s answered a bad session id: %s",
-                                self.backends[index].name, exc)
-                    continue
+        headers = list(headers)
+        created = new_session_value(headers)
+        if created is not None and 200 <= status < 300:
+            try:
+                session_id, _ = parse_new_session(created)
+            except SessionError as exc:
+                log.warning("replica %s answered a bad session id: %s",
+                            self.backends[index].name, exc)
+            else:
                 self.sessions.record(session_id, index)
-            elif name.lower() == CLOSED_SESSION_HEADER.lower():
+        for name, value in headers:
+            if name.lower() == CLOSED_SESSION_HEADER.lower():
                 self.sessions.forget(value.strip())
 
     # ---------------------------------------------------------------- forwarding
@@ -245,6 +249,20 @@ def _create_body(body: bytes) -> bool:
 def forwarded(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Headers less the per-connection ones."""
     return [(name, value) for name, value in headers if name.lower() not in _HOP]
+
+
+def new_session_value(headers: Iterable[tuple[str, str]]) -> str | None:
+    """The ``<id>; Expires=...`` a container's answer gives a new session, or None. A container
+    names it in ``X-Amzn-SageMaker-Session-Id`` (LMI's create answer: djl-serving 7e13b08,
+    ``djl_python/session_utils.py`` lines 21 and 37-40, the only header LMI sends; AWS's
+    stateful-sessions guide has the container answer that header); the built-in server also
+    sends ``X-Amzn-SageMaker-New-Session-Id``, the header botocore reads as ``NewSessionId``.
+    A ``Session-Id`` value without ``Expires=`` names no new session."""
+    found = {name.lower(): value for name, value in headers}
+    if NEW_SESSION_HEADER.lower() in found:
+        return found[NEW_SESSION_HEADER.lower()]
+    value = found.get(SESSION_HEADER.lower())
+    return value if value is not None and "expires=" in value.lower() else None
 
 
 def _model_error(status: int, body: bytes) -> dict[str, Any]:
@@ -371,8 +389,12 @@ class RouterHandler(BaseHTTPRequestHandler):
             self._error(Target("rest"), 502, self._broken(index, exc))
             return
         if 200 <= response.status < 300:
-            self._send(200, data, self._reply_headers(index, response) +
-                       [(VARIANT_HEADER, VARIANT_NAME)])
+            headers = self._reply_headers(index, response)
+            created = new_session_value(headers)
+            if created is not None and not any(n.lower() == NEW_SESSION_HEADER.lower()
+                                               for n, _ in headers):
+                headers.append((NEW_SESSION_HEADER, created))  # SageMaker's NewSessionId
+            self._send(200, data, headers + [(VARIANT_HEADER, VARIANT_NAME)])
             return
         self._send(424, json.dumps(_model_error(response.status, data)).encode(),
                    [("Content-Type", "application/json"), (ERROR_TYPE_HEADER, "ModelError"),

@@ -1,4 +1,4 @@
-"""Our image serving real requests with the cache on, in containers (issue 23 a, b, c, d, f).
+"""Our image serving real requests with the cache on, in containers (issue 23 a to f).
 
 The seed's configs (container/lmcache_config_*.yaml) are mounted in the model directory and the
 seed's env vars (sagemaker_tests/seed.env) set, as a user runs the image. Prompts are token ids
@@ -13,19 +13,24 @@ container's log (``emf_totals``).
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from lmcache_ext.testing.redis_server import RedisServer
 from lmcache_ext.testing.vllm_engine import text_prompt
+from sagemaker_tests.conftest import ENDPOINT_ENV, RUNTIME_NAME_ENV, RUNTIME_URL_ENV
 from sagemaker_tests.deployment import SESSIONS_DEFAULTS
 from sagemaker_tests.envfile import read_env_file
 from tests.image.conftest import STAND_IN, Containers, make_model_dir
-from tests.image.containers import REPO, Container, ContainerSpec
+from tests.image.containers import REPO, Container, ContainerSpec, free_port
 
 SEED_ENV = read_env_file(REPO / "sagemaker_tests" / "seed.env")
 NO_VLLM_PREFIX_CACHE = {"OPTION_ENABLE_PREFIX_CACHING": "false"}
@@ -231,6 +236,63 @@ def test_two_containers_share_a_keyed_redis_and_another_key_gets_no_hits(shared_
         assert figures.get("LoadedTokens.remote", 0) == 0, figures
     finally:
         other.remove()
+
+
+ENDPOINT = "lmcache-ext-image-e"
+SUITE = ("sagemaker_tests/test_endpoint.py", "sagemaker_tests/test_sessions.py",
+         "sagemaker_tests/test_warm.py")  # test_deploy.py drives a stubbed AWS, no endpoint
+# The suite's cases for an LMI target on the stand-in: 21 run, 12 are skipped with the reason
+# (streaming: 3; payloads LMI does not refuse: 6; the built-in server's context, logs, expiry).
+MIN_PASSED = 21
+
+
+def start_router(backends: list[Container], log_path) -> tuple[subprocess.Popen, str]:
+    """``lmcache-ext route`` (the local SageMaker runtime) in front of ``backends``; its URL
+    once /ping answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "lmcache_ext.cli", "route", "--port", str(port),
+               "--endpoint-name", ENDPOINT]
+    for server in backends:
+        command += ["--backend", f"http://127.0.0.1:{server.port}"]
+    with open(log_path, "w") as log:
+        router = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and router.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as reply:
+                if reply.status == 200:
+                    return router, url
+        except OSError:
+            time.sleep(0.2)
+    router.kill()
+    raise AssertionError(f"the router did not answer /ping:\n{log_path.read_text()}")
+
+
+def test_the_sagemaker_suite_passes_against_two_containers_behind_the_local_runtime(
+        shared_pair, tmp_path):
+    """e: the SageMaker suite (sagemaker_tests, through boto3 and the SDK) against c's two
+    containers (the seed's config and env vars, one keyed Redis, stateful sessions on) behind
+    `lmcache-ext route`, SageMaker runtime's API on loopback; the suite's LMI target
+    (``LOCAL_SAGEMAKER_RUNTIME_URL``: LMI's answers and statuses, no streaming on the stand-in)."""
+    _, _, pair = shared_pair
+    router, url = start_router(pair, tmp_path / "router.log")
+    env = {k: v for k, v in os.environ.items() if k != ENDPOINT_ENV}
+    env.update({RUNTIME_URL_ENV: url, RUNTIME_NAME_ENV: ENDPOINT})
+    began = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p",
+                               "no:cacheprovider", *SUITE], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        router.terminate()
+        router.wait(timeout=30)
+    said = done.stdout + done.stderr
+    print(f"\nthe SageMaker suite against two containers behind the router: "
+          f"{time.perf_counter() - began:.0f} s\n" + "\n".join(said.splitlines()[-25:]))
+    assert done.returncode == 0, said[-6000:]
+    passed = re.search(r"(\d+) passed", said)
+    assert passed and int(passed.group(1)) >= MIN_PASSED, said[-3000:]
 
 
 UNSUPPORTED_BASE = """FROM {stand_in}
