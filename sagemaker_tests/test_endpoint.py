@@ -55,7 +55,8 @@ def test_openai_chat_messages(client):
 
 def needs_streaming(target) -> None:
     if not target.streams:
-        pytest.skip("the LMI stand-in's model server does not stream (lmi_server.py); LMI does")
+        pytest.skip("the LMI stand-in's model server does not stream (lmi_stand_in/server.py); "
+                    "LMI does")
 
 
 def test_streaming_is_json_lines_ending_with_the_full_text(boto3_client, target):

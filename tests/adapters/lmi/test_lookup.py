@@ -27,13 +27,13 @@ from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
 from lmcache_ext.engine import key_namespace
 from lmcache_ext.keys import PrefixHasher
-from lmcache_ext.testing.lmi_frontend import answer_of, encode_request
 from lmcache_ext.wire import (
     CUSTOM_ATTRIBUTES_HEADER,
     LOOKUP_ATTRIBUTE,
     LOOKUP_REQUEST,
     format_lookup,
 )
+from lmi_stand_in.frontend import answer_of, encode_request
 from tests.adapters.lmi.helpers import (  # noqa: F401  (aws_region: a fixture)
     Recorder,
     aws_region,
