@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,6 +89,15 @@ class ForwardTimer:
         return done
 
 
+@dataclass(frozen=True)
+class HeldPin:
+    """A request's pin on this rank, taken by the lookup ``pin_id``."""
+
+    pin_id: int
+    pin: PrefixPin
+    tiers: dict[int, str]  # chunk index -> the tier it was found in (the load counts by tier)
+
+
 class WorkerSide:
     """One rank's cache and KV mover. ``load``/``save`` run on vLLM's model-runner thread;
     ``lookup``/``release`` on the channel's thread (or the scheduler's, in-process)."""
@@ -97,8 +107,7 @@ class WorkerSide:
         self.block_size = block_size
         self.rank = rank
         self._views: list[kernels.PagedKV] = []
-        # req_id -> (pin id, pin, {chunk index: the tier it was found in})
-        self._pins: dict[str, tuple[int, PrefixPin, dict[int, str]]] = {}
+        self._pins: dict[str, HeldPin] = {}  # by request id
         self._pins_lock = threading.Lock()
         self.save_failures = 0  # saves that raised: logged, counted, never passed on
         self.stats = LMCacheExtStats()  # this rank's figures since vLLM last took them
@@ -205,9 +214,9 @@ class WorkerSide:
             if pin is not None:
                 found = {request.first + i: tier
                          for i, tier in enumerate(tiers[request.first:held])}
-                self._pins[request.req_id] = (request.pin_id, pin, found)
+                self._pins[request.req_id] = HeldPin(request.pin_id, pin, found)
         if old is not None:
-            old[1].release()  # after the new pin: chunks in both are never unpinned between
+            old.pin.release()  # after the new pin: chunks in both are never unpinned between
         return RankAnswer(held, _runs(tiers[:held]), self.chunk_read_s())
 
     def chunk_read_s(self) -> dict[str, float]:
@@ -218,11 +227,11 @@ class WorkerSide:
 
     def release(self, req_id: str, pin_id: int) -> None:
         with self._pins_lock:
-            entry = self._pins.get(req_id)
-            if entry is None or entry[0] != pin_id:
+            held = self._pins.get(req_id)
+            if held is None or held.pin_id != pin_id:
                 return  # already released, or a newer lookup re-pinned the request
             del self._pins[req_id]
-        entry[1].release()
+        held.pin.release()
 
     def release_session(self, session_id: str) -> int:
         """The session was closed: unpin its conversation; the bytes freed."""
@@ -254,8 +263,8 @@ class WorkerSide:
         loaded = op.start
         began, self._moved = time.perf_counter(), True
         with self._pins_lock:
-            entry = self._pins.get(op.req_id)
-        found = entry[2] if entry is not None and entry[0] == op.pin_id else {}
+            held = self._pins.get(op.req_id)
+        found = held.tiers if held is not None and held.pin_id == op.pin_id else {}
         try:
             loaded = self._copy_in(op, spans, after,
                                    self._bg_streams if background else self._step_streams,
@@ -461,8 +470,8 @@ class WorkerSide:
         self.saver.close()
         with self._pins_lock:
             pins, self._pins = list(self._pins.values()), {}
-        for _, pin, _ in pins:
-            pin.release()
+        for held in pins:
+            held.pin.release()
         if self.sessions is not None:
             self.sessions.close()
         self.engine.close()
