@@ -295,7 +295,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         # the request.
         loaded, failed_blocks = self.worker.take_background_loads()
         self._load_errors.update(failed_blocks)
-        ops = getattr(self._get_connector_metadata(), "finishing", ()) \
+        ops = getattr(self._get_connector_metadata(), "decode_saves", ()) \
             if self.has_connector_metadata() else ()
         for op in ops:
             self.worker.save(op)  # a failed save is logged and counted; the blocks go back

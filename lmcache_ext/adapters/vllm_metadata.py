@@ -38,6 +38,7 @@ class LMCacheExtMetadata(KVConnectorMetadata):
 
     loads: list[TransferOp] = field(default_factory=list)
     saves: list[TransferOp] = field(default_factory=list)
-    # Saves of finished requests whose blocks vLLM holds until get_finished reports them.
-    finishing: list[TransferOp] = field(default_factory=list)
+    # Decode saves: a finished request's prompt + output chunks (``save_decode_cache``), its
+    # blocks held by vLLM until get_finished reports the request.
+    decode_saves: list[TransferOp] = field(default_factory=list)
     num_scheduled_tokens: int = 0  # the step's tokens (the workers time the forward pass)

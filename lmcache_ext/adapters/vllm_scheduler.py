@@ -80,7 +80,7 @@ class SchedulerSide:
         self.caches = caches
         self.save_decode_cache = save_decode_cache
         self._requests: dict[str, _RequestState] = {}
-        self._finishing: list[TransferOp] = []  # decode saves for the next metadata
+        self._decode_saves: list[TransferOp] = []  # for the next metadata
         self._pin_ids = itertools.count(1)
         self._said_chunked = False  # the first chunked prefill's saves are logged, once
 
@@ -179,9 +179,9 @@ class SchedulerSide:
                 state.loading = False
 
     def build_meta(self, scheduler_output: SchedulerOutput) -> LMCacheExtMetadata:
-        meta = LMCacheExtMetadata(loads=self._background, finishing=self._finishing,
+        meta = LMCacheExtMetadata(loads=self._background, decode_saves=self._decode_saves,
                                   num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens)
-        self._finishing, self._background = [], []
+        self._decode_saves, self._background = [], []
         cached = scheduler_output.scheduled_cached_reqs
         # A request preempted and resumed in the same step was re-planned at its allocation.
         scheduled = {r.req_id for r in scheduler_output.scheduled_new_reqs} | set(cached.req_ids)
@@ -267,7 +267,7 @@ class SchedulerSide:
         op = self._decode_save(request, state, block_ids) if self.save_decode_cache else None
         if op is None:
             return False
-        self._finishing.append(op)
+        self._decode_saves.append(op)
         return True
 
     def _decode_save(self, request: Request, state: _RequestState,
