@@ -73,7 +73,7 @@ class SchedulerSide:
         self.hasher = hasher
         self.cost = cost
         self.async_load = async_load  # config's async_load: slow_tiers, always or never
-        self._background: list[TransferOp] = []  # background loads for the next metadata
+        self._background_loads: list[TransferOp] = []  # for the next metadata
         self.stats = LMCacheExtStats()  # this side's figures since vLLM last took them
         self.chunk_size = hasher.chunk_size
         self.block_size = block_size
@@ -167,7 +167,7 @@ class SchedulerSide:
         elif state.load_async:
             start, end = state.num_local, state.num_local + num_external
             state.block_ids = list(block_ids)
-            self._background.append(TransferOp(
+            self._background_loads.append(TransferOp(
                 request.request_id, state.digests[:-(-end // self.chunk_size)],
                 state.num_prompt, list(block_ids), start, end, state.pin_id, background=True))
             state.num_external, state.loading = 0, True
@@ -179,9 +179,9 @@ class SchedulerSide:
                 state.loading = False
 
     def build_meta(self, scheduler_output: SchedulerOutput) -> LMCacheExtMetadata:
-        meta = LMCacheExtMetadata(loads=self._background, decode_saves=self._decode_saves,
+        meta = LMCacheExtMetadata(loads=self._background_loads, decode_saves=self._decode_saves,
                                   num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens)
-        self._decode_saves, self._background = [], []
+        self._decode_saves, self._background_loads = [], []
         cached = scheduler_output.scheduled_cached_reqs
         # A request preempted and resumed in the same step was re-planned at its allocation.
         scheduled = {r.req_id for r in scheduler_output.scheduled_new_reqs} | set(cached.req_ids)
