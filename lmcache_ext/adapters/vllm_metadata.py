@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TransferOp:
     """One request's load or save: token positions [start, end) in ``block_ids``.
 
@@ -19,6 +19,7 @@ class TransferOp:
     ``background`` load runs off the step; the worker reports it finished in ``get_finished``.
     A save of a request in a SageMaker session names the session (``session``): the worker
     keeps the saved conversation pinned for it until the session is closed or expires.
+    Built by keyword only: its ints and lists cannot be told apart by position.
     """
 
     req_id: str

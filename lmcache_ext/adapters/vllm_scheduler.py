@@ -167,9 +167,8 @@ class SchedulerSide:
         elif state.load_async:
             start, end = state.num_local, state.num_local + num_external
             state.block_ids = list(block_ids)
-            self._background_loads.append(TransferOp(
-                request.request_id, state.digests[:-(-end // self.chunk_size)],
-                state.num_prompt, list(block_ids), start, end, state.pin_id, background=True))
+            self._background_loads.append(self._prompt_op(
+                request.request_id, state, start, end, pin_id=state.pin_id, background=True))
             state.num_external, state.loading = 0, True
 
     def loads_finished(self, req_ids: set[str]) -> None:
@@ -208,11 +207,8 @@ class SchedulerSide:
             # chunks up to the one holding its last token. The worker drops the pin after the
             # load; the request's end or preemption releases it too (a no-op by then, unless
             # the load never ran).
-            chunks = -(-num_computed // self.chunk_size)
-            meta.loads.append(TransferOp(req_id, state.digests[:chunks], state.num_prompt,
-                                         list(state.block_ids),
-                                         num_computed - state.num_external, num_computed,
-                                         state.pin_id))
+            meta.loads.append(self._prompt_op(req_id, state, num_computed - state.num_external,
+                                              num_computed, pin_id=state.pin_id))
             state.num_external = 0
         done = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
         if state.cacheable and num_computed < state.num_prompt:
@@ -226,9 +222,8 @@ class SchedulerSide:
         end = self._save_end(state, done)
         if end > state.saved_until:
             # The prompt's KV in [saved_until, end) is complete after this step.
-            meta.saves.append(TransferOp(req_id, state.digests[:-(-end // self.chunk_size)],
-                                         state.num_prompt, list(state.block_ids),
-                                         state.saved_until, end, session=state.session))
+            meta.saves.append(self._prompt_op(req_id, state, state.saved_until, end,
+                                              session=state.session))
             if done < state.num_prompt:  # a chunked prefill's step: saved before its end
                 self.stats.add("prefill_step_saved_tokens", end - state.saved_until)
                 state.early_saved += end - state.saved_until
@@ -284,8 +279,16 @@ class SchedulerSide:
             return None  # no chunk holds output tokens (the prompt's are saved after prefill)
         whole = state.digests[:state.num_prompt // self.chunk_size]  # extend, never rehash
         digests = self.hasher.digests(tokens[:end], state.salt, known=whole)
-        return TransferOp(request.request_id, digests, end, list(block_ids), 0, end,
-                          session=state.session)
+        return TransferOp(req_id=request.request_id, digests=digests, num_tokens=end,
+                          block_ids=list(block_ids), start=0, end=end, session=state.session)
+
+    def _prompt_op(self, req_id: str, state: _RequestState, start: int, end: int,
+                   **extra: int | bool | str | None) -> TransferOp:
+        """A load or save of prompt positions [start, end) in the request's blocks, with the
+        digests of its chunks up to the one holding position ``end - 1``."""
+        return TransferOp(req_id=req_id, digests=state.digests[:-(-end // self.chunk_size)],
+                          num_tokens=state.num_prompt, block_ids=list(state.block_ids),
+                          start=start, end=end, **extra)
 
     def _release(self, req_id: str, state: _RequestState) -> None:
         if state.pin_id:
