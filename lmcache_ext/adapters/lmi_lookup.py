@@ -120,7 +120,7 @@ class LmiLookup:
             scheduler_hasher,
         )
         from lmcache_ext.adapters.vllm_plugin import runs_our_connector
-        from lmcache_ext.adapters.worker_channel import WorkerCaches
+        from lmcache_ext.adapters.worker_channel import AllRanksClient
 
         vllm_config = getattr(engine, "vllm_config", None)
         if vllm_config is None or not runs_our_connector(vllm_config):
@@ -128,7 +128,7 @@ class LmiLookup:
         config = LMCacheExtConnector.effective_config(vllm_config)
         hasher = scheduler_hasher(config, model_layout(vllm_config), vllm_config)
         world = vllm_config.parallel_config.tensor_parallel_size
-        caches = WorkerCaches(str(vllm_config.kv_transfer_config.engine_id), world,
+        caches = AllRanksClient(str(vllm_config.kv_transfer_config.engine_id), world,
                               config.worker_lookup_timeout_s, config.worker_lookup_backoff_s)
         log.info("lmcache-ext handler: lookups (custom attribute lmcache-ext-lookup) are "
                  "answered from the workers' caches without generating")

@@ -44,7 +44,7 @@ from lmcache_ext.adapters.vllm_stats import (
     merge_into,
 )
 from lmcache_ext.adapters.vllm_worker import WorkerSide
-from lmcache_ext.adapters.worker_channel import WorkerCaches
+from lmcache_ext.adapters.worker_channel import AllRanksClient
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import EngineConfig, load_config
 from lmcache_ext.cost import CostModel
@@ -169,7 +169,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()  # blocks of failed loads, reported once
         self._emf: EmfReporter | None = None
         if role == KVConnectorRole.SCHEDULER:
-            caches = WorkerCaches(engine_key, world, self.config.worker_lookup_timeout_s,
+            caches = AllRanksClient(engine_key, world, self.config.worker_lookup_timeout_s,
                                   self.config.worker_lookup_backoff_s)
             chunk = self.config.chunk_size
             cost = CostModel(chunk, math.prod(layout.shape(chunk)) * layout.dtype.itemsize,

@@ -26,7 +26,7 @@ from lmcache_ext.adapters import vllm_compat
 from lmcache_ext.adapters.session_params import session_of
 from lmcache_ext.adapters.vllm_metadata import LMCacheExtMetadata, TransferOp
 from lmcache_ext.adapters.vllm_stats import LMCacheExtStats
-from lmcache_ext.adapters.worker_channel import LookupAnswer, LookupRequest, WorkerCaches
+from lmcache_ext.adapters.worker_channel import AllRanksClient, LookupAnswer, LookupRequest
 from lmcache_ext.cost import CostModel
 from lmcache_ext.keys import PrefixHasher
 
@@ -68,7 +68,7 @@ class _RequestState:
 class SchedulerSide:
     """Used from vLLM's scheduler thread only."""
 
-    def __init__(self, hasher: PrefixHasher, caches: WorkerCaches, block_size: int,
+    def __init__(self, hasher: PrefixHasher, caches: AllRanksClient, block_size: int,
                  save_decode_cache: bool, cost: CostModel, async_load: str = "slow_tiers"):
         self.hasher = hasher
         self.cost = cost

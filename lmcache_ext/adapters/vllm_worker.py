@@ -1,7 +1,7 @@
 """The connector's worker side: one per tensor-parallel rank, in the process that holds the KV.
 
 It owns the rank's ``CacheEngine`` (its tiers live here, beside the KV they copy), answers the
-scheduler's lookups (``worker_channel.CacheService``: count the held chunks, pin them until the
+scheduler's lookups (``worker_channel.RankCache``: count the held chunks, pin them until the
 load), and moves bytes: a load copies each cached chunk straight from the tier's buffer into the
 request's paged blocks (one copy per chunk; only the positions vLLM asked for), a save gathers the
 chunks the engine lacks and stores them. A failed or short load reports its blocks as load
@@ -30,7 +30,7 @@ from lmcache_ext.adapters.load_pipeline import LoadPipeline, LoadStreams
 from lmcache_ext.adapters.staging import StagingArea
 from lmcache_ext.adapters.vllm_metadata import TransferOp
 from lmcache_ext.adapters.vllm_stats import TIER_EVENTS, LMCacheExtStats
-from lmcache_ext.adapters.worker_channel import CacheServer, LookupRequest, RankAnswer
+from lmcache_ext.adapters.worker_channel import LookupRequest, RankAnswer, RankCacheServer
 from lmcache_ext.adapters.worker_sessions import WorkerSessions
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.engine import CacheEngine, PrefixPin
@@ -128,7 +128,7 @@ class WorkerSide:
         config = engine.config
         self.sessions = (WorkerSessions(engine, config.sessions_expiration_s)
                          if config.enable_stateful_sessions else None)
-        self.server = CacheServer(engine_key, rank, self)
+        self.server = RankCacheServer(engine_key, rank, self)
 
     # -------------------------------------------------------------- vLLM's caches
 
