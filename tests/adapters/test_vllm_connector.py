@@ -429,7 +429,7 @@ def test_a_16x_longer_prompt_moves_through_the_same_fixed_staging_buffers(tmp_pa
     it was (two chunks' worth), and the 16 chunks that went through its two buffers come back
     bit for bit."""
     rig = rig_for(tmp_path, layout, backend, staging_chunks=2)
-    staging = rig.worker.worker.staging
+    staging = rig.worker.worker.kv.staging
     engine = rig.worker.engine
     chunk_bytes = engine.layout.dtype.itemsize * int(torch.Size(engine.layout.shape(CHUNK))
                                                      .numel())
