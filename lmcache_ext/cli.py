@@ -102,7 +102,7 @@ def serve(args: argparse.Namespace) -> int:
 def route(args: argparse.Namespace) -> int:
     """A router in front of ``--replicas N`` built-in replicas (started here) or ``--backend``
     URLs (already running)."""
-    from lmcache_ext.routing.policy import make_policy
+    from lmcache_ext.routing.policy import PrefixAware, make_policy
     from lmcache_ext.routing.router import Backend, Router
 
     if (args.replicas is not None) == bool(args.backend):
@@ -114,7 +114,8 @@ def route(args: argparse.Namespace) -> int:
             raise ValueError(f"--replicas: {args.replicas} must be >= 1")
         if args.timeout_s <= 0:
             raise ValueError(f"--timeout-s: {args.timeout_s} must be > 0")
-        policy = make_policy(args.mode, prefix_chars=args.prefix_chars)
+        policy = make_policy(args.mode, settings=PrefixAware(args.prefix_length,
+                                                             args.concurrency_threshold))
         backends = [Backend.from_url(url, f"backend-{i}") for i, url in
                     enumerate(args.backend or [])]
     except ValueError as exc:
@@ -145,7 +146,12 @@ def route(args: argparse.Namespace) -> int:
 
 
 def _add_route_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from lmcache_ext.routing.policy import DEFAULT_PREFIX_CHARS, MODES
+    from lmcache_ext.routing.policy import (
+        DEFAULT_CONCURRENCY_THRESHOLD,
+        DEFAULT_PREFIX_LENGTH,
+        MODES,
+        SAGEMAKER_STRATEGIES,
+    )
     from lmcache_ext.routing.router import DEFAULT_TIMEOUT_S
 
     parser = commands.add_parser(
@@ -157,11 +163,18 @@ def _add_route_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--replicas", type=int, help="start N built-in replicas here")
     parser.add_argument("--backend", action="append", help="a running replica's URL "
                                                             "(repeat for each)")
-    parser.add_argument("--mode", default="least_outstanding", choices=list(MODES),
-                        help="routing of requests without a session (default least_outstanding)")
-    parser.add_argument("--prefix-chars", type=int, default=DEFAULT_PREFIX_CHARS,
-                        help="prefix_aware: characters of the rendered prompt hashed "
-                             f"(default {DEFAULT_PREFIX_CHARS}, about one 256-token chunk)")
+    parser.add_argument("--mode", default="least_outstanding",
+                        choices=[*MODES, *SAGEMAKER_STRATEGIES],
+                        help="routing of requests without a session, ours or SageMaker's name "
+                             "(default least_outstanding)")
+    parser.add_argument("--prefix-length", type=int, default=DEFAULT_PREFIX_LENGTH,
+                        help="prefix_aware: SageMaker's PrefixLength, bytes of the body hashed "
+                             f"(default {DEFAULT_PREFIX_LENGTH})")
+    parser.add_argument("--concurrency-threshold", type=int,
+                        default=DEFAULT_CONCURRENCY_THRESHOLD,
+                        help="prefix_aware: SageMaker's ConcurrencyThreshold, requests in flight "
+                             "on the prefix's replica before another takes the request "
+                             f"(default {DEFAULT_CONCURRENCY_THRESHOLD})")
     parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
                         help="a replica silent this long is an error (default "
                              f"{DEFAULT_TIMEOUT_S:.0f})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmcache_ext.config import load_config
+from lmcache_ext.routing.policy import PrefixAware
 from lmcache_ext.routing.replicas import start_replicas
 from lmcache_ext.sessions.protocol import NEW_SESSION_HEADER, SESSION_HEADER, parse_new_session
 from tests.routing.conftest import post, start_router
@@ -51,7 +52,7 @@ def test_prefix_aware_spreads_creates_sent_without_the_header(engines):
 
 
 def test_prefix_aware_sends_a_shared_prefix_where_it_is_cached(engines):
-    router = start_router(engines.backends, "prefix_aware", prefix_chars=len(DOC))
+    router = start_router(engines.backends, "prefix_aware", PrefixAware(len(DOC)))
     try:
         answers = [post(router.url, {"inputs": f"{DOC} Question {i}?",
                                      "parameters": {"max_new_tokens": 2}}) for i in range(3)]
