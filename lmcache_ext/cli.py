@@ -8,15 +8,25 @@ import json
 import logging
 import sys
 
-from lmcache_ext.config import ConfigError, EngineConfig, as_dict, describe, load_config
+from lmcache_ext.config import (
+    ConfigError,
+    EngineConfig,
+    as_dict,
+    default_of,
+    describe,
+    load_config,
+)
 from lmcache_ext.sizing.advisor import (
+    BYTES_PER_TOKEN,
     KNOWN_MODELS,
+    PrefixAdvice,
     advise,
     as_json,
     known_model,
     plan_capacity,
     read_model_config,
     render,
+    suggest_prefix_length,
 )
 from lmcache_ext.sizing.instances import INSTANCES, Instance, get_instance
 from lmcache_ext.units import GB, GIB
@@ -327,13 +337,35 @@ def _advise_instance(args: argparse.Namespace) -> Instance:
     return Instance("custom", args.gpus, args.gpu_mem, args.ram, (args.nvme or 0) * GIB / GB)
 
 
+def _advise_prefix(args: argparse.Namespace) -> PrefixAdvice | None:
+    if args.shared_prefix_tokens is None:
+        if args.group_prefix_tokens is not None:
+            raise AdviseError("--group-prefix-tokens: only with --shared-prefix-tokens")
+        return None
+    if args.bytes_per_token <= 0:
+        raise AdviseError(f"--bytes-per-token: {args.bytes_per_token} must be > 0")
+    try:
+        return suggest_prefix_length(args.chunk_size, args.shared_prefix_tokens,
+                                     args.group_prefix_tokens, args.bytes_per_token)
+    except ValueError as exc:
+        raise AdviseError(str(exc)) from exc
+
+
 def run_advise(args: argparse.Namespace) -> int:
     capacity = plan_capacity(_advise_model(args), _advise_instance(args), tp=args.tp)
     advice = advise(capacity, args.context) if args.context else None
+    prefix = _advise_prefix(args)
     if args.json:
-        print(json.dumps(as_json(capacity, advice), indent=2))
-    else:
-        print("\n".join(render(capacity, advice)))
+        out = as_json(capacity, advice)
+        if prefix is not None:
+            out["prefix_aware"] = {"prefix_length": prefix.prefix_length,
+                                   "key_tokens": prefix.key_tokens, "reason": prefix.reason}
+        print(json.dumps(out, indent=2))
+        return 0
+    print("\n".join(render(capacity, advice)))
+    if prefix is not None:
+        print(f"SageMaker PREFIX_AWARE routing: --prefix-length {prefix.prefix_length} (bytes of "
+              f"the request body, ~{prefix.key_tokens} tokens): {prefix.reason}")
     return 0
 
 
@@ -353,6 +385,17 @@ def _add_advise_parser(commands: argparse._SubParsersAction) -> argparse.Argumen
     advise_parser.add_argument("--tp", type=int, help="tensor parallel degree (default: chosen)")
     advise_parser.add_argument("--context", type=int,
                                help="tokens of reusable context to plan for")
+    advise_parser.add_argument("--shared-prefix-tokens", type=int,
+                               help="tokens every request starts with (a system prompt): "
+                                    "suggest SageMaker's PREFIX_AWARE PrefixLength")
+    advise_parser.add_argument("--group-prefix-tokens", type=int,
+                               help="tokens a group of requests shares after that (a document), "
+                                    "checked against the suggestion")
+    advise_parser.add_argument("--chunk-size", type=int, default=default_of("chunk_size"),
+                               help="the cache's chunk_size (default %(default)s)")
+    advise_parser.add_argument("--bytes-per-token", type=float, default=BYTES_PER_TOKEN,
+                               help="bytes of request body per prompt token (default "
+                                    "%(default)s: English text)")
     advise_parser.add_argument("--json", action="store_true", help="print JSON")
     advise_parser.set_defaults(handler=_advise)
     return advise_parser
