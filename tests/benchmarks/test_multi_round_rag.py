@@ -32,8 +32,8 @@ def test_each_round_asks_every_user_about_a_drawn_document():
 
 
 def test_hit_rate_counts_the_shared_prefix_and_the_ceiling_misses_each_first_request():
-    """Scenario: document 0 asked twice (the second hit whole), document 1 once, then twice
-    more... by the numbers below."""
+    """Scenario: two documents, each asked in both rounds: round 1 misses both; round 2 loads
+    document 0's whole prefix (and more, not counted) and 64 tokens of document 1's."""
     bench = _bench()
     shared = 128  # 32 + 96 tokens, whole 16-token chunks
     answered = [[(0, turn(0, 3.0)), (1, turn(0, 3.0))],
