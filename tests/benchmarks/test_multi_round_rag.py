@@ -31,6 +31,14 @@ def test_each_round_asks_every_user_about_a_drawn_document():
     assert plan == bench.rag_requests(work(bench, documents=5, users=4, rounds=3))  # seeded
 
 
+def test_the_ceiling_misses_each_documents_first_request_but_its_system_prompt():
+    bench = _bench()
+    # 128 shared tokens (32 system + 96 document): 0 + 32 (document 1 new, system cached) + 128
+    # + 128 of 4 x 128
+    assert bench.rag_ceiling(work(bench), [0, 1, 0, 1]) == (32 + 128 + 128) / (4 * 128)
+    assert bench.rag_ceiling(work(bench), [0, 0]) == 0.5
+
+
 def test_hit_rate_counts_the_shared_prefix_and_the_ceiling_misses_each_first_request():
     """Scenario: two documents, each asked in both rounds: round 1 misses both; round 2 loads
     document 0's whole prefix (and more, not counted) and 64 tokens of document 1's."""
@@ -40,6 +48,5 @@ def test_hit_rate_counts_the_shared_prefix_and_the_ceiling_misses_each_first_req
                 [(0, turn(shared + 40, 1.0)), (1, turn(64, 2.0))]]
     row = bench.summarise_rag(answered, work(bench), total_s=9.0, served=[2, 2])
     assert row["hit_rate"] == (shared + 64) / (4 * shared)  # cached beyond the prefix not counted
-    assert row["hit_ceiling"] == 0.5  # 2 of 4 requests are a document's first
     assert row["requests_hit"] == 0.25
     assert row["ttft_p50_repeat"] == 1.5 and row["ttft_p50"] == 2.5
