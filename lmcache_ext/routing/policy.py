@@ -171,7 +171,7 @@ class PrefixAwarePolicy(Policy):
         chosen = int.from_bytes(digest[:8], "big") % len(outstanding)
         if outstanding[chosen] < self.settings.concurrency_threshold:
             return chosen
-        # The idlest of the others (the chosen one counted busier, so it is never picked)...
+        # The idlest replica with the chosen one counted one busier (so a tie goes elsewhere)...
         others = [n if i != chosen else outstanding[chosen] + 1 for i, n in enumerate(outstanding)]
         spill = self._least(others)
         # ...if it has more room; otherwise the prefix stays where it is cached.
