@@ -171,10 +171,10 @@ class PrefixAwarePolicy(Policy):
         chosen = int.from_bytes(digest[:8], "big") % len(outstanding)
         if outstanding[chosen] < self.settings.concurrency_threshold:
             return chosen
-        # The idlest replica with the chosen one counted one busier (so a tie goes elsewhere)...
+        # The idlest replica, the chosen one counted one busier; it takes the request only
+        # with fewer in flight than the chosen one, else the prefix stays where it is cached.
         others = [n if i != chosen else outstanding[chosen] + 1 for i, n in enumerate(outstanding)]
         spill = self._least(others)
-        # ...if it has more room; otherwise the prefix stays where it is cached.
         return spill if outstanding[spill] < outstanding[chosen] else chosen
 
 
