@@ -12,6 +12,10 @@ Paths served:
 - ``POST /endpoints/{name}/invocations-response-stream``: ``InvokeEndpointWithResponseStream``;
   the container's streamed body relayed as event-stream ``PayloadPart`` events. As on SageMaker,
   a session cannot be created on this path (a ``ValidationError``).
+- ``POST /endpoints/{name}/openai/v1/chat/completions``: SageMaker's OpenAI-compatible path,
+  forwarded to the container's ``/v1/chat/completions`` (AWS does not say which container path
+  it calls; the built-in server and vLLM serve this one) and relayed as it comes. Its
+  prefix-aware key is the messages' text, not the body's bytes (``policy``).
 
 REST answers name the production variant (``x-Amzn-Invoked-Production-Variant``); request
 headers (custom attributes, content type, accept) reach the container as they came.
@@ -42,7 +46,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lmcache_ext.routing import eventstream
-from lmcache_ext.routing.policy import Policy, RouteRequest, SessionTable
+from lmcache_ext.routing.policy import (
+    INVOKE_API,
+    OPENAI_API,
+    Policy,
+    RouteRequest,
+    SessionTable,
+)
 from lmcache_ext.sessions.protocol import (
     CLOSED_SESSION_HEADER,
     NEW_SESSION,
@@ -65,7 +75,11 @@ VARIANT_HEADER = "x-Amzn-Invoked-Production-Variant"  # botocore's InvokedProduc
 VARIANT_NAME = "AllTraffic"  # SageMaker's usual name for an endpoint's one production variant
 DEFAULT_TIMEOUT_S = 600.0  # a replica silent this long (connect, or between two reads) is dead
 CONNECT_TIMEOUT_S = 5.0
-_REST_PATH = re.compile(r"^/endpoints/([^/]+)/(invocations|invocations-response-stream)$")
+_REST_PATH = re.compile(r"^/endpoints/([^/]+)/(invocations|invocations-response-stream|"
+                        r"openai/v1/chat/completions)$")
+_REST_KINDS = {"invocations": "rest", "invocations-response-stream": "rest_stream",
+               "openai/v1/chat/completions": "openai"}
+OPENAI_CONTAINER_PATH = "/v1/chat/completions"
 # Not forwarded: per-connection headers, and those the router rewrites.
 _HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
@@ -102,12 +116,17 @@ class ReplicaError(Exception):
 class Target:
     """Which of the router's paths a request came in on."""
 
-    kind: str  # "container", "rest" or "rest_stream"
+    kind: str  # "container", "rest", "rest_stream" or "openai"
     endpoint: str | None = None  # the REST path's endpoint name
 
     @property
     def rest(self) -> bool:
         return self.kind != "container"
+
+    @property
+    def api(self) -> str:
+        """Which SageMaker API's prefix-aware key applies."""
+        return OPENAI_API if self.kind == "openai" else INVOKE_API
 
 
 def target_of(path: str) -> Target | None:
@@ -116,7 +135,7 @@ def target_of(path: str) -> Target | None:
     match = _REST_PATH.match(path.split("?", 1)[0])
     if match is None:
         return None
-    return Target("rest" if match.group(2) == "invocations" else "rest_stream", match.group(1))
+    return Target(_REST_KINDS[match.group(2)], match.group(1))
 
 
 class Router:
@@ -163,7 +182,7 @@ class Router:
 
     # ---------------------------------------------------------------- decisions
 
-    def choose(self, body: bytes, headers: Any) -> int:
+    def choose(self, body: bytes, headers: Any, api: str = INVOKE_API) -> int:
         """The replica index for a request: its session's, else the policy's."""
         session = headers.get(SESSION_HEADER)
         if session and session != NEW_SESSION:
@@ -174,7 +193,7 @@ class Router:
         request = RouteRequest(body, headers.get(PREFIX_AWARE_HEADER),
                                is_create=session == NEW_SESSION or _create_body(body),
                                sessions_held=tuple(held.get(i, 0)
-                                                   for i in range(len(self.backends))))
+                                                   for i in range(len(self.backends))), api=api)
         with self._lock:
             outstanding = list(self._outstanding)
         return self.policy.choose(request, outstanding)
@@ -314,7 +333,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         body = self._read_body(target)
         if body is None:
             return
-        index = self.router.choose(body, self.headers)
+        index = self.router.choose(body, self.headers, target.api)
         self.router.begin(index)
         try:
             self._forward(target, index, body)
@@ -349,16 +368,17 @@ class RouterHandler(BaseHTTPRequestHandler):
         if target.kind == "rest_stream":
             headers = [("Accept", v) if n.lower() == STREAM_ACCEPT_HEADER.lower() else (n, v)
                        for n, v in headers]
+        path = OPENAI_CONTAINER_PATH if target.kind == "openai" else "/invocations"
         try:
-            conn, response = self.router.open(index, "POST", "/invocations", body, headers)
+            conn, response = self.router.open(index, "POST", path, body, headers)
         except ReplicaError as exc:
             log.warning("%s", exc)
             self._error(target, 502, str(exc))
             return
         try:
             self.router.observe(index, response.status, response.getheaders())
-            if target.kind == "container":
-                self._relay(index, response)
+            if target.kind in ("container", "openai"):
+                self._relay(target, index, response)
             elif target.kind == "rest":
                 self._relay_rest(index, response)
             else:
@@ -370,7 +390,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         return forwarded(response.getheaders()) + [(REPLICA_HEADER,
                                                     self.router.backends[index].name)]
 
-    def _relay(self, index: int, response: http.client.HTTPResponse) -> None:
+    def _relay(self, target: Target, index: int, response: http.client.HTTPResponse) -> None:
         headers = self._reply_headers(index, response)
         if response.chunked:
             self._stream(index, response.status, headers, response, lambda piece: piece, None)
@@ -378,7 +398,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         try:
             data = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            self._error(Target("container"), 502, self._broken(index, exc))
+            self._error(target, 502, self._broken(index, exc))
             return
         self._send(response.status, data, headers)
 
