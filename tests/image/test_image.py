@@ -319,3 +319,26 @@ def test_the_build_stops_on_a_base_whose_vllm_is_unsupported(image):
     finally:
         subprocess.run(["docker", "image", "rm", "-f", base, "lmcache-ext-test:unsupported"],
                        capture_output=True)
+
+
+# What our layer may add to LMI's image: the package, its handler file, the entrypoint and the
+# example configs. The LMI stand-in (lmi_stand_in/, container/lmi_stand_in/) is the test base's.
+FIND_STAND_IN = r"""
+import importlib.util, pathlib, sys
+import lmcache_ext
+ours = pathlib.Path(lmcache_ext.__file__).parent
+found = [str(p) for p in ours.rglob("*") if "djl_python" in p.parts or "lmi_stub" in p.parts]
+found += [str(p) for p in pathlib.Path("/opt/lmcache-ext").rglob("*")
+          if "lmi_stand_in" in p.parts]
+print("\n".join(found))
+sys.exit(1 if found else 0)
+"""
+
+
+def test_the_image_carries_no_lmi_stand_in_of_ours(image):
+    """The stand-in of LMI's djl_python is the test base's: neither the installed package nor
+    /opt/lmcache-ext holds one (LMI's own djl_python is the only one in a real image)."""
+    done = subprocess.run(["docker", "run", "--rm", "--network", "host", "--entrypoint",
+                           "python3", image, "-c", FIND_STAND_IN],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
