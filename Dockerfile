@@ -31,7 +31,9 @@ RUN ${PYTHON} -m pip install --no-cache-dir --no-deps /opt/lmcache-ext/src \
     && ${PYTHON} -c "from importlib.metadata import entry_points as e; \
 assert 'lmcache_ext' in e(group='vllm.general_plugins').names, 'vLLM plugin not registered'"
 
-COPY container/ /opt/lmcache-ext/container/
+# The entrypoint and the example configs; not container/lmi_stand_in (the test base's own files).
+COPY container/entrypoint.sh container/lmcache_config_cpu.yaml container/lmcache_config_nvme.yaml \
+     /opt/lmcache-ext/container/
 RUN chmod 0755 /opt/lmcache-ext/container/entrypoint.sh
 # The LMI handler (LMI's vLLM service with session pins). DJL loads it by path where our
 # entrypoint sets OPTION_ENTRYPOINT to it (lmcache_ext/container/lmi_sessions.py).

@@ -95,7 +95,7 @@ sagemaker-test: setup
 	$(PY) -m pytest -q sagemaker_tests
 
 lint: setup
-	$(VENV)/bin/ruff check --no-cache lmcache_ext tests benchmarks sagemaker_tests scripts handlers
+	$(VENV)/bin/ruff check --no-cache lmcache_ext lmi_stand_in tests benchmarks sagemaker_tests scripts handlers
 
 # Without CONFIG, the env vars below give the default job its tiers (any LMCACHE_* already set
 # wins); with CONFIG=file, the file alone decides (env vars would override it).

@@ -23,6 +23,18 @@ can reach; ``turns_hit`` is the share of turns (rounds 2..R) that loaded all of 
 
     python benchmarks/multi_round.py [--quick] [--replicas 2,4] [--json PATH] [--plot PATH]
 
+``--workload rag``: retrieval-augmented questions, no sessions. D shared documents; in each of R
+rounds U users each ask one new question about a document drawn at random (seeded), in a fresh
+one-message conversation (a short shared system prompt, then the document, then the question).
+Each replica's CPU tier holds ``--tier-share`` times its share of the documents (D / N), so a
+replica that sees every document cannot keep them all. Modes: ``random``,
+``least_outstanding`` and SageMaker's ``prefix_aware`` with the ``PrefixLength`` that
+``lmcache-ext advise`` suggests for this workload (``suggest_prefix_length``: the shared system
+prompt plus one chunk, in bytes of the body) and ``--concurrency-threshold``. ``hit_rate`` =
+cached tokens / (system prompt + document) tokens over all requests; ``hit_ceiling`` = what one
+cache for the whole endpoint could load (``rag_ceiling``: a document's first request loads only
+the system prompt).
+
 JSON: {"modes": {MODE: {"hit_rate", "hit_ceiling", "turns_hit", "ttft_p50_by_round",
 "ttft_p90_by_round", "total_s", "served"}}} for the last (largest) replica count, and "runs"
 with every count.
@@ -47,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from lmcache_ext.client import HttpTransport, SessionClient, Turn  # noqa: E402
 from lmcache_ext.client.chat import ChatParams  # noqa: E402
-from lmcache_ext.routing.policy import make_policy  # noqa: E402
+from lmcache_ext.routing.policy import PrefixAware, make_policy  # noqa: E402
 from lmcache_ext.routing.router import Router  # noqa: E402
 from lmcache_ext.units import GIB  # noqa: E402
 
@@ -194,6 +206,161 @@ def summarise(name: str, rounds: list[list[Turn]], chunk: int, total_s: float,
             "total_s": total_s, "served": served}
 
 
+# ---------------------------------------------------------------- RAG workload (no sessions)
+
+
+@dataclass(frozen=True)
+class RagWorkload:
+    documents: int
+    users: int
+    rounds: int
+    system_tokens: int
+    document_tokens: int
+    question_tokens: int
+    answer_tokens: int
+    chunk_size: int
+    tier_share: float
+    concurrency_threshold: int
+
+
+RAG_MODES = ("random", "least_outstanding", "prefix_aware")
+
+
+def rag_requests(work: RagWorkload) -> list[list[tuple[int, int]]]:
+    """(user, document) pairs per round: each user asks about a document drawn at random."""
+    rng = random.Random(27)
+    return [[(user, rng.randrange(work.documents)) for user in range(work.users)]
+            for _ in range(work.rounds)]
+
+
+def run_rag_mode(mode: str, work: RagWorkload, replica_count: int, loaded, system_prompt: str,
+                 documents: list[str], settings: PrefixAware) -> dict:
+    from lmcache_ext.chunk import ChunkMeta
+    from lmcache_ext.config import load_config
+    from lmcache_ext.routing.replicas import start_replicas
+
+    shape = loaded.layout.shape(work.chunk_size)
+    bytes_per_token = ChunkMeta(loaded.layout.dtype, shape, work.chunk_size).nbytes // \
+        work.chunk_size
+    per_document = (work.system_tokens + work.document_tokens) * bytes_per_token
+    cpu_bytes = work.tier_share * -(-work.documents // replica_count) * per_document
+    config = load_config(env={}, overrides={"chunk_size": work.chunk_size,
+                                            "max_local_cpu_size": cpu_bytes / GIB})
+    replicas = start_replicas(replica_count, config, loaded=loaded)
+    router = Router(replicas.backends, make_policy(mode, seed=0, settings=settings)).start()
+    client = SessionClient(HttpTransport(router.url), system_prompt=system_prompt,
+                           params=ChatParams(max_tokens=work.answer_tokens, temperature=0.0),
+                           sessions=False)
+
+    def ask(request: tuple[int, int, int]) -> tuple[int, Turn]:
+        round_index, user, document = request
+        question = text_of(loaded.tokenizer, f"rag q{round_index}.{user}", work.question_tokens)
+        stream = client.stream_turn(f"r{round_index}-u{user}",
+                                    f"{documents[document]}\n\nQuestion: {question}")
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return document, stream.result
+
+    answered: list[list[tuple[int, Turn]]] = []
+    began = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(work.users) as pool:
+            for round_index, pairs in enumerate(rag_requests(work)):
+                answered.append(list(pool.map(ask, [(round_index, u, d) for u, d in pairs])))
+        total_s = time.perf_counter() - began
+        served = router.served()
+    finally:
+        router.close()
+        replicas.close()
+    return summarise_rag(answered, work, total_s, served)
+
+
+def rag_shared_tokens(work: RagWorkload) -> int:
+    """The whole chunks of system prompt + document: what a request can load (estimate: the
+    chat template's few tokens left out)."""
+    return (work.system_tokens + work.document_tokens) // work.chunk_size * work.chunk_size
+
+
+def rag_ceiling(work: RagWorkload, documents: list[int]) -> float:
+    """The hit rate one cache for the whole endpoint could reach on requests for
+    ``documents`` in this order: a document's first request loads only the system prompt
+    (nothing, the very first), every later one all of it."""
+    shared = rag_shared_tokens(work)
+    system = work.system_tokens // work.chunk_size * work.chunk_size
+    seen: set[int] = set()
+    possible = 0
+    for index, document in enumerate(documents):
+        possible += shared if document in seen else system if index else 0
+        seen.add(document)
+    return possible / (shared * len(documents))
+
+
+def summarise_rag(answered: list[list[tuple[int, Turn]]], work: RagWorkload, total_s: float,
+                  served: list[int]) -> dict:
+    shared = rag_shared_tokens(work)
+    turns = [pair for round_ in answered for pair in round_]
+    cached = sum(min(turn.cached_tokens or 0, shared) for _, turn in turns)
+    ttfts = [turn.ttft_s for _, turn in turns]
+    repeat_ttfts = [turn.ttft_s for index, (document, turn) in enumerate(turns)
+                    if any(d == document for d, _ in turns[:index])]
+    return {"hit_rate": cached / (shared * len(turns)),
+            "requests_hit": sum((t.cached_tokens or 0) >= shared for _, t in turns) / len(turns),
+            "ttft_p50": statistics.median(ttfts), "ttft_p90": percentile(ttfts, 0.9),
+            "ttft_p50_repeat": statistics.median(repeat_ttfts) if repeat_ttfts else None,
+            "total_s": total_s, "served": served}
+
+
+def print_rag_table(report: dict) -> None:
+    work = report["workload"]
+    print(f"\nRAG: {work['documents']} documents x {work['document_tokens']} tokens, "
+          f"{work['users']} users x {work['rounds']} rounds, no sessions; prefix_aware "
+          f"PrefixLength {report['prefix_length']} B, ConcurrencyThreshold "
+          f"{work['concurrency_threshold']}; hit ceiling {report['hit_ceiling']:.1%} (TTFT "
+          f"seconds; reqs = requests that loaded all of it; repeat = requests for a document "
+          f"asked before)")
+    for count, run in report["runs"].items():
+        print(f"{count} replicas\n{'mode':<19}{'hit':>7}{'reqs':>6}{'p50':>8}"
+              f"{'p90':>8}{'p50 rep':>9}{'total':>8}  requests per replica")
+        for name, row in run["modes"].items():
+            repeat = row["ttft_p50_repeat"] or float("nan")
+            print(f"{name:<19}{row['hit_rate']:>7.1%}{row['requests_hit']:>6.0%}{row['ttft_p50']:>8.3f}{row['ttft_p90']:>8.3f}"
+                  f"{repeat:>9.3f}{row['total_s']:>8.1f}  {row['served']}")
+
+
+def main_rag(args: argparse.Namespace, loaded) -> int:
+    from lmcache_ext.sizing.advisor import suggest_prefix_length
+
+    work = RagWorkload(args.documents, args.users, args.rounds, args.system_tokens,
+                       args.document_tokens, args.question_tokens, args.answer_tokens,
+                       args.chunk_size, args.tier_share, args.concurrency_threshold)
+    system_prompt = "Answer from the document below.\n" + \
+        text_of(loaded.tokenizer, "rag system", work.system_tokens)
+    documents = [f"Document {d}: " + text_of(loaded.tokenizer, f"doc {d}", work.document_tokens)
+                 for d in range(work.documents)]
+    bytes_per_token = len(documents[0].encode()) / work.document_tokens
+    advice = suggest_prefix_length(work.chunk_size, work.system_tokens, work.document_tokens,
+                                   bytes_per_token)
+    print(f"PrefixLength {advice.prefix_length}: {advice.reason}", file=sys.stderr)
+    settings = PrefixAware(advice.prefix_length, work.concurrency_threshold)
+    report: dict = {"workload_kind": "rag", "model": loaded.name,
+                    "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
+                    "workload": vars(work), "prefix_length": advice.prefix_length,
+                    "prefix_length_rule": advice.reason, "hit_ceiling": rag_ceiling(
+                        work, [d for round_ in rag_requests(work) for _, d in round_]),
+                    "runs": {}}
+    for count in [int(n) for n in args.replicas.split(",")]:
+        run = report["runs"][str(count)] = {"modes": {}}
+        for mode in args.modes.split(","):
+            print(f"{count} replicas: rag {mode} ...", file=sys.stderr, flush=True)
+            run["modes"][mode] = run_rag_mode(mode, work, count, loaded, system_prompt,
+                                              documents, settings)
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2))
+    print_rag_table(report)
+    return 0
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -257,17 +424,31 @@ def parse_args() -> argparse.Namespace:
                         help="each replica's CPU tier / what its share of the users needs")
     parser.add_argument("--churn", type=float, default=0.5,
                         help="other traffic per replica per round, as a share of its CPU tier")
-    parser.add_argument("--modes", default=",".join(MODES), help="modes, comma-separated")
+    parser.add_argument("--modes", help="modes, comma-separated (default: all of the "
+                                         "workload's)")
+    parser.add_argument("--workload", choices=("chat", "rag"), default="chat",
+                        help="chat: multi-round conversations; rag: shared documents, no "
+                             "sessions (module docstring)")
+    parser.add_argument("--documents", type=int, default=12, help="rag: shared documents")
+    parser.add_argument("--document-tokens", type=int, default=256, help="rag: per document")
+    parser.add_argument("--concurrency-threshold", type=int, default=4,
+                        help="rag, prefix_aware: SageMaker's ConcurrencyThreshold")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--plot", help="write a PNG of TTFT p50 by round here")
     args = parser.parse_args()
+    rag = args.workload == "rag"
     if args.quick:
         args.replicas, args.users, args.rounds = "3", 3, 4
         args.system_tokens, args.question_tokens, args.answer_tokens = 64, 48, 8
-    unknown = set(args.modes.split(",")) - set(MODES)
+        if rag:
+            args.users, args.documents, args.document_tokens = 6, 6, 192
+            args.system_tokens, args.question_tokens = 32, 16
+    known = RAG_MODES if rag else tuple(MODES)
+    args.modes = args.modes or ",".join(known)
+    unknown = set(args.modes.split(",")) - set(known)
     if unknown:
-        parser.error(f"--modes: unknown {', '.join(sorted(unknown))} (known: {', '.join(MODES)})")
+        parser.error(f"--modes: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
     return args
 
 
@@ -280,6 +461,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     loaded = load_model(None)
+    if args.workload == "rag":
+        return main_rag(args, loaded)
     work = Workload(args.users, args.rounds, args.system_tokens, args.question_tokens,
                     args.answer_tokens, args.chunk_size, args.tier_share, args.churn)
     system_prompt = "You answer questions about the records below.\n" + \

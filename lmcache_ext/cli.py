@@ -9,15 +9,25 @@ import logging
 import signal
 import sys
 
-from lmcache_ext.config import ConfigError, EngineConfig, as_dict, describe, load_config
+from lmcache_ext.config import (
+    ConfigError,
+    EngineConfig,
+    as_dict,
+    default_of,
+    describe,
+    load_config,
+)
 from lmcache_ext.sizing.advisor import (
+    BYTES_PER_TOKEN,
     KNOWN_MODELS,
+    PrefixAdvice,
     advise,
     as_json,
     known_model,
     plan_capacity,
     read_model_config,
     render,
+    suggest_prefix_length,
 )
 from lmcache_ext.sizing.instances import INSTANCES, Instance, get_instance
 from lmcache_ext.units import GB, GIB
@@ -118,7 +128,7 @@ def _raise_terminated(_signum: int, _frame: object) -> None:
 def route(args: argparse.Namespace) -> int:
     """A router in front of ``--replicas N`` built-in replicas (started here) or ``--backend``
     URLs (already running)."""
-    from lmcache_ext.routing.policy import make_policy
+    from lmcache_ext.routing.policy import PrefixAware, make_policy
     from lmcache_ext.routing.router import Backend, Router
 
     if (args.replicas is not None) == bool(args.backend):
@@ -130,7 +140,8 @@ def route(args: argparse.Namespace) -> int:
             raise ValueError(f"--replicas: {args.replicas} must be >= 1")
         if args.timeout_s <= 0:
             raise ValueError(f"--timeout-s: {args.timeout_s} must be > 0")
-        policy = make_policy(args.mode, prefix_chars=args.prefix_chars)
+        policy = make_policy(args.mode, settings=PrefixAware(args.prefix_length,
+                                                             args.concurrency_threshold))
         backends = [Backend.from_url(url, f"backend-{i}") for i, url in
                     enumerate(args.backend or [])]
     except ValueError as exc:
@@ -161,7 +172,12 @@ def route(args: argparse.Namespace) -> int:
 
 
 def _add_route_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from lmcache_ext.routing.policy import DEFAULT_PREFIX_CHARS, MODES
+    from lmcache_ext.routing.policy import (
+        DEFAULT_CONCURRENCY_THRESHOLD,
+        DEFAULT_PREFIX_LENGTH,
+        MODES,
+        SAGEMAKER_STRATEGIES,
+    )
     from lmcache_ext.routing.router import DEFAULT_TIMEOUT_S
 
     parser = commands.add_parser(
@@ -173,11 +189,18 @@ def _add_route_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--replicas", type=int, help="start N built-in replicas here")
     parser.add_argument("--backend", action="append", help="a running replica's URL "
                                                             "(repeat for each)")
-    parser.add_argument("--mode", default="least_outstanding", choices=list(MODES),
-                        help="routing of requests without a session (default least_outstanding)")
-    parser.add_argument("--prefix-chars", type=int, default=DEFAULT_PREFIX_CHARS,
-                        help="prefix_aware: characters of the rendered prompt hashed "
-                             f"(default {DEFAULT_PREFIX_CHARS}, about one 256-token chunk)")
+    parser.add_argument("--mode", default="least_outstanding",
+                        choices=[*MODES, *SAGEMAKER_STRATEGIES],
+                        help="routing of requests without a session, ours or SageMaker's name "
+                             "(default least_outstanding)")
+    parser.add_argument("--prefix-length", type=int, default=DEFAULT_PREFIX_LENGTH,
+                        help="prefix_aware: SageMaker's PrefixLength, bytes of the body hashed "
+                             f"(default {DEFAULT_PREFIX_LENGTH})")
+    parser.add_argument("--concurrency-threshold", type=int,
+                        default=DEFAULT_CONCURRENCY_THRESHOLD,
+                        help="prefix_aware: SageMaker's ConcurrencyThreshold, requests in flight "
+                             "on the prefix's replica before another takes the request "
+                             f"(default {DEFAULT_CONCURRENCY_THRESHOLD})")
     parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
                         help="a replica silent this long is an error (default "
                              f"{DEFAULT_TIMEOUT_S:.0f})")
@@ -330,13 +353,35 @@ def _advise_instance(args: argparse.Namespace) -> Instance:
     return Instance("custom", args.gpus, args.gpu_mem, args.ram, (args.nvme or 0) * GIB / GB)
 
 
+def _advise_prefix(args: argparse.Namespace) -> PrefixAdvice | None:
+    if args.shared_prefix_tokens is None:
+        if args.group_prefix_tokens is not None:
+            raise AdviseError("--group-prefix-tokens: only with --shared-prefix-tokens")
+        return None
+    if args.bytes_per_token <= 0:
+        raise AdviseError(f"--bytes-per-token: {args.bytes_per_token} must be > 0")
+    try:
+        return suggest_prefix_length(args.chunk_size, args.shared_prefix_tokens,
+                                     args.group_prefix_tokens, args.bytes_per_token)
+    except ValueError as exc:
+        raise AdviseError(str(exc)) from exc
+
+
 def run_advise(args: argparse.Namespace) -> int:
     capacity = plan_capacity(_advise_model(args), _advise_instance(args), tp=args.tp)
     advice = advise(capacity, args.context) if args.context else None
+    prefix = _advise_prefix(args)
     if args.json:
-        print(json.dumps(as_json(capacity, advice), indent=2))
-    else:
-        print("\n".join(render(capacity, advice)))
+        out = as_json(capacity, advice)
+        if prefix is not None:
+            out["prefix_aware"] = {"prefix_length": prefix.prefix_length,
+                                   "key_tokens": prefix.key_tokens, "reason": prefix.reason}
+        print(json.dumps(out, indent=2))
+        return 0
+    print("\n".join(render(capacity, advice)))
+    if prefix is not None:
+        print(f"SageMaker PREFIX_AWARE routing: --prefix-length {prefix.prefix_length} (bytes of "
+              f"the request body, ~{prefix.key_tokens} tokens): {prefix.reason}")
     return 0
 
 
@@ -356,6 +401,17 @@ def _add_advise_parser(commands: argparse._SubParsersAction) -> argparse.Argumen
     advise_parser.add_argument("--tp", type=int, help="tensor parallel degree (default: chosen)")
     advise_parser.add_argument("--context", type=int,
                                help="tokens of reusable context to plan for")
+    advise_parser.add_argument("--shared-prefix-tokens", type=int,
+                               help="tokens every request starts with (a system prompt): "
+                                    "suggest SageMaker's PREFIX_AWARE PrefixLength")
+    advise_parser.add_argument("--group-prefix-tokens", type=int,
+                               help="tokens a group of requests shares after that (a document), "
+                                    "checked against the suggestion")
+    advise_parser.add_argument("--chunk-size", type=int, default=default_of("chunk_size"),
+                               help="the cache's chunk_size (default %(default)s)")
+    advise_parser.add_argument("--bytes-per-token", type=float, default=BYTES_PER_TOKEN,
+                               help="bytes of request body per prompt token (default "
+                                    "%(default)s: English text)")
     advise_parser.add_argument("--json", action="store_true", help="print JSON")
     advise_parser.set_defaults(handler=_advise)
     return advise_parser

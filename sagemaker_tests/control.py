@@ -72,6 +72,20 @@ def _container(plan: DeployPlan):
     return ContainerDefinition(image=plan.image.uri, environment=dict(plan.environment), **data)
 
 
+def _routing_config(plan: DeployPlan) -> dict:
+    """The variant's ``routing_config`` argument (none: SageMaker's default strategy)."""
+    from sagemaker.core.shapes import PrefixAwareRoutingConfig, ProductionVariantRoutingConfig
+
+    if plan.routing is None:
+        return {}
+    settings = plan.routing.prefix_aware
+    prefix = {} if settings is None else {"prefix_aware_routing_config": PrefixAwareRoutingConfig(
+        prefix_length=settings.prefix_length,
+        concurrency_threshold=settings.concurrency_threshold)}
+    return {"routing_config": ProductionVariantRoutingConfig(
+        routing_strategy=plan.routing.strategy, **prefix)}
+
+
 def create(plan: DeployPlan, session: boto3.Session, say: Callable[[str], None] = print):
     """CreateModel, CreateEndpointConfig, CreateEndpoint; returns the Endpoint resource."""
     from sagemaker.core.resources import Endpoint, EndpointConfig, Model
@@ -87,7 +101,8 @@ def create(plan: DeployPlan, session: boto3.Session, say: Callable[[str], None] 
         variant = ProductionVariant(
             variant_name=VARIANT, model_name=names.model, instance_type=plan.instance_type,
             initial_instance_count=plan.instance_count,
-            container_startup_health_check_timeout_in_seconds=plan.health_check_timeout_s)
+            container_startup_health_check_timeout_in_seconds=plan.health_check_timeout_s,
+            **_routing_config(plan))
         EndpointConfig.create(endpoint_config_name=names.endpoint_config,
                               production_variants=[variant], session=session, region=region)
         say(f"created endpoint config {names.endpoint_config}")

@@ -32,6 +32,7 @@ from sagemaker_tests.deployment import (
     check,
     describe,
     environment,
+    routing_plan,
 )
 from sagemaker_tests.envfile import EnvFileError, read_env_file
 from sagemaker_tests.images import DEFAULT_REPOSITORY, ImageError, plan_image
@@ -66,6 +67,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="default: boto3's (AWS_DEFAULT_REGION, the profile's region)")
     p.add_argument("--instance", default=DEFAULT_INSTANCE, help="default: %(default)s")
     p.add_argument("--instance-count", type=int, default=1, help="default: %(default)s")
+    p.add_argument("--routing-strategy",
+                   help="the variant's RoutingConfig: LEAST_OUTSTANDING_REQUESTS, RANDOM or "
+                        "PREFIX_AWARE (default: SageMaker's)")
+    p.add_argument("--prefix-length", type=int,
+                   help="PREFIX_AWARE: bytes of the request body hashed (1024-65536; "
+                        "lmcache-ext advise --shared-prefix-tokens N suggests one)")
+    p.add_argument("--concurrency-threshold", type=int,
+                   help="PREFIX_AWARE: requests in flight on an instance before another takes "
+                        "the prefix's request (1-1024)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="wait for InService (default: wait)")
     p.add_argument("--timeout", type=int, default=DEFAULT_WAIT_S,
@@ -96,13 +106,15 @@ def main(argv: list[str] | None = None, session: boto3.Session | None = None) ->
     live = not args.dry_run and session.get_credentials() is not None
     try:
         names = Names.of(args.name)
+        routing = routing_plan(args.routing_strategy, args.prefix_length,
+                               args.concurrency_threshold)
         env_file = read_env_file(args.env_file) if args.env_file else {}
         account = account_id(session, region) if live and not args.image_uri else None
         image = plan_image(region, args.image_uri, account, args.repository)
         plan = DeployPlan(names=names, region=region, image=image, role_arn=args.role_arn,
                           instance_type=args.instance, instance_count=args.instance_count,
                           environment=environment(env_file, args.model_id),
-                          model_data_url=args.model_data_url)
+                          model_data_url=args.model_data_url, routing=routing)
         check(plan)
     except (PlanError, EnvFileError, ImageError) as error:
         return fail(str(error), EXIT_NOTHING_DONE)

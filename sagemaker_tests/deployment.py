@@ -1,5 +1,5 @@
 """What ``python -m sagemaker_tests.deploy`` creates and ``teardown`` deletes: the names, the
-plan (image, role, instance, environment, model artifacts) and its printed form.
+plan (image, role, instance, environment, model artifacts, routing strategy) and its printed form.
 
 The environment is, lowest precedence first: LMI's vLLM async service with stateful sessions on
 (``SESSIONS_ENV``; our entrypoint then runs lmcache-ext's LMI handler so sessions pin their
@@ -17,6 +17,7 @@ from lmcache_ext.adapters.lmi.facts import SESSIONS_ON
 from lmcache_ext.container.entrypoint import CONFIG_FILE_ENV, KV_ENV
 from lmcache_ext.container.lmi_sessions import SESSIONS_ENV
 from lmcache_ext.container.routes import SEED_KV_TRANSFER_CONFIG
+from lmcache_ext.routing.policy import SAGEMAKER_STRATEGIES, PrefixAware
 from lmcache_ext.routing.router import VARIANT_NAME as VARIANT
 from sagemaker_tests.envfile import masked
 from sagemaker_tests.images import ImagePlan
@@ -52,6 +53,55 @@ class Names:
 
 
 @dataclass(frozen=True)
+class RoutingPlan:
+    """The production variant's ``RoutingConfig``: SageMaker's strategy name and, for
+    ``PREFIX_AWARE``, its two settings (checked against SageMaker's ranges)."""
+
+    strategy: str  # a key of SAGEMAKER_STRATEGIES
+    prefix_aware: PrefixAware | None = None
+
+    def describe(self) -> str:
+        if self.prefix_aware is None:
+            return self.strategy
+        return (f"{self.strategy} (PrefixLength {self.prefix_aware.prefix_length} B, "
+                f"ConcurrencyThreshold {self.prefix_aware.concurrency_threshold})")
+
+
+def routing_plan(strategy: str | None, prefix_length: int | None = None,
+                 concurrency_threshold: int | None = None) -> RoutingPlan | None:
+    """The routing of ``--routing-strategy`` and PREFIX_AWARE's settings; None leaves SageMaker's
+    default. Raises PlanError naming the flag for an unknown strategy, a setting out of
+    SageMaker's range, a missing PREFIX_AWARE setting, or a setting without PREFIX_AWARE."""
+    given = {"--prefix-length": prefix_length, "--concurrency-threshold": concurrency_threshold}
+    if strategy is None:
+        if any(v is not None for v in given.values()):
+            raise PlanError(f"{' and '.join(k for k, v in given.items() if v is not None)}: "
+                            f"only with --routing-strategy PREFIX_AWARE")
+        return None
+    name = strategy.upper()
+    if name not in SAGEMAKER_STRATEGIES:
+        raise PlanError(f"--routing-strategy {strategy}: expected one of "
+                        f"{', '.join(SAGEMAKER_STRATEGIES)} (KV_AWARE needs a container that "
+                        f"reports its KV cache to SageMaker, which ours does not)")
+    if name != "PREFIX_AWARE":
+        if any(v is not None for v in given.values()):
+            raise PlanError(f"--routing-strategy {name} takes no --prefix-length or "
+                            f"--concurrency-threshold (PREFIX_AWARE's settings)")
+        return RoutingPlan(name)
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise PlanError(f"--routing-strategy PREFIX_AWARE needs {' and '.join(missing)} "
+                        f"(SageMaker requires both; `lmcache-ext advise ... "
+                        f"--shared-prefix-tokens N` suggests a prefix length)")
+    try:
+        settings = PrefixAware(prefix_length, concurrency_threshold)
+        settings.check_sagemaker()
+    except ValueError as error:
+        raise PlanError(f"--routing-strategy PREFIX_AWARE: {error}") from error
+    return RoutingPlan(name, settings)
+
+
+@dataclass(frozen=True)
 class DeployPlan:
     names: Names
     region: str
@@ -62,6 +112,7 @@ class DeployPlan:
     environment: Mapping[str, str] = field(default_factory=dict)
     model_data_url: str | None = None  # s3://.../model.tar.gz, or an s3://.../ prefix
     health_check_timeout_s: int = HEALTH_CHECK_TIMEOUT_S
+    routing: RoutingPlan | None = None  # None: SageMaker's default strategy
 
 
 def environment(env_file: Mapping[str, str], model_id: str | None) -> dict[str, str]:
@@ -96,11 +147,13 @@ def check(plan: DeployPlan) -> None:
 def describe(plan: DeployPlan) -> str:
     """The plan as printed (secret-looking values masked)."""
     names = plan.names
+    routing = plan.routing.describe() if plan.routing else "(SageMaker's default)"
     lines = [f"region:          {plan.region}",
              f"model:           {names.model}",
              f"endpoint config: {names.endpoint_config} (variant {VARIANT}: "
              f"{plan.instance_count} x {plan.instance_type}, container start health check "
              f"{plan.health_check_timeout_s} s)",
+             f"routing:         {routing}",
              f"endpoint:        {names.endpoint}",
              f"image:           {plan.image.uri}",
              f"execution role:  {plan.role_arn or MISSING_ROLE}",

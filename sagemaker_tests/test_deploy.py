@@ -29,6 +29,7 @@ from sagemaker_tests.deployment import (
     PlanError,
     check,
     environment,
+    routing_plan,
 )
 from sagemaker_tests.envfile import EnvFileError, masked, parse_env, read_env_file
 from sagemaker_tests.images import base_tag, plan_image
@@ -75,9 +76,11 @@ def expect_describe_endpoint(stubber: Stubber, status: str, reason: str | None =
     stubber.add_response("describe_endpoint", reply, {"EndpointName": NAME})
 
 
-def expect_creates(stubber: Stubber, image: str = IMAGE, data: str = DATA) -> None:
+def expect_creates(stubber: Stubber, image: str = IMAGE, data: str = DATA,
+                   routing: dict | None = None) -> None:
     """The three creates with their exact parameters (and the describes sagemaker-core sends
-    after each), up to the endpoint's first status, Creating."""
+    after each), up to the endpoint's first status, Creating. ``routing``: the variant's
+    expected ``RoutingConfig`` (none sent without it)."""
     container = {"Image": image, "Environment": EXPECTED_ENV}
     if data.endswith(".tar.gz"):
         container["ModelDataUrl"] = data
@@ -94,6 +97,8 @@ def expect_creates(stubber: Stubber, image: str = IMAGE, data: str = DATA) -> No
     variant = {"VariantName": "AllTraffic", "ModelName": NAMES.model,
                "InstanceType": "ml.g6e.xlarge", "InitialInstanceCount": 1,
                "ContainerStartupHealthCheckTimeoutInSeconds": HEALTH_CHECK_TIMEOUT_S}
+    if routing is not None:
+        variant["RoutingConfig"] = routing
     stubber.add_response(
         "create_endpoint_config",
         {"EndpointConfigArn": f"{ARN}:endpoint-config/{NAMES.endpoint_config}"},
@@ -180,6 +185,69 @@ def test_existing_model_is_a_clear_error(aws, capsys):
     assert code == deploy.EXIT_FAILED
     assert "CreateModel lmcache-ext-test-model: ValidationException" in err
     assert "python -m sagemaker_tests.teardown --name lmcache-ext-test" in err
+
+
+PREFIX_AWARE_ARGS = ["--routing-strategy", "PREFIX_AWARE", "--prefix-length", "1488",
+                     "--concurrency-threshold", "8"]
+
+
+def test_prefix_aware_routing_reaches_the_endpoint_config(aws, capsys):
+    """Scenario: PREFIX_AWARE and its two settings become the variant's RoutingConfig, exactly
+    as botocore's model spells it (the Stubber validates the request against it)."""
+    session, stubber = aws
+    expect_creates(stubber, routing={"RoutingStrategy": "PREFIX_AWARE",
+                                     "PrefixAwareRoutingConfig": {"PrefixLength": 1488,
+                                                                  "ConcurrencyThreshold": 8}})
+    args = [*DEPLOY_ARGS, "--image-uri", IMAGE, "--role-arn", ROLE, "--no-wait"]
+    assert deploy.main([*args, *PREFIX_AWARE_ARGS], session=session) == 0
+    assert "routing:         PREFIX_AWARE (PrefixLength 1488 B, ConcurrencyThreshold 8)" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("strategy", ["LEAST_OUTSTANDING_REQUESTS", "random"])
+def test_other_strategies_reach_the_endpoint_config(aws, strategy):
+    session, stubber = aws
+    expect_creates(stubber, routing={"RoutingStrategy": strategy.upper()})
+    args = [*DEPLOY_ARGS, "--image-uri", IMAGE, "--role-arn", ROLE, "--no-wait"]
+    assert deploy.main([*args, "--routing-strategy", strategy], session=session) == 0
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--routing-strategy", "ROUND_ROBIN"], "--routing-strategy ROUND_ROBIN: expected one of "
+                                            "RANDOM, LEAST_OUTSTANDING_REQUESTS, PREFIX_AWARE"),
+    (["--routing-strategy", "KV_AWARE"], "KV_AWARE needs a container that reports"),
+    (["--routing-strategy", "PREFIX_AWARE", "--prefix-length", "2048"],
+     "PREFIX_AWARE needs --concurrency-threshold"),
+    (["--routing-strategy", "PREFIX_AWARE"],
+     "needs --prefix-length and --concurrency-threshold"),
+    (["--routing-strategy", "PREFIX_AWARE", "--prefix-length", "512",
+      "--concurrency-threshold", "8"], "PrefixLength 512: SageMaker takes 1024 to 65536"),
+    (["--routing-strategy", "PREFIX_AWARE", "--prefix-length", "70000",
+      "--concurrency-threshold", "8"], "PrefixLength 70000: SageMaker takes 1024 to 65536"),
+    (["--routing-strategy", "PREFIX_AWARE", "--prefix-length", "2048",
+      "--concurrency-threshold", "0"], "concurrency_threshold: 0 must be an integer >= 1"),
+    (["--routing-strategy", "PREFIX_AWARE", "--prefix-length", "2048",
+      "--concurrency-threshold", "1025"], "ConcurrencyThreshold 1025: SageMaker takes 1 to 1024"),
+    (["--routing-strategy", "RANDOM", "--prefix-length", "2048"],
+     "RANDOM takes no --prefix-length"),
+    (["--concurrency-threshold", "8"],
+     "--concurrency-threshold: only with --routing-strategy PREFIX_AWARE"),
+])
+def test_bad_routing_is_a_clear_error_before_any_aws_call(aws, capsys, extra, needle):
+    """Scenario: a routing the endpoint config would refuse (or silently ignore) stops deploy
+    with exit 2 naming the flag; the Stubber has no answer queued, so any call would fail."""
+    session, _ = aws
+    args = [*DEPLOY_ARGS, "--image-uri", IMAGE, "--role-arn", ROLE]
+    assert deploy.main([*args, *extra], session=session) == deploy.EXIT_NOTHING_DONE
+    assert needle in capsys.readouterr().err
+
+
+def test_routing_plan_defaults_to_sagemakers():
+    assert routing_plan(None) is None
+    plan = routing_plan("prefix_aware", 65536, 1024)
+    assert plan.strategy == "PREFIX_AWARE" and plan.prefix_aware.prefix_length == 65536
+    with pytest.raises(PlanError, match="PrefixLength 1023"):
+        routing_plan("PREFIX_AWARE", 1023, 1)
 
 
 def test_role_is_required_to_deploy(aws, capsys):

@@ -5,11 +5,17 @@ Paths served:
   (status, headers and body both ways; a streamed answer is relayed piece by piece).
 - ``POST /endpoints/{name}/invocations``: SageMaker runtime's ``InvokeEndpoint``. A container
   answer of 2xx is relayed (with ``X-Amzn-SageMaker-New-Session-Id`` / ``-Closed-Session-Id``,
-  which botocore reads as ``NewSessionId`` / ``ClosedSessionId``); any other status becomes
+  which botocore reads as ``NewSessionId`` / ``ClosedSessionId``; a create answered as LMI
+  answers it, in ``X-Amzn-SageMaker-Session-Id``, becomes ``NewSessionId`` as on SageMaker:
+  ``new_session_value``); any other status becomes
   SageMaker's ``ModelError`` (424, with ``OriginalStatusCode`` and ``OriginalMessage``).
 - ``POST /endpoints/{name}/invocations-response-stream``: ``InvokeEndpointWithResponseStream``;
   the container's streamed body relayed as event-stream ``PayloadPart`` events. As on SageMaker,
   a session cannot be created on this path (a ``ValidationError``).
+- ``POST /endpoints/{name}/openai/v1/chat/completions``: SageMaker's OpenAI-compatible path,
+  forwarded to the container's ``/v1/chat/completions`` (AWS does not say which container path
+  it calls; the built-in server and vLLM serve this one) and relayed as it comes. Its
+  prefix-aware key is the messages' text, not the body's bytes (``policy``).
 
 REST answers name the production variant (``x-Amzn-Invoked-Production-Variant``); request
 headers (custom attributes, content type, accept) reach the container as they came.
@@ -44,7 +50,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lmcache_ext.routing import eventstream
-from lmcache_ext.routing.policy import Policy, RouteRequest, SessionTable
+from lmcache_ext.routing.policy import (
+    INVOKE_API,
+    OPENAI_API,
+    Policy,
+    RouteRequest,
+    SessionTable,
+)
 from lmcache_ext.sessions.protocol import (
     CLOSED_SESSION_HEADER,
     NEW_SESSION,
@@ -67,7 +79,11 @@ VARIANT_HEADER = "x-Amzn-Invoked-Production-Variant"  # botocore's InvokedProduc
 VARIANT_NAME = "AllTraffic"  # SageMaker's usual name for an endpoint's one production variant
 DEFAULT_TIMEOUT_S = 600.0  # a replica silent this long (connect, or between two reads) is dead
 CONNECT_TIMEOUT_S = 5.0
-_REST_PATH = re.compile(r"^/endpoints/([^/]+)/(invocations|invocations-response-stream)$")
+_REST_PATH = re.compile(r"^/endpoints/([^/]+)/(invocations|invocations-response-stream|"
+                        r"openai/v1/chat/completions)$")
+_REST_KINDS = {"invocations": "rest", "invocations-response-stream": "rest_stream",
+               "openai/v1/chat/completions": "openai"}
+OPENAI_CONTAINER_PATH = "/v1/chat/completions"
 # Not forwarded: per-connection headers, and those the router rewrites.
 _HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
@@ -104,12 +120,17 @@ class ReplicaError(Exception):
 class Target:
     """Which of the router's paths a request came in on."""
 
-    kind: str  # "container", "rest" or "rest_stream"
+    kind: str  # "container", "rest", "rest_stream" or "openai"
     endpoint: str | None = None  # the REST path's endpoint name
 
     @property
     def rest(self) -> bool:
         return self.kind != "container"
+
+    @property
+    def api(self) -> str:
+        """Which SageMaker API's prefix-aware key applies."""
+        return OPENAI_API if self.kind == "openai" else INVOKE_API
 
 
 def target_of(path: str) -> Target | None:
@@ -118,7 +139,7 @@ def target_of(path: str) -> Target | None:
     match = _REST_PATH.match(path.split("?", 1)[0])
     if match is None:
         return None
-    return Target("rest" if match.group(2) == "invocations" else "rest_stream", match.group(1))
+    return Target(_REST_KINDS[match.group(2)], match.group(1))
 
 
 class Router:
@@ -166,7 +187,7 @@ class Router:
 
     # ---------------------------------------------------------------- decisions
 
-    def choose(self, body: bytes, headers: Any) -> int:
+    def choose(self, body: bytes, headers: Any, api: str = INVOKE_API) -> int:
         """The replica index for a request: its session's, else the policy's."""
         session = headers.get(SESSION_HEADER)
         if session and session != NEW_SESSION:
@@ -177,7 +198,7 @@ class Router:
         request = RouteRequest(body, headers.get(PREFIX_AWARE_HEADER),
                                is_create=session == NEW_SESSION or _create_body(body),
                                sessions_held=tuple(held.get(i, 0)
-                                                   for i in range(len(self.backends))))
+                                                   for i in range(len(self.backends))), api=api)
         with self._lock:
             outstanding, gone = list(self._outstanding), set(self._gone)
         index = self.policy.choose(request, outstanding)
@@ -204,16 +225,18 @@ class Router:
     def observe(self, index: int, status: int, headers: Iterable[tuple[str, str]]) -> None:
         """Record a created session (a 2xx answer naming a new session: with the
         ``NEW_SESSION`` header or without it, as the server allows), forget a closed one."""
-        for name, value in headers:
-            if name.lower() == NEW_SESSION_HEADER.lower() and 200 <= status < 300:
-                try:
-                    session_id, _ = parse_new_session(value)
-                except SessionError as exc:
-                    log.warning("replica %s answered a bad session id: %s",
-                                self.backends[index].name, exc)
-                    continue
+        headers = list(headers)
+        created = new_session_value(headers)
+        if created is not None and 200 <= status < 300:
+            try:
+                session_id, _ = parse_new_session(created)
+            except SessionError as exc:
+                log.warning("replica %s answered a bad session id: %s",
+                            self.backends[index].name, exc)
+            else:
                 self.sessions.record(session_id, index)
-            elif name.lower() == CLOSED_SESSION_HEADER.lower():
+        for name, value in headers:
+            if name.lower() == CLOSED_SESSION_HEADER.lower():
                 self.sessions.forget(value.strip())
 
     # ---------------------------------------------------------------- forwarding
@@ -271,6 +294,20 @@ def forwarded(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(name, value) for name, value in headers if name.lower() not in _HOP]
 
 
+def new_session_value(headers: Iterable[tuple[str, str]]) -> str | None:
+    """The ``<id>; Expires=...`` a container's answer gives a new session, or None. A container
+    names it in ``X-Amzn-SageMaker-Session-Id`` (LMI's create answer: djl-serving 7e13b08,
+    ``djl_python/session_utils.py`` lines 21 and 37-40, the only header LMI sends; AWS's
+    stateful-sessions guide has the container answer that header); the built-in server also
+    sends ``X-Amzn-SageMaker-New-Session-Id``, the header botocore reads as ``NewSessionId``.
+    A ``Session-Id`` value without ``Expires=`` names no new session."""
+    found = {name.lower(): value for name, value in headers}
+    if NEW_SESSION_HEADER.lower() in found:
+        return found[NEW_SESSION_HEADER.lower()]
+    value = found.get(SESSION_HEADER.lower())
+    return value if value is not None and "expires=" in value.lower() else None
+
+
 def _model_error(status: int, body: bytes) -> dict[str, Any]:
     """SageMaker's ModelError body for a container's non-2xx answer."""
     text = body.decode("utf-8", "replace")
@@ -322,7 +359,7 @@ class RouterHandler(BaseHTTPRequestHandler):
             return
         attempts = len(self.router.backends) + 1  # another replica while one is gone
         for attempt in range(attempts):
-            index = self.router.choose(body, self.headers)
+            index = self.router.choose(body, self.headers, target.api)
             if self._session_gone(target, index):
                 return
             self.router.begin(index)
@@ -376,8 +413,9 @@ class RouterHandler(BaseHTTPRequestHandler):
         if target.kind == "rest_stream":
             headers = [("Accept", v) if n.lower() == STREAM_ACCEPT_HEADER.lower() else (n, v)
                        for n, v in headers]
+        path = OPENAI_CONTAINER_PATH if target.kind == "openai" else "/invocations"
         try:
-            conn, response = self.router.open(index, "POST", "/invocations", body, headers)
+            conn, response = self.router.open(index, "POST", path, body, headers)
         except ReplicaError as exc:
             if isinstance(exc.__cause__, ConnectionRefusedError) and not last:
                 self.router.mark_gone(index)
@@ -387,8 +425,8 @@ class RouterHandler(BaseHTTPRequestHandler):
             return True
         try:
             self.router.observe(index, response.status, response.getheaders())
-            if target.kind == "container":
-                self._relay(index, response)
+            if target.kind in ("container", "openai"):
+                self._relay(target, index, response)
             elif target.kind == "rest":
                 self._relay_rest(index, response)
             else:
@@ -401,7 +439,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         return forwarded(response.getheaders()) + [(REPLICA_HEADER,
                                                     self.router.backends[index].name)]
 
-    def _relay(self, index: int, response: http.client.HTTPResponse) -> None:
+    def _relay(self, target: Target, index: int, response: http.client.HTTPResponse) -> None:
         headers = self._reply_headers(index, response)
         if response.chunked:
             self._stream(index, response.status, headers, response, lambda piece: piece, None)
@@ -409,7 +447,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         try:
             data = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            self._error(Target("container"), 502, self._broken(index, exc))
+            self._error(target, 502, self._broken(index, exc))
             return
         self._send(response.status, data, headers)
 
@@ -420,8 +458,12 @@ class RouterHandler(BaseHTTPRequestHandler):
             self._error(Target("rest"), 502, self._broken(index, exc))
             return
         if 200 <= response.status < 300:
-            self._send(200, data, self._reply_headers(index, response) +
-                       [(VARIANT_HEADER, VARIANT_NAME)])
+            headers = self._reply_headers(index, response)
+            created = new_session_value(headers)
+            if created is not None and not any(n.lower() == NEW_SESSION_HEADER.lower()
+                                               for n, _ in headers):
+                headers.append((NEW_SESSION_HEADER, created))  # SageMaker's NewSessionId
+            self._send(200, data, headers + [(VARIANT_HEADER, VARIANT_NAME)])
             return
         self._send(424, json.dumps(_model_error(response.status, data)).encode(),
                    [("Content-Type", "application/json"), (ERROR_TYPE_HEADER, "ModelError"),

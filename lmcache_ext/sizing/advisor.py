@@ -28,6 +28,7 @@ Against the seed's "when to use" table for ml.p4de.24xlarge (8 x A100 80 GB, 115
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,3 +288,55 @@ def as_json(capacity: Capacity, advice: Advice | None) -> dict[str, Any]:
                          "max_local_disk_size": advice.max_local_disk_size,
                          "reason": advice.reason}
     return out
+
+
+# ---------------------------------------------------------------- SageMaker's PrefixLength
+
+BYTES_PER_TOKEN = 4.0  # English text, about 4 bytes a token; code and other scripts differ
+BODY_ENVELOPE_BYTES = 64  # JSON before the prompt's text: '{"messages": [{"role": ...'
+
+
+@dataclass(frozen=True)
+class PrefixAdvice:
+    """A PREFIX_AWARE ``PrefixLength`` (bytes of the request body) and how it was reached."""
+
+    prefix_length: int
+    key_tokens: int  # the prompt tokens the suggested length covers (estimate)
+    reason: str
+
+
+def suggest_prefix_length(chunk_size: int, shared_prefix_tokens: int,
+                          group_prefix_tokens: int | None = None,
+                          bytes_per_token: float = BYTES_PER_TOKEN) -> PrefixAdvice:
+    """PrefixLength for SageMaker's PREFIX_AWARE routing.
+
+    The rule: the key must reach past what *every* request shares (``shared_prefix_tokens``: a
+    system prompt) by one chunk, the unit the cache reuses, so requests whose first chunk after
+    it differs (another document, another conversation) spread over the instances while those
+    that share it meet where it is cached. Bytes = JSON envelope + (shared + chunk) tokens x
+    ``bytes_per_token``, then held to SageMaker's range (1024-65536). ``group_prefix_tokens``
+    (what a group of requests shares beyond that: a document) is checked: a key longer than
+    shared + group reaches each request's own text, and prefix-aware then scatters a group like
+    ``RANDOM`` does. Raises ValueError for a chunk size < 1 or negative token counts.
+    """
+    from lmcache_ext.routing.policy import PREFIX_LENGTH_RANGE
+
+    if chunk_size < 1 or shared_prefix_tokens < 0 or (group_prefix_tokens or 0) < 0:
+        raise ValueError("chunk size >= 1 and token counts >= 0, please")
+    low, high = PREFIX_LENGTH_RANGE
+    wanted = math.ceil(BODY_ENVELOPE_BYTES + (shared_prefix_tokens + chunk_size) * bytes_per_token)
+    length = min(max(wanted, low), high)
+    tokens = int((length - BODY_ENVELOPE_BYTES) / bytes_per_token)
+    reason = (f"{BODY_ENVELOPE_BYTES} B envelope + ({shared_prefix_tokens} shared + "
+              f"{chunk_size} chunk) tokens x {bytes_per_token:g} B = {wanted} B")
+    if length != wanted:
+        reason += f", held to SageMaker's {low}-{high}"
+    if shared_prefix_tokens * bytes_per_token + BODY_ENVELOPE_BYTES >= high:
+        reason += ("; WARNING: the shared prefix alone is longer than SageMaker's longest key, "
+                   "so every request has the same key (one instance, until the concurrency "
+                   "threshold spills)")
+    elif group_prefix_tokens is not None and tokens > shared_prefix_tokens + group_prefix_tokens:
+        reason += (f"; WARNING: covers ~{tokens} tokens, past the {shared_prefix_tokens} + "
+                   f"{group_prefix_tokens} a group shares: each request's own text enters the "
+                   f"key and a group scatters as with RANDOM")
+    return PrefixAdvice(length, tokens, reason)

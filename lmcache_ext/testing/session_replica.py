@@ -2,7 +2,8 @@
 router and client tests that need many replicas but no generation.
 
 It answers ``/invocations`` as the built-in server does in shape: a create (``NEW_SESSION``)
-with ``<id>; Expires=...`` in both session headers, a close with the closed id, a request with an
+with ``<id>; Expires=...`` in both session headers (``lmi_headers``: only in
+``X-Amzn-SageMaker-Session-Id``, as LMI answers it), a close with the closed id, a request with an
 unknown or expired session with 400 naming the state, and any other body with a chat answer
 (whole, or streamed JSON lines) whose text names the replica and the message count. Request
 headers named ``X-Test-*`` and ``X-Amzn-SageMaker-Custom-Attributes`` come back in the answer
@@ -50,9 +51,14 @@ class SessionReplica:
     """``start()`` serves on a free loopback port; ``expire(id)`` ends a session as its expiry
     would; ``close()`` stops the server."""
 
-    def __init__(self, name: str, expiry_s: float = 1200.0, host: str = "127.0.0.1"):
+    def __init__(self, name: str, expiry_s: float = 1200.0, host: str = "127.0.0.1",
+                 lmi_headers: bool = False):
         self.name = name
         self.expiry_s = expiry_s
+        # LMI answers a create in X-Amzn-SageMaker-Session-Id only (djl-serving 7e13b08,
+        # djl_python/session_utils.py lines 37-40); the built-in server sends both headers.
+        self.create_headers = (SESSION_HEADER,) if lmi_headers else (NEW_SESSION_HEADER,
+                                                                       SESSION_HEADER)
         self.seen: list[Seen] = []
         self._expires: dict[str, float] = {}  # open session -> epoch seconds
         self._lock = threading.Lock()
@@ -113,7 +119,7 @@ class SessionReplica:
                 session_id = new_session_id()
                 self._expires[session_id] = time.time() + self.expiry_s
                 value = format_new_session(session_id, self._expires[session_id])
-                return 200, {NEW_SESSION_HEADER: value, SESSION_HEADER: value}, {}
+                return 200, {name: value for name in self.create_headers}, {}
             if session and session != NEW_SESSION:
                 self._check(check_session_id(session))
             if request is not None and request.request_type == CLOSE:

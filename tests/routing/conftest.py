@@ -12,7 +12,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from lmcache_ext.routing.policy import DEFAULT_PREFIX_CHARS, make_policy
+from lmcache_ext.routing.policy import PrefixAware, make_policy
 from lmcache_ext.routing.router import Backend, Router
 from lmcache_ext.testing.session_replica import SessionReplica
 
@@ -26,11 +26,11 @@ def replicas():
         replica.close()
 
 
-def start_router(replicas, mode: str = "random", prefix_chars: int = DEFAULT_PREFIX_CHARS,
+def start_router(replicas, mode: str = "random", settings: PrefixAware | None = None,
                  **kwargs) -> Router:
     """A router (seeded policy) in front of ``replicas`` (anything with ``url`` and ``name``)."""
     backends = [Backend.from_url(r.url, r.name) for r in replicas]
-    return Router(backends, make_policy(mode, seed=0, prefix_chars=prefix_chars),
+    return Router(backends, make_policy(mode, seed=0, settings=settings),
                   **kwargs).start()
 
 

@@ -49,7 +49,9 @@ def routing(*args: str) -> Iterator[str]:
     ((), "give --replicas N or --backend URL"),
     (("--replicas", "2", "--backend", "http://127.0.0.1:1"), "not both"),
     (("--backend", "ftp://host:1"), "expected http://HOST:PORT"),
-    (("--backend", "http://127.0.0.1:1", "--prefix-chars", "0"), "prefix_chars"),
+    (("--backend", "http://127.0.0.1:1", "--prefix-length", "0"), "prefix_length: 0 must be"),
+    (("--backend", "http://127.0.0.1:1", "--concurrency-threshold", "0"),
+     "concurrency_threshold: 0 must be"),
     (("--replicas", "0"), "--replicas: 0 must be >= 1"),
     (("--backend", "http://127.0.0.1:1", "--timeout-s", "0"), "--timeout-s: 0.0 must be > 0"),
 ])

@@ -13,7 +13,8 @@ from botocore.exceptions import ClientError, EventStreamError
 from lmcache_ext.routing.policy import make_policy
 from lmcache_ext.routing.router import Backend, Router
 from lmcache_ext.sessions.protocol import NEW_SESSION, parse_new_session
-from tests.routing.conftest import closed_port, runtime, start_router
+from lmcache_ext.testing.session_replica import SessionReplica
+from tests.routing.conftest import closed_port, post, runtime, start_router
 
 
 def invoke(client, payload: dict, **kwargs) -> dict:
@@ -47,6 +48,33 @@ def test_session_lifecycle_through_boto3(replicas, router):
     assert error["Error"]["Code"] == "ModelError"
     assert error["ResponseMetadata"]["HTTPStatusCode"] == 424
     assert error["OriginalStatusCode"] == 400 and "unknown" in error["OriginalMessage"]
+
+
+def test_a_create_answered_as_lmi_answers_it_gives_boto3_a_new_session_id():
+    """LMI names a new session only in X-Amzn-SageMaker-Session-Id (djl_python/session_utils.py
+    lines 37-40 at djl-serving 7e13b08); SageMaker hands that to the client as NewSessionId,
+    and the session's turns go to the replica that created it."""
+    lmi_replicas = [SessionReplica(f"lmi{i}", lmi_headers=True).start() for i in range(3)]
+    router = start_router(lmi_replicas)
+    try:
+        direct = post(lmi_replicas[0].url, {"requestType": "NEW_SESSION"},
+                      {"X-Amzn-SageMaker-Session-Id": NEW_SESSION})
+        assert "x-amzn-sagemaker-new-session-id" not in direct.headers  # as LMI answers
+        assert "expires=" in direct.headers["x-amzn-sagemaker-session-id"].lower()
+        client = runtime(router.url)
+        created = invoke(client, {"requestType": "NEW_SESSION"}, SessionId=NEW_SESSION)
+        session_id, expires_at = parse_new_session(created["NewSessionId"])
+        assert expires_at is not None
+        for turn in range(4):
+            reply = invoke(client, {"messages": [{"role": "user", "content": f"t{turn}"}]},
+                           SessionId=session_id)
+            assert served_by(reply) == served_by(created)
+        closed = invoke(client, {"requestType": "CLOSE"}, SessionId=session_id)
+        assert closed["ClosedSessionId"] == session_id
+    finally:
+        router.close()
+        for replica in lmi_replicas:
+            replica.close()
 
 
 def test_streaming_with_a_session_through_boto3(router):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmcache_ext.config import load_config
+from lmcache_ext.routing.policy import PrefixAware
 from lmcache_ext.routing.replicas import start_replicas
 from lmcache_ext.sessions.protocol import NEW_SESSION_HEADER, SESSION_HEADER, parse_new_session
 from tests.routing.conftest import post, start_router
@@ -51,11 +52,33 @@ def test_prefix_aware_spreads_creates_sent_without_the_header(engines):
 
 
 def test_prefix_aware_sends_a_shared_prefix_where_it_is_cached(engines):
-    router = start_router(engines.backends, "prefix_aware", prefix_chars=len(DOC))
+    router = start_router(engines.backends, "prefix_aware", PrefixAware(len(DOC)))
     try:
         answers = [post(router.url, {"inputs": f"{DOC} Question {i}?",
                                      "parameters": {"max_new_tokens": 2}}) for i in range(3)]
         assert len({a.replica for a in answers}) == 1
         assert all(a.json()["details"]["cached_tokens"] >= 192 for a in answers[1:])
+    finally:
+        router.close()
+
+
+def test_openai_path_keys_on_the_messages_text(engines):
+    """Scenario: on SageMaker's OpenAI-compatible path the prefix-aware key is the messages'
+    text, so bodies whose JSON differs before the text (field order, roles) still meet where
+    the shared document is cached."""
+    router = start_router(engines.backends, "prefix_aware", PrefixAware(len(DOC)))
+    path = "/endpoints/local/openai/v1/chat/completions"
+    bodies = [{"messages": [{"role": "system", "content": DOC},
+                            {"role": "user", "content": "Question 1?"}], "max_tokens": 2},
+              {"max_tokens": 2, "messages": [{"role": "user", "content": DOC + "Question 2?"}]},
+              {"temperature": 0.0, "max_tokens": 2,
+               "messages": [{"role": "user", "content": DOC[:100]},
+                            {"role": "assistant", "content": DOC[100:]},
+                            {"role": "user", "content": "Question 3?"}]}]
+    try:
+        answers = [post(router.url, body, path=path) for body in bodies]
+        assert [a.status for a in answers] == [200, 200, 200], answers[0].body
+        assert len({a.replica for a in answers}) == 1
+        assert all(a.json()["choices"] for a in answers)
     finally:
         router.close()

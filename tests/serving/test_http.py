@@ -182,7 +182,24 @@ def test_an_internal_error_is_500_and_the_server_keeps_serving(endpoint, monkeyp
                                            "parameters": {"max_new_tokens": 2}})[0] == 200
 
 
-def test_ping_answers_while_a_long_generation_runs(endpoint):
+def test_ping_answers_while_a_long_generation_runs(endpoint, monkeypatch):
+    """Scenario: /ping comes mid-generation (the model's lock held, tokens streamed so far); it
+    is answered within 2 s, and the generation then goes on to its end."""
+    real_generate = endpoint.service.generator.generate
+    generating, pinged = threading.Event(), threading.Event()
+    made: list[int] = []  # tokens made before /ping was answered, and after
+
+    def generate_past_a_ping(ids, params, stats):
+        events = real_generate(ids, params, stats)  # the real generator; holds its lock
+        for n, event in enumerate(events):
+            if n == 1:  # the prefill and a token done: the generation is under way
+                generating.set()
+                assert pinged.wait(30), "no /ping came"
+                made.append(n)
+            yield event
+        made.append(n + 1)
+
+    monkeypatch.setattr(endpoint.service.generator, "generate", generate_past_a_ping)
     result = {}
 
     def generate() -> None:
@@ -191,13 +208,15 @@ def test_ping_answers_while_a_long_generation_runs(endpoint):
 
     worker = threading.Thread(target=generate)
     worker.start()
-    time.sleep(0.2)
+    assert generating.wait(60), "the generation never started"
     began = time.perf_counter()
     status = request(endpoint, "GET", "/ping")[0]
     waited = time.perf_counter() - began
+    pinged.set()
     worker.join()
     assert status == 200 and waited < 2.0  # the contract: /ping within 2 s, even when busy
     assert result["status"] == 200
+    assert made[0] == 1 and made[1] > made[0]  # /ping came between two tokens of one generation
 
 
 def test_metrics_expose_engine_and_request_figures(endpoint):

@@ -14,6 +14,7 @@ from lmcache_ext.sizing.advisor import (
     model_from_config,
     plan_capacity,
     read_model_config,
+    suggest_prefix_length,
 )
 from lmcache_ext.sizing.instances import INSTANCES, get_instance
 from lmcache_ext.units import GIB
@@ -131,3 +132,36 @@ def test_the_advise_command_with_a_config_and_a_custom_machine_as_json(tmp_path)
 def test_the_advise_command_refuses_bad_arguments(args, text):
     done = advise_cli(*args)
     assert done.returncode == 2 and text in done.stderr, done.stderr
+
+
+def test_prefix_length_covers_the_shared_prefix_and_one_chunk():
+    """The rule: envelope + (shared + one chunk) tokens x bytes per token, in SageMaker's
+    range."""
+    advice = suggest_prefix_length(256, 1000, group_prefix_tokens=4000)
+    assert advice.prefix_length == 64 + (1000 + 256) * 4 and advice.key_tokens == 1256
+    assert "WARNING" not in advice.reason
+    assert suggest_prefix_length(16, 40).prefix_length == 1024  # SageMaker's shortest
+    longest = suggest_prefix_length(256, 20000)
+    assert longest.prefix_length == 65536 and "every request has the same key" in longest.reason
+
+
+def test_prefix_length_past_the_groups_text_is_said():
+    """Scenario: documents shorter than a chunk: the key reaches each request's question, and
+    prefix-aware routing scatters a document's requests as RANDOM does."""
+    advice = suggest_prefix_length(256, 100, group_prefix_tokens=50)
+    assert "a group scatters as with RANDOM" in advice.reason
+    with pytest.raises(ValueError):
+        suggest_prefix_length(0, 100)
+
+
+def test_the_advise_command_suggests_a_prefix_length():
+    done = advise_cli("--model", "llama-3-8b", "--instance", "ml.p4de.24xlarge",
+                      "--shared-prefix-tokens", "1000", "--group-prefix-tokens", "4000")
+    assert done.returncode == 0, done.stderr
+    assert "SageMaker PREFIX_AWARE routing: --prefix-length 5088 (bytes" in done.stdout
+    done = advise_cli("--model", "llama-3-8b", "--instance", "ml.p4de.24xlarge",
+                      "--shared-prefix-tokens", "100", "--chunk-size", "64", "--json")
+    assert json.loads(done.stdout)["prefix_aware"]["prefix_length"] == 1024
+    done = advise_cli("--model", "llama-3-8b", "--instance", "ml.p4de.24xlarge",
+                      "--group-prefix-tokens", "10")
+    assert done.returncode == 2 and "only with --shared-prefix-tokens" in done.stderr

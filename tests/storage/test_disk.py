@@ -112,11 +112,17 @@ def test_read_buffers_are_recycled_only_after_their_lease_is_released(tmp_path):
     for n in (1, 2, 3):
         tier.put(key(n), chunk(n))
     first, second = tier.get(key(1)), tier.get(key(2))
+    first_memory, second_memory = first.chunk.kv.data_ptr(), second.chunk.kv.data_ptr()
+    assert first_memory != second_memory
     first.release()
     with tier.get(key(3)) as third:  # takes the first lease's buffer back
+        assert third.chunk.kv.data_ptr() == first_memory  # reused, not a fresh buffer
         verify_chunk(third.chunk, 3)
         verify_chunk(second.chunk, 2)
     second.release()
+    with tier.get(key(1)) as again:  # both buffers free now: one of them again
+        assert again.chunk.kv.data_ptr() in (first_memory, second_memory)
+        verify_chunk(again.chunk, 1)
 
 
 def test_restart_rebuilds_the_index_from_the_directory(tmp_path):

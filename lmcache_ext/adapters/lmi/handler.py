@@ -12,7 +12,7 @@ session manager, the response headers); the handler adds what LMI lacks:
   workers then keep the conversation pinned in their CPU tier. A session id a client put into
   ``kv_transfer_params`` itself is removed: only a session LMI knows can pin;
 - after LMI handles a ``CLOSE``, the handler tells every worker to unpin the session, over the
-  connector's own worker channel (``WorkerCaches.release_session``), and logs what was freed. A
+  connector's own worker channel (``AllRanksClient.release_session``), and logs what was freed. A
   close that does not reach a worker (or a session LMI expires by itself) is covered by the
   workers' own expiry (``worker_sessions``);
 - a lookup (custom attribute ``lmcache-ext-lookup=true``, as ``lmcache-ext warm`` sends first;
@@ -159,9 +159,9 @@ class SessionReleaser:
     worker channel. Thread-safe (one request at a time on the channel)."""
 
     def __init__(self, engine_key: str, world_size: int, timeout_s: float, backoff_s: float):
-        from lmcache_ext.adapters.vllm.channel import WorkerCaches
+        from lmcache_ext.adapters.vllm.channel import AllRanksClient
 
-        self._caches = WorkerCaches(engine_key, world_size, timeout_s, backoff_s)
+        self._caches = AllRanksClient(engine_key, world_size, timeout_s, backoff_s)
         self._lock = threading.Lock()
 
     @staticmethod

@@ -114,7 +114,7 @@ class LmiLookup:
     def for_engine(engine: Any) -> LmiLookup | None:
         """The lookup of LMI's vLLM engine (vLLM's ``AsyncLLM``); None where vLLM does not run
         our connector (lookups then go to LMI, which generates)."""
-        from lmcache_ext.adapters.vllm.channel import WorkerCaches
+        from lmcache_ext.adapters.vllm.channel import AllRanksClient
         from lmcache_ext.adapters.vllm.connector import (
             LMCacheExtConnector,
             model_layout,
@@ -128,7 +128,7 @@ class LmiLookup:
         config = LMCacheExtConnector.effective_config(vllm_config)
         hasher = scheduler_hasher(config, model_layout(vllm_config), vllm_config)
         world = vllm_config.parallel_config.tensor_parallel_size
-        caches = WorkerCaches(str(vllm_config.kv_transfer_config.engine_id), world,
+        caches = AllRanksClient(str(vllm_config.kv_transfer_config.engine_id), world,
                               config.worker_lookup_timeout_s, config.worker_lookup_backoff_s)
         log.info("lmcache-ext handler: lookups (custom attribute lmcache-ext-lookup) are "
                  "answered from the workers' caches without generating")

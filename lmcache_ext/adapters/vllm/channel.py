@@ -5,7 +5,9 @@ own process with a single in-process worker), so the tiers that hold copies of i
 The scheduler hashes a prompt once and asks every rank "how many of these chunks, from the first,
 do you hold? pin them for this request". A rank in the scheduler's own process is called
 directly; any other is asked over ZMQ IPC (a ROUTER socket on a thread in the worker, a DEALER per
-rank in the scheduler). The hit is the smallest answer over the ranks.
+rank in the scheduler). The hit is the smallest answer over the ranks. ``RankCache`` is what one
+rank answers, ``RankCacheServer`` answers for it in the worker, ``AllRanksClient`` asks every
+rank from the scheduler (and from the LMI handler).
 
 Failure is a miss, never a hang: each lookup waits at most ``timeout_s`` for all ranks; a rank
 that did not answer in time counts as 0 chunks, is sent a release for whatever it pins late (the
@@ -116,8 +118,9 @@ def combine(answers: Sequence[RankAnswer]) -> LookupAnswer:
     return LookupAnswer(chunks, [max(times) for times in zip(*per_rank, strict=True)], slow)
 
 
-class CacheService(Protocol):
-    """What a worker's cache answers (implemented by the worker side of the connector)."""
+class RankCache(Protocol):
+    """What one rank's cache answers, in-process or through its ``RankCacheServer``
+    (implemented by the connector's worker side)."""
 
     def lookup(self, request: LookupRequest) -> RankAnswer:
         """Chunks held from the first (``first`` to the result pinned). Thread-safe."""
@@ -130,7 +133,7 @@ class CacheService(Protocol):
 
 
 # Ranks whose worker runs in this process, found by the scheduler without a socket.
-_LOCAL: dict[tuple[str, int], CacheService] = {}
+_LOCAL: dict[tuple[str, int], RankCache] = {}
 _LOCAL_LOCK = threading.Lock()
 
 
@@ -151,10 +154,11 @@ def forget_local(engine_key: str) -> None:
 # ---------------------------------------------------------------------- worker side
 
 
-class CacheServer:
-    """One rank's cache, answering on a daemon thread; registered for in-process callers too."""
+class RankCacheServer:
+    """Worker side: one rank's cache answering ``AllRanksClient`` on a daemon thread;
+    registered for in-process callers too."""
 
-    def __init__(self, engine_key: str, rank: int, service: CacheService):
+    def __init__(self, engine_key: str, rank: int, service: RankCache):
         self.endpoint = socket_path(engine_key, rank)
         self._key = (engine_key, rank)
         self._service = service
@@ -242,8 +246,9 @@ class _RemoteRank:
         self.reported_down = False
 
 
-class WorkerCaches:
-    """The scheduler's view of every rank's cache. Used from the scheduler's thread only."""
+class AllRanksClient:
+    """Scheduler side (and the LMI handler): asks every rank's cache, in-process or through
+    its ``RankCacheServer``. Used from one thread only."""
 
     def __init__(self, engine_key: str, world_size: int, timeout_s: float, backoff_s: float):
         self._key = engine_key
@@ -309,7 +314,7 @@ class WorkerCaches:
             self._context.term()
             self._context = None
 
-    def _local(self, rank: int) -> CacheService | None:
+    def _local(self, rank: int) -> RankCache | None:
         with _LOCAL_LOCK:
             return _LOCAL.get((self._key, rank))
 

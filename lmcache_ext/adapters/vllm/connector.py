@@ -33,7 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from lmcache_ext import kernels
 from lmcache_ext.adapters.vllm import compat as vllm_compat
-from lmcache_ext.adapters.vllm.channel import WorkerCaches
+from lmcache_ext.adapters.vllm.channel import AllRanksClient
 from lmcache_ext.adapters.vllm.metadata import LMCacheExtMetadata
 from lmcache_ext.adapters.vllm.scheduler import SchedulerSide
 from lmcache_ext.adapters.vllm.stats import (
@@ -169,7 +169,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()  # blocks of failed loads, reported once
         self._emf: EmfReporter | None = None
         if role == KVConnectorRole.SCHEDULER:
-            caches = WorkerCaches(engine_key, world, self.config.worker_lookup_timeout_s,
+            caches = AllRanksClient(engine_key, world, self.config.worker_lookup_timeout_s,
                                   self.config.worker_lookup_backoff_s)
             chunk = self.config.chunk_size
             cost = CostModel(chunk, math.prod(layout.shape(chunk)) * layout.dtype.itemsize,
@@ -264,9 +264,9 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         in_step = [op for op in ops if not op.background]
         for op in ops:
             if op.background:
-                self.worker.load_in_background(op)
+                self.worker.loads.load_in_background(op)
         for op in in_step:
-            self._load_errors.update(self.worker.load(op))
+            self._load_errors.update(self.worker.loads.load(op))
         if in_step:
             self.worker.timer.begin()  # the forward pass starts after our loads
 
@@ -281,7 +281,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         if self.has_connector_metadata():
             self.worker.timer.end(self._get_connector_metadata().num_scheduled_tokens)
             for op in getattr(self._get_connector_metadata(), "saves", ()):
-                self.worker.save(op)
+                self.worker.saves.save(op)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None,
                                                                 set[str] | None]:
@@ -293,12 +293,12 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         # The blocks a background load could not fill go out in this same step's
         # get_block_ids_with_load_errors: vLLM marks them for recompute before it schedules
         # the request.
-        loaded, failed_blocks = self.worker.take_background_loads()
+        loaded, failed_blocks = self.worker.loads.take_background_loads()
         self._load_errors.update(failed_blocks)
-        ops = getattr(self._get_connector_metadata(), "finishing", ()) \
+        ops = getattr(self._get_connector_metadata(), "decode_saves", ()) \
             if self.has_connector_metadata() else ()
         for op in ops:
-            self.worker.save(op)  # a failed save is logged and counted; the blocks go back
+            self.worker.saves.save(op)  # a failed save is logged and counted; the blocks go back
         return {op.req_id for op in ops} or None, loaded or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -331,7 +331,7 @@ class LMCacheExtConnector(KVConnectorBase_V1):
 
     @property
     def save_failures(self) -> int:
-        return self.worker.save_failures
+        return self.worker.saves.failures
 
     def shutdown(self) -> None:
         if self.worker is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TransferOp:
     """One request's load or save: token positions [start, end) in ``block_ids``.
 
@@ -19,6 +19,7 @@ class TransferOp:
     ``background`` load runs off the step; the worker reports it finished in ``get_finished``.
     A save of a request in a SageMaker session names the session (``session``): the worker
     keeps the saved conversation pinned for it until the session is closed or expires.
+    Built by keyword only: its ints and lists cannot be told apart by position.
     """
 
     req_id: str
@@ -38,6 +39,7 @@ class LMCacheExtMetadata(KVConnectorMetadata):
 
     loads: list[TransferOp] = field(default_factory=list)
     saves: list[TransferOp] = field(default_factory=list)
-    # Saves of finished requests whose blocks vLLM holds until get_finished reports them.
-    finishing: list[TransferOp] = field(default_factory=list)
+    # Decode saves: a finished request's prompt + output chunks (``save_decode_cache``), its
+    # blocks held by vLLM until get_finished reports the request.
+    decode_saves: list[TransferOp] = field(default_factory=list)
     num_scheduled_tokens: int = 0  # the step's tokens (the workers time the forward pass)

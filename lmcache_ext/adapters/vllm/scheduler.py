@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from lmcache_ext.adapters.session_params import session_of
 from lmcache_ext.adapters.vllm import compat as vllm_compat
-from lmcache_ext.adapters.vllm.channel import LookupAnswer, LookupRequest, WorkerCaches
+from lmcache_ext.adapters.vllm.channel import AllRanksClient, LookupAnswer, LookupRequest
 from lmcache_ext.adapters.vllm.metadata import LMCacheExtMetadata, TransferOp
 from lmcache_ext.adapters.vllm.stats import LMCacheExtStats
 from lmcache_ext.cost import CostModel
@@ -68,19 +68,19 @@ class _RequestState:
 class SchedulerSide:
     """Used from vLLM's scheduler thread only."""
 
-    def __init__(self, hasher: PrefixHasher, caches: WorkerCaches, block_size: int,
+    def __init__(self, hasher: PrefixHasher, caches: AllRanksClient, block_size: int,
                  save_decode_cache: bool, cost: CostModel, async_load: str = "slow_tiers"):
         self.hasher = hasher
         self.cost = cost
         self.async_load = async_load  # config's async_load: slow_tiers, always or never
-        self._background: list[TransferOp] = []  # background loads for the next metadata
+        self._background_loads: list[TransferOp] = []  # for the next metadata
         self.stats = LMCacheExtStats()  # this side's figures since vLLM last took them
         self.chunk_size = hasher.chunk_size
         self.block_size = block_size
         self.caches = caches
         self.save_decode_cache = save_decode_cache
         self._requests: dict[str, _RequestState] = {}
-        self._finishing: list[TransferOp] = []  # decode saves for the next metadata
+        self._decode_saves: list[TransferOp] = []  # for the next metadata
         self._pin_ids = itertools.count(1)
         self._said_chunked = False  # the first chunked prefill's saves are logged, once
 
@@ -167,9 +167,8 @@ class SchedulerSide:
         elif state.load_async:
             start, end = state.num_local, state.num_local + num_external
             state.block_ids = list(block_ids)
-            self._background.append(TransferOp(
-                request.request_id, state.digests[:-(-end // self.chunk_size)],
-                state.num_prompt, list(block_ids), start, end, state.pin_id, background=True))
+            self._background_loads.append(self._prompt_op(
+                request.request_id, state, start, end, pin_id=state.pin_id, background=True))
             state.num_external, state.loading = 0, True
 
     def loads_finished(self, req_ids: set[str]) -> None:
@@ -179,9 +178,9 @@ class SchedulerSide:
                 state.loading = False
 
     def build_meta(self, scheduler_output: SchedulerOutput) -> LMCacheExtMetadata:
-        meta = LMCacheExtMetadata(loads=self._background, finishing=self._finishing,
+        meta = LMCacheExtMetadata(loads=self._background_loads, decode_saves=self._decode_saves,
                                   num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens)
-        self._finishing, self._background = [], []
+        self._decode_saves, self._background_loads = [], []
         cached = scheduler_output.scheduled_cached_reqs
         # A request preempted and resumed in the same step was re-planned at its allocation.
         scheduled = {r.req_id for r in scheduler_output.scheduled_new_reqs} | set(cached.req_ids)
@@ -208,11 +207,8 @@ class SchedulerSide:
             # chunks up to the one holding its last token. The worker drops the pin after the
             # load; the request's end or preemption releases it too (a no-op by then, unless
             # the load never ran).
-            chunks = -(-num_computed // self.chunk_size)
-            meta.loads.append(TransferOp(req_id, state.digests[:chunks], state.num_prompt,
-                                         list(state.block_ids),
-                                         num_computed - state.num_external, num_computed,
-                                         state.pin_id))
+            meta.loads.append(self._prompt_op(req_id, state, num_computed - state.num_external,
+                                              num_computed, pin_id=state.pin_id))
             state.num_external = 0
         done = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
         if state.cacheable and num_computed < state.num_prompt:
@@ -226,9 +222,8 @@ class SchedulerSide:
         end = self._save_end(state, done)
         if end > state.saved_until:
             # The prompt's KV in [saved_until, end) is complete after this step.
-            meta.saves.append(TransferOp(req_id, state.digests[:-(-end // self.chunk_size)],
-                                         state.num_prompt, list(state.block_ids),
-                                         state.saved_until, end, session=state.session))
+            meta.saves.append(self._prompt_op(req_id, state, state.saved_until, end,
+                                              session=state.session))
             if done < state.num_prompt:  # a chunked prefill's step: saved before its end
                 self.stats.add("prefill_step_saved_tokens", end - state.saved_until)
                 state.early_saved += end - state.saved_until
@@ -267,7 +262,7 @@ class SchedulerSide:
         op = self._decode_save(request, state, block_ids) if self.save_decode_cache else None
         if op is None:
             return False
-        self._finishing.append(op)
+        self._decode_saves.append(op)
         return True
 
     def _decode_save(self, request: Request, state: _RequestState,
@@ -284,8 +279,16 @@ class SchedulerSide:
             return None  # no chunk holds output tokens (the prompt's are saved after prefill)
         whole = state.digests[:state.num_prompt // self.chunk_size]  # extend, never rehash
         digests = self.hasher.digests(tokens[:end], state.salt, known=whole)
-        return TransferOp(request.request_id, digests, end, list(block_ids), 0, end,
-                          session=state.session)
+        return TransferOp(req_id=request.request_id, digests=digests, num_tokens=end,
+                          block_ids=list(block_ids), start=0, end=end, session=state.session)
+
+    def _prompt_op(self, req_id: str, state: _RequestState, start: int, end: int,
+                   **extra: int | bool | str | None) -> TransferOp:
+        """A load or save of prompt positions [start, end) in the request's blocks, with the
+        digests of its chunks up to the one holding position ``end - 1``."""
+        return TransferOp(req_id=req_id, digests=state.digests[:-(-end // self.chunk_size)],
+                          num_tokens=state.num_prompt, block_ids=list(state.block_ids),
+                          start=start, end=end, **extra)
 
     def _release(self, req_id: str, state: _RequestState) -> None:
         if state.pin_id:

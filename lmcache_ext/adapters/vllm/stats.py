@@ -22,6 +22,7 @@ per interval (``emf_metrics``; ``emf.py`` makes the line).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,6 +86,37 @@ class LMCacheExtStats(KVConnectorStats):
                     "." in name:
                 out[name] = int(value)
         return out
+
+
+class StatsTally:
+    """One rank's figures since vLLM last took them, counted from vLLM's thread, the loader
+    and the saver. Thread-safe. ``moved`` is set by each load and save: the tiers are then
+    sampled at the next ``take`` (a benign race: at worst one sample later)."""
+
+    def __init__(self) -> None:
+        self._stats = LMCacheExtStats()
+        self._lock = threading.Lock()
+        self.moved = False
+
+    def add(self, name: str, value: float) -> None:
+        with self._lock:
+            self._stats.add(name, value)
+
+    def set_gauge(self, name: str, value: float) -> None:
+        with self._lock:
+            self._stats.set_gauge(name, value)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._stats = LMCacheExtStats()
+
+    def take(self) -> LMCacheExtStats | None:
+        """The figures counted since the last call, or None if there are none."""
+        with self._lock:
+            if self._stats.is_empty():
+                return None
+            stats, self._stats = self._stats, LMCacheExtStats()
+        return stats
 
 
 def used_bytes(data: Mapping[str, Any]) -> dict[str, float]:

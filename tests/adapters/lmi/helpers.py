@@ -1,6 +1,6 @@
 """What the LMI handler's tests share: requests as DJL's front end hands them to LMI's Python
-worker (``lmi_frontend``: custom attributes split, the socket encoding, ``Input().read``), and a
-recorder standing in for LMI's ``handle``."""
+worker (``lmi_stand_in.frontend``: custom attributes split, the socket encoding,
+``Input().read``), and a recorder standing in for LMI's ``handle``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from lmcache_ext.testing.lmi_frontend import HANDLER, encode_request, http_request, reader
-from lmcache_ext.testing.lmi_process import use_stand_in
+from lmi_stand_in.frontend import HANDLER, encode_request, http_request, reader
+from lmi_stand_in.process import use_stand_in
 
 use_stand_in()
 from djl_python.inputs import Input  # noqa: E402  (the stand-in, found through use_stand_in)

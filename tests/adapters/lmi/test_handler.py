@@ -23,7 +23,7 @@ from lmcache_ext.adapters.lmi.handler import (
 )
 from lmcache_ext.adapters.session_params import SESSION_KEY, session_of
 from lmcache_ext.sessions.protocol import SESSION_HEADER, SessionError
-from lmcache_ext.testing.lmi_process import use_stand_in
+from lmi_stand_in.process import use_stand_in
 from tests.adapters.lmi.helpers import Recorder, aws_region, djl_load, djl_request  # noqa: F401
 
 use_stand_in()

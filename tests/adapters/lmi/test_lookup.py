@@ -20,20 +20,20 @@ from lmcache_ext.adapters.lmi.lookup import (
     prompt_of,
     tokenize,
 )
-from lmcache_ext.adapters.vllm.channel import LookupAnswer, WorkerCaches
+from lmcache_ext.adapters.vllm.channel import AllRanksClient, LookupAnswer
 from lmcache_ext.adapters.vllm.connector import scheduler_hasher
 from lmcache_ext.adapters.vllm.scheduler import request_salt
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
 from lmcache_ext.engine import key_namespace
 from lmcache_ext.keys import PrefixHasher
-from lmcache_ext.testing.lmi_frontend import answer_of, encode_request
 from lmcache_ext.wire import (
     CUSTOM_ATTRIBUTES_HEADER,
     LOOKUP_ATTRIBUTE,
     LOOKUP_REQUEST,
     format_lookup,
 )
+from lmi_stand_in.frontend import answer_of, encode_request
 from tests.adapters.lmi.helpers import (  # noqa: F401  (aws_region: a fixture)
     Recorder,
     aws_region,
@@ -71,7 +71,7 @@ class FakeTokenizer:
 
 
 class FakeCaches:
-    """WorkerCaches as the lookup uses it: records requests, answers ``chunks``."""
+    """AllRanksClient as the lookup uses it: records requests, answers ``chunks``."""
 
     def __init__(self, chunks: int):
         self.chunks = chunks
@@ -138,7 +138,7 @@ def test_the_answer_pins_nothing_and_has_the_built_in_servers_shape():
 
 
 def test_a_rank_that_does_not_answer_is_a_miss_not_a_hang_or_an_error():
-    caches = WorkerCaches(f"nobody-{uuid.uuid4().hex}", 1, 0.05, 10.0)
+    caches = AllRanksClient(f"nobody-{uuid.uuid4().hex}", 1, 0.05, 10.0)
     lookup = LmiLookup(hasher(), caches, FakeTokenizer())
     try:
         answer = lookup.answer({"inputs": list(range(4 * CHUNK))})

@@ -16,13 +16,13 @@ import pytest
 
 from lmcache_ext.adapters.lmi.facts import FALLBACK_REGION
 from lmcache_ext.adapters.lmi.handler import SessionHandler
-from lmcache_ext.testing.lmi_frontend import (
+from lmi_stand_in.frontend import (
     WorkerRestart,
     answer_of,
     encode_request,
     request_properties,
 )
-from lmcache_ext.testing.lmi_process import use_stand_in
+from lmi_stand_in.process import use_stand_in
 from tests.adapters.lmi.helpers import djl_input, djl_load, djl_request
 
 use_stand_in()

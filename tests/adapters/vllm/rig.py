@@ -187,7 +187,7 @@ def run_worker(rig: Rig, scheduler_output, forward=None) -> tuple[set[int], set[
     rig.worker.start_load_kv(None)
     # Background loads run on the loader thread; waiting for them here makes each test's
     # steps deterministic (vLLM itself never waits: it polls get_finished every step).
-    rig.worker.worker.loader.join()
+    rig.worker.worker.loads.jobs.join()
     ran = scheduler_output.total_num_scheduled_tokens > 0
     if forward is not None and ran:
         forward(scheduler_output)
@@ -197,7 +197,7 @@ def run_worker(rig: Rig, scheduler_output, forward=None) -> tuple[set[int], set[
     errors = rig.worker.get_block_ids_with_load_errors()
     # Saves land off the step; waiting for them keeps the next lookup (and the figures)
     # deterministic. Without the wait a lookup may miss a save still in flight: a miss.
-    rig.worker.worker.saver.join()
+    rig.worker.worker.saves.jobs.join()
     rig.last_stats = rig.worker.get_kv_connector_stats()
     rig.worker.clear_connector_metadata()
     return errors, set(sending or ()), set(recving or ())

@@ -47,7 +47,7 @@ def test_the_step_waits_for_the_copy_out_only(tmp_path, layout, backend, monkeyp
     rig.worker.clear_connector_metadata()
     assert in_step < PUT_S, f"the step waited {in_step:.3f} s for the tier"
     assert engine.lookup(PROMPT_A) < 96  # still being written
-    rig.worker.worker.saver.join()
+    rig.worker.worker.saves.jobs.join()
     assert engine.lookup(PROMPT_A) == 96
     stored = torch.zeros(engine.layout.shape(96), dtype=engine.layout.dtype)
     assert engine.retrieve(PROMPT_A, stored) == 96

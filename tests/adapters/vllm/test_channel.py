@@ -18,7 +18,7 @@ import pytest
 import torch
 import zmq
 
-from lmcache_ext.adapters.vllm.channel import LookupRequest, WorkerCaches, socket_path
+from lmcache_ext.adapters.vllm.channel import AllRanksClient, LookupRequest, socket_path
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.config import load_config
 from lmcache_ext.engine import key_namespace
@@ -76,14 +76,14 @@ def digests() -> list[bytes]:
     return PrefixHasher(key_namespace(config, LAYOUT, "m", 0, 2)).digests(TOKENS)
 
 
-def lookup(caches: WorkerCaches, pin_id: int, first: int = 0) -> int:
+def lookup(caches: AllRanksClient, pin_id: int, first: int = 0) -> int:
     return caches.lookup(LookupRequest(f"req-{pin_id}", pin_id, digests(), len(TOKENS),
                                        first)).chunks
 
 
 def test_the_hit_is_what_every_rank_holds(two_ranks):
     key, _ = two_ranks
-    caches = WorkerCaches(key, 2, timeout_s=5.0, backoff_s=1.0)
+    caches = AllRanksClient(key, 2, timeout_s=5.0, backoff_s=1.0)
     assert lookup(caches, 1) == 2  # rank 0 holds 3 chunks, rank 1 holds 2
     assert lookup(caches, 2, first=1) == 2
     # Each answer says how long its chunks take to load (the ranks' probed CPU tier).
@@ -98,7 +98,7 @@ def test_a_stalled_rank_is_a_quick_miss_said_once_and_hits_resume(two_ranks, cap
     """Scenario: rank 1's process is stopped (SIGSTOP) mid-run: lookups miss within the
     timeout, then skip it at once during the back-off; continued, it hits again."""
     key, procs = two_ranks
-    caches = WorkerCaches(key, 2, timeout_s=0.5, backoff_s=1.0)
+    caches = AllRanksClient(key, 2, timeout_s=0.5, backoff_s=1.0)
     assert lookup(caches, 1) == 2
     os.kill(procs[1].pid, signal.SIGSTOP)
     with caplog.at_level(logging.INFO, logger="lmcache_ext.adapters.vllm.channel"):
@@ -135,6 +135,6 @@ def test_malformed_messages_are_misses_and_the_rank_keeps_serving(two_ranks):
         assert json.loads(raw.recv())["chunks"] == 0
     raw.close()
     context.term()
-    caches = WorkerCaches(key, 2, timeout_s=5.0, backoff_s=1.0)
+    caches = AllRanksClient(key, 2, timeout_s=5.0, backoff_s=1.0)
     assert lookup(caches, 1) == 2
     caches.close()

@@ -63,7 +63,7 @@ def test_failing_scatters_are_recomputed_and_never_use_up_the_staging_buffers(tm
     def broken(*args, **kwargs):
         raise RuntimeError("scatter failed (injected)")
     monkeypatch.setattr(load_pipeline.kernels, "scatter", broken)
-    staging = rig.worker.worker.staging
+    staging = rig.worker.worker.kv.staging
     for attempt in range(staging.count + 2):
         req = f"fail-{attempt}"
         forward.prompts[req] = PROMPT_B
@@ -104,7 +104,7 @@ def test_a_lookup_answers_while_the_saver_is_blocked(tmp_path):
     def stuck() -> None:
         started.set()
         release.wait()
-    side.saver.submit(stuck)
+    side.saves.jobs.submit(stuck)
     assert started.wait(30)
     digests = rig.worker.engine.hasher.digests(PROMPT_B, "")
     answers: list = []
@@ -184,7 +184,7 @@ def test_the_probe_times_a_load_into_the_registered_caches_and_leaves_them_uncha
         assert set(worker.engine.read_speeds()) == {"cpu"}
         for name, cache in caches.items():
             assert torch.equal(cache, before[name])
-        staging = worker.worker.staging
+        staging = worker.worker.kv.staging
         assert staging.free() == staging.count and worker.engine.storage.tiers[0].usage() \
             .num_chunks == 0
     finally:
@@ -232,7 +232,7 @@ def test_a_background_load_orders_after_the_stream_current_when_it_was_planned(t
         def mark(self):
             marks.append(threading.current_thread().name)
             return super().mark()
-    side._order = Recording(torch.device("cpu"))
+    side.kv.order = Recording(torch.device("cpu"))
     zero_caches(rig)
     rig.scheduler.add_request(make_request("b", PROMPT_B))
     step(rig, forward)  # the load runs in the background

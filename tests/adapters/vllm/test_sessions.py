@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from lmcache_ext.adapters.session_params import SESSION_KEY
-from lmcache_ext.adapters.vllm.channel import WorkerCaches
+from lmcache_ext.adapters.vllm.channel import AllRanksClient
 from tests.adapters.vllm.rig import CHUNK, HEAD_DIM, KV_HEADS, LAYERS, Rig, make_request, step
 from tests.adapters.vllm.test_connector import LAYOUTS, PROMPT_A, pinned_chunks, rig_for
 
@@ -40,7 +40,7 @@ def flood(rig: Rig, count: int = 2 * CPU_CHUNKS) -> None:
 
 def close_session(rig: Rig, session: str) -> list[int | None]:
     """What the LMI handler does on CLOSE: its own channel to every rank, not the scheduler's."""
-    caches = WorkerCaches(rig.connector._kv_transfer_config.engine_id, 1, 2.0, 1.0)
+    caches = AllRanksClient(rig.connector._kv_transfer_config.engine_id, 1, 2.0, 1.0)
     try:
         return caches.release_session(session)
     finally:

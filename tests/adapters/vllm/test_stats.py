@@ -76,8 +76,7 @@ def test_a_failed_load_is_counted(tmp_path, layout, backend):
     rig.scheduler.add_request(make_request("b", PROMPT_B))
     output = rig.scheduler.schedule()
     assert output.kv_connector_metadata.loads
-    for pin in list(rig.worker.worker._pins.values()):
-        pin[1].release()
+    rig.worker.worker.pins.release_all()
     for tier in rig.worker.engine.storage.tiers:
         for span in rig.worker.engine.spans(PROMPT_B):
             tier.remove(span.key)

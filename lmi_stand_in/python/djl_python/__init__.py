@@ -1,5 +1,5 @@
 """A stand-in for the part of LMI's ``djl_python`` that a custom handler sees, for tests only
-(``lmcache_ext.testing.lmi_process`` puts its folder on ``sys.path``; production imports LMI's).
+(``lmi_stand_in.process`` puts its folder on ``sys.path``; production imports LMI's).
 
 Modelled on djl-serving's source at commit 7e13b081383bd46293d4b49ab214d4757b1effd5 (branch
 ``0.36.0-lmi27-dlc``, LMI lmi27), paths under ``engines/python/setup/djl_python/``; each module
@@ -7,7 +7,7 @@ names the real file and lines it mirrors. Written for this project (read, not co
 models:
 
 - ``Input()`` takes no arguments; requests arrive through ``Input.read`` in DJL's socket format
-  (``inputs.py``); ``lmcache_ext.testing.lmi_frontend`` is the Java side (the custom-attribute
+  (``inputs.py``); ``lmi_stand_in.frontend`` is the Java side (the custom-attribute
   split, the encoder and decoder);
 - ``Output`` holds bytes; in async mode every answer is ``Output.binary_encode({"data", "last",
   "code", "error"})`` made by ``async_utils.create_non_stream_output``, and errors are in-band

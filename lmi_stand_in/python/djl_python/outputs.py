@@ -4,7 +4,7 @@
   146-154); ``error`` makes a 424 with a JSON body (lines 81-87);
 - ``binary_encode`` (lines 156-172): a big-endian short count, then each key and ``str(value)``
   as an int length and UTF-8 bytes (a None as length -1). In async mode every answer's content is
-  such a dict (``async_utils``), and DJL's Java side decodes it (``lmi_frontend``);
+  such a dict (``async_utils``), and DJL's Java side decodes it (``lmi_stand_in.frontend``);
 - ``send`` (lines 183-202): code, message, properties, then the content entries, on the socket.
   Streaming content (``stream_content``) is not modelled.
 """

