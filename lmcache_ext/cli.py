@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from lmcache_ext.config import (
@@ -100,13 +101,28 @@ def serve(args: argparse.Namespace) -> int:
     print(f"  curl -s {endpoint.url}/invocations -H 'Content-Type: application/json' "
           "-d '{\"inputs\": \"What is a KV cache?\", \"parameters\": "
           "{\"max_new_tokens\": 32}, \"stream\": true}'", flush=True)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         endpoint.server.serve_forever()
     except KeyboardInterrupt:
-        pass
-    finally:
         endpoint.close()
+    except Terminated:  # SageMaker's scale-in or replacement, docker stop: drain, then exit
+        logging.getLogger(__name__).info("SIGTERM: draining within %g s (drain_timeout_s)",
+                                         config.drain_timeout_s)
+        endpoint.drain_and_close(config.drain_timeout_s)
+    except BaseException:
+        endpoint.close()
+        raise
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (raised out of ``serve_forever`` by the signal handler)."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the drain
+    raise Terminated()
 
 
 def route(args: argparse.Namespace) -> int:

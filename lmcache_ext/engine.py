@@ -301,8 +301,10 @@ class CacheEngine:
         """Wait for write-behinds to reach the slower tiers."""
         self.storage.flush()
 
-    def close(self) -> None:
-        self.storage.close()
+    def close(self, discard_queued: bool = False) -> None:
+        """Close the tiers; ``discard_queued``: drop write-behinds not yet written (counted)
+        instead of waiting for them."""
+        self.storage.close(discard_queued)
 
     def _check_kv(self, kv: torch.Tensor, name: str) -> None:
         want = self.layout.shape(kv.shape[2] if kv.dim() == 5 else -1)

@@ -155,7 +155,8 @@ def test_a_body_within_six_mib_reaches_the_model(boto3_client, target):
     body = json.dumps(lmi("y" * (MAX_BODY_BYTES - 200))).encode()
     assert len(body) <= MAX_BODY_BYTES
     if target.local is None:
-        pytest.skip("a real model's context decides; nothing to assert about its words")
+        pytest.skip("the built-in local endpoint's context and error words only: behind LMI "
+                    "the model's own context decides what it answers")
     with pytest.raises(ClientError) as caught:
         boto3_client.invoke(body)
     status, message = model_error(caught)
@@ -166,7 +167,8 @@ def test_the_seed_env_vars_give_an_endpoint_with_the_cache_on(target):
     """The local instances started from the seed's two variables (config file and
     kv_transfer_config) plus the shared tier's URL; each says the cache is on."""
     if target.local is None:
-        pytest.skip("a real endpoint's logs are in CloudWatch: see the README")
+        pytest.skip("reads the built-in local endpoint's instance logs: a real endpoint's are in "
+                    "CloudWatch, the image's containers' in `docker logs` (tests/image)")
     for index in range(target.local.replicas):
         log = target.local.log(index)
         assert "cache on" in log, log

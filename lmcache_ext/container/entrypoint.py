@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -72,6 +73,8 @@ KV_ENV = "OPTION_KV_TRANSFER_CONFIG"
 AUTO_ENV = "OPTION_LMCACHE_AUTO_CONFIG"
 CONFIG_FILE_ENV = "OPTION_LMCACHE_CONFIG_FILE"
 PLUGIN_NAME = "lmcache_ext"  # the entry point's name in pyproject.toml
+# vLLM (0.32+) waits this long for its workers at shutdown before it terminates them.
+WORKER_SHUTDOWN_ENV = "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS"
 # LMI's auto-config result besides the sizes (djl_python/lmcache_utils.py: LMCACHE_DIR, O_DIRECT).
 AUTO_DEFAULTS = {"LOCAL_DISK": "file:///tmp/cache/", "EXTRA_CONFIG": '{"use_odirect": true}'}
 EXIT_SETUP_ERROR = 2
@@ -181,6 +184,28 @@ def export_settings(env: dict[str, str], settings: LmiSettings) -> dict[str, str
     elif (own := config_file_from_env(env)) is not None:
         env["LMCACHE_CONFIG_FILE"] = own[0]
     return exported
+
+
+def give_workers_time_to_drain(env: dict[str, str], config: EngineConfig) -> None:
+    """On SIGTERM each vLLM worker drains its sessions' pins to the shared tier for up to
+    ``drain_timeout_s`` (the connector's shutdown), but vLLM's executor waits only
+    ``VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS`` (vLLM 0.32+, default 5 s) before it terminates its
+    workers. With sessions, a shared tier and a drain, an unset variable is set to cover the
+    drain; a smaller one is kept and said. vLLM 0.23 (LMI lmi27) reads no such variable: its
+    workers get about 8 s (4 s, then SIGTERM and 4 s more), so its drain is cut there."""
+    if not (config.enable_stateful_sessions and config.remote_url and config.drain_timeout_s):
+        return
+    wanted = math.ceil(config.drain_timeout_s)
+    given = env.get(WORKER_SHUTDOWN_ENV, "").strip()
+    if not given:
+        env[WORKER_SHUTDOWN_ENV] = str(wanted)
+        log.info("%s=%d: vLLM's workers get drain_timeout_s to write the sessions' KV to the "
+                 "shared tier on SIGTERM (vLLM 0.23 ignores it: about 8 s there)",
+                 WORKER_SHUTDOWN_ENV, wanted)
+    elif not given.isdigit() or int(given) < wanted:
+        log.warning("%s=%s is shorter than drain_timeout_s=%s: vLLM may stop its workers before "
+                    "their sessions' KV reaches the shared tier", WORKER_SHUTDOWN_ENV, given,
+                    config.drain_timeout_s)
 
 
 def check_plugins_allowed(env: Mapping[str, str]) -> None:
@@ -299,6 +324,7 @@ def prepare(environ: Mapping[str, str]) -> Handover:
     if found is not None:
         check_disk_room(config, found, existing)
         say_odirect(config, found)
+    give_workers_time_to_drain(env, config)
     for line in describe(config):
         log.info("config: %s", line)
     return Handover(env, cache_on=True)

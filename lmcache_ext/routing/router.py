@@ -21,8 +21,12 @@ REST answers name the production variant (``x-Amzn-Invoked-Production-Variant``)
 headers (custom attributes, content type, accept) reach the container as they came.
 
 Every answer carries ``X-Lmcache-Ext-Replica: <replica name>`` when a replica served it. A
-replica that cannot be reached, drops the connection or stays silent past ``timeout_s`` is a
-502 naming it (``ServiceUnavailable``, 503, on the REST paths), never a hang. The router is one
+replica that refuses a connection is gone (scaled in, drained, exited), as an instance SageMaker
+took away: new requests go to the other replicas, and a request naming one of its sessions is
+a 400 "session ... is unknown" (a client re-creates the session elsewhere and resends the
+history). A replica that drops the connection or stays silent past ``timeout_s``, or the last
+one left, is a 502 naming it (``ServiceUnavailable``, 503, on the REST paths), never a hang.
+The router is one
 endpoint: with ``endpoint_name`` set, a REST path naming another is a ``ValidationError`` as
 SageMaker answers for an endpoint that does not exist; without it any name is accepted. A
 session id the router
@@ -153,6 +157,7 @@ class Router:
         self.timeout_s = timeout_s
         self.sessions = SessionTable()
         self._outstanding = [0] * len(self.backends)
+        self._gone: set[int] = set()  # replicas that refused a connection (scaled in, exited)
         self._served = [0] * len(self.backends)
         self._lock = threading.Lock()
         handler = type("BoundRouterHandler", (RouterHandler,), {"router": self})
@@ -195,8 +200,27 @@ class Router:
                                sessions_held=tuple(held.get(i, 0)
                                                    for i in range(len(self.backends))), api=api)
         with self._lock:
-            outstanding = list(self._outstanding)
-        return self.policy.choose(request, outstanding)
+            outstanding, gone = list(self._outstanding), set(self._gone)
+        index = self.policy.choose(request, outstanding)
+        if index in gone:  # as SageMaker stops routing to an instance it took away
+            up = [i for i in range(len(self.backends)) if i not in gone]
+            index = min(up, key=lambda i: outstanding[i]) if up else index
+        return index
+
+    def mark_gone(self, index: int) -> None:
+        """Replica ``index`` refused a connection: nothing listens there any more (scaled
+        in, drained, exited). New requests avoid it while another replica is up; its
+        sessions are unknown from now on (said once)."""
+        with self._lock:
+            fresh = index not in self._gone
+            self._gone.add(index)
+        if fresh:
+            log.warning("replica %s (%s) is gone: no new requests go there; its sessions are "
+                        "unknown", self.backends[index].name, self.backends[index].url)
+
+    def is_gone(self, index: int) -> bool:
+        with self._lock:
+            return index in self._gone
 
     def observe(self, index: int, status: int, headers: Iterable[tuple[str, str]]) -> None:
         """Record a created session (a 2xx answer naming a new session: with the
@@ -333,12 +357,30 @@ class RouterHandler(BaseHTTPRequestHandler):
         body = self._read_body(target)
         if body is None:
             return
-        index = self.router.choose(body, self.headers, target.api)
-        self.router.begin(index)
-        try:
-            self._forward(target, index, body)
-        finally:
-            self.router.end(index)
+        attempts = len(self.router.backends) + 1  # another replica while one is gone
+        for attempt in range(attempts):
+            index = self.router.choose(body, self.headers, target.api)
+            if self._session_gone(target, index):
+                return
+            self.router.begin(index)
+            try:
+                if self._forward(target, index, body, last=attempt == attempts - 1):
+                    return
+            finally:
+                self.router.end(index)
+
+    def _session_gone(self, target: Target, index: int) -> bool:
+        """A request naming a session of a replica that is gone: answer 400 "unknown" (a
+        client such as ``lmcache_ext.client`` creates a new session and resends the history,
+        which the shared tier may hold). True when answered."""
+        session = (self.headers.get(SESSION_HEADER) or "").strip()
+        if not session or session == NEW_SESSION or not self.router.is_gone(index) or \
+                self.router.sessions.lookup(session) != index:
+            return False
+        self.router.sessions.forget(session)
+        self._error(target, 400, f"session {session} is unknown: replica "
+                                 f"{self.router.backends[index].name} is gone; create a new one")
+        return True
 
     def _refusal(self, target: Target) -> str | None:
         """Why SageMaker would refuse this REST request before any model sees it, if it
@@ -363,7 +405,10 @@ class RouterHandler(BaseHTTPRequestHandler):
             return None
         return self.rfile.read(int(length))
 
-    def _forward(self, target: Target, index: int, body: bytes) -> None:
+    def _forward(self, target: Target, index: int, body: bytes, last: bool) -> bool:
+        """Send to replica ``index`` and relay its answer; False (nothing answered) when the
+        replica refused the connection and, not being the ``last`` attempt, another may take
+        the request."""
         headers = forwarded(self.headers.items())
         if target.kind == "rest_stream":
             headers = [("Accept", v) if n.lower() == STREAM_ACCEPT_HEADER.lower() else (n, v)
@@ -372,9 +417,12 @@ class RouterHandler(BaseHTTPRequestHandler):
         try:
             conn, response = self.router.open(index, "POST", path, body, headers)
         except ReplicaError as exc:
+            if isinstance(exc.__cause__, ConnectionRefusedError) and not last:
+                self.router.mark_gone(index)
+                return False  # try again: its session is now unknown, others go elsewhere
             log.warning("%s", exc)
             self._error(target, 502, str(exc))
-            return
+            return True
         try:
             self.router.observe(index, response.status, response.getheaders())
             if target.kind in ("container", "openai"):
@@ -385,6 +433,7 @@ class RouterHandler(BaseHTTPRequestHandler):
                 self._relay_rest_stream(index, response)
         finally:
             conn.close()
+        return True
 
     def _reply_headers(self, index: int, response: http.client.HTTPResponse) -> list:
         return forwarded(response.getheaders()) + [(REPLICA_HEADER,

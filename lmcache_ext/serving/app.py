@@ -22,6 +22,7 @@ from lmcache_ext.serving.http_server import make_server
 from lmcache_ext.serving.model import LoadedModel, load_model
 from lmcache_ext.serving.service import Service
 from lmcache_ext.serving.sessions import ServerSessions
+from lmcache_ext.sessions.drain import DrainReport
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 8080
@@ -41,12 +42,32 @@ class Endpoint:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def close(self) -> None:
+    def close(self, discard_queued: bool = False) -> None:
+        """Stop serving and close everything; ``discard_queued``: drop write-behinds not yet
+        written (counted) instead of waiting for them."""
         self.server.shutdown()
         self.server.server_close()
         self.service.sessions.close()
         if self.engine is not None:
-            self.engine.close()
+            self.engine.close(discard_queued)
+
+    def drain_and_close(self, timeout_s: float) -> DrainReport | None:
+        """The SIGTERM path, all within ``timeout_s`` (``drain_timeout_s``): refuse new
+        connections, let requests in flight finish (at most half the time), write the
+        sessions' pinned conversations and the write-behind queue to the shared tier, close.
+        What the time did not allow is logged and dropped, never waited for (``timeout_s`` 0:
+        no drain, queued write-behinds dropped). Call it once ``serve_forever`` has returned,
+        or from another thread."""
+        began = time.monotonic()
+        self.server.shutdown()
+        self.server.server_close()  # new connections are refused from here on
+        busy = self.service.in_flight.wait_idle(timeout_s / 2)
+        if busy:
+            log.warning("drain: %d request(s) still in flight after %.1f s; their turns may "
+                        "not be drained", busy, timeout_s / 2)
+        report = self.service.sessions.drain(max(0.0, timeout_s - (time.monotonic() - began)))
+        self.close(discard_queued=timeout_s <= 0 or (report is not None and not report.complete))
+        return report
 
 
 def resolve_port(port: int | None) -> int:

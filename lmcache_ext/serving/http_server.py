@@ -76,6 +76,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": f"no route {self.path}"})
 
     def do_POST(self) -> None:  # noqa: N802
+        with self.service.in_flight:  # a drain lets it finish before the process exits
+            self._post()
+
+    def _post(self) -> None:
         parse = ROUTES.get(self.path)
         attributes = self.headers.get(CUSTOM_ATTRIBUTES_HEADER)
         lookup = self.path == LOOKUP_ROUTE or (self.path == "/invocations" and

@@ -8,6 +8,7 @@ the generator is: the HTTP server calls ``run`` from a thread per connection.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
@@ -16,6 +17,31 @@ from lmcache_ext.metrics import ServerMetrics
 from lmcache_ext.serving.generator import GenerationStats, Generator, TokenEvent
 from lmcache_ext.serving.protocol import GenerateRequest, RequestError
 from lmcache_ext.serving.sessions import ServerSessions
+
+
+class InFlight:
+    """Requests being answered now: the HTTP layer wraps each in ``with in_flight:``; a
+    shutdown waits for them (``wait_idle``). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def __enter__(self) -> InFlight:
+        with self._changed:
+            self._count += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> int:
+        """Block until no request is in flight or ``timeout_s`` passed; the count left."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._count == 0, timeout_s)
+            return self._count
 
 
 class Service:
@@ -27,6 +53,7 @@ class Service:
         self.metrics = ServerMetrics(registry)
         self.sessions = sessions
         self.model_name = generator.loaded.name
+        self.in_flight = InFlight()
 
     def prompt_ids(self, request: GenerateRequest) -> list[int]:
         tokenizer = self.generator.loaded.tokenizer

@@ -25,6 +25,7 @@ from typing import Any
 from lmcache_ext.config import EngineConfig, key_of, lmi_env_name
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.metrics import SessionMetrics
+from lmcache_ext.sessions.drain import DrainReport, drain, no_shared_tier_note
 from lmcache_ext.sessions.pins import SessionPins
 from lmcache_ext.sessions.protocol import (
     CLOSE,
@@ -60,6 +61,7 @@ class ServerSessions:
     def __init__(self, config: EngineConfig, engine: CacheEngine | None,
                  metrics: SessionMetrics, clock: Callable[[], float] = time.time):
         self.enabled = config.enable_stateful_sessions
+        self.engine = engine
         self.metrics = metrics
         self.pins = SessionPins(engine, metrics=metrics) if engine is not None and \
             self.enabled else None
@@ -82,6 +84,8 @@ class ServerSessions:
                     f"({config.session_pins_max_fraction:.0%} of the CPU tier)")
         log.info("stateful sessions: on, expiry %g s after last use; %s",
                  config.sessions_expiration_s, pins)
+        if (note := no_shared_tier_note(self.engine)) is not None:
+            log.warning("%s", note)
 
     # ------------------------------------------------------------------ create and close
 
@@ -152,6 +156,14 @@ class ServerSessions:
                 self.pins.release(session_id)  # it ended during the turn: release released
         except Exception:
             log.exception("pinning session %s's conversation failed", session_id)
+
+    def drain(self, timeout_s: float) -> DrainReport | None:
+        """Write the open sessions' pinned conversations, then the write-behind queue, to the
+        shared tier within ``timeout_s`` (``sessions.drain``); None when there is nothing to
+        drain to (no cache, no shared tier) or ``timeout_s`` is 0."""
+        if self.engine is None or timeout_s <= 0:
+            return None
+        return drain(self.engine, self.pins, timeout_s)
 
     def close(self) -> None:
         """Stop the sweeper and release every pin (shutdown)."""

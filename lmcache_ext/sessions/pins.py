@@ -120,6 +120,13 @@ class SessionPins:
             held = self._sessions.get(session_id)
             return held.nbytes if held is not None else 0
 
+    def newest_first(self) -> list[tuple[str, list[ChunkKey]]]:
+        """Every session pinning something, the most recently extended (newest turn) first,
+        each with its pinned chunks' keys in conversation order (a drain's order)."""
+        with self._lock:
+            return [(sid, list(held.pins)) for sid, held in reversed(self._sessions.items())
+                    if held.pins]
+
     def close(self) -> None:
         """Release every session's pins (shutdown)."""
         with self._lock:

@@ -167,11 +167,23 @@ class TieredStore:
         for behind in self._behind:
             behind.flush()
 
-    def close(self) -> None:
+    def flush_tier(self, name: str, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for the write-behind queue of tier ``name`` to empty;
+        returns the chunks still queued or being written (0 for a tier without a queue)."""
+        behind = next((b for b in self._behind if b.tier.name == name), None)
+        return behind.flush(timeout_s) if behind is not None else 0
+
+    def tier(self, name: str) -> StorageTier | None:
+        """The tier called ``name``, None if this store has none."""
+        return next((t for t in self.tiers if t.name == name), None)
+
+    def close(self, discard_queued: bool = False) -> None:
+        """Close every tier; write-behinds still queued are written first, or dropped
+        (counted) with ``discard_queued`` (an exit that must not wait for them)."""
         if self._readers is not None:
             self._readers.shutdown(wait=True)
         for behind in self._behind:
-            behind.close()
+            behind.close(discard_queued)
         for tier in self.tiers:
             tier.close()
 

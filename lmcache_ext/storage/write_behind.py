@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import TierCounters
@@ -48,15 +49,34 @@ class WriteBehind:
             self._counters.dropped.inc()
             return False
 
-    def flush(self) -> None:
-        """Block until every queued chunk has been written (or failed)."""
-        self._queue.join()
+    def flush(self, timeout_s: float | None = None) -> int:
+        """Block until every queued chunk has been written (or failed), or ``timeout_s`` (None:
+        no limit) passed; returns the chunks still queued or being written (0: all done)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        done = self._queue.all_tasks_done  # the queue's own condition, notified by task_done
+        with done:
+            while self._queue.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                done.wait(left)
+            return self._queue.unfinished_tasks
 
-    def close(self) -> None:
-        """Write what is queued, then stop the workers."""
+    def close(self, discard_queued: bool = False) -> None:
+        """Write what is queued (``discard_queued``: drop it, counted, e.g. a drain that ran
+        out of time before an exit), then stop the workers."""
         if self._closed:
             return
         self._closed = True
+        while discard_queued:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                item[1].release()
+                self._counters.dropped.inc()
+            self._queue.task_done()
         for _ in self._workers:
             self._queue.put(_STOP)
         for worker in self._workers:

@@ -45,6 +45,8 @@ class LocalSageMaker:
     name: str = "lmcache-ext-local"
     replicas: int = 2
     session_expiry_s: float | None = None  # None: the server's default
+    shared_tier: bool = True  # False: no redis-server, replicas without remote_url
+    start_timeout_s: float = START_TIMEOUT_S  # per process (a real model on a busy machine)
     extra_env: dict[str, str] = field(default_factory=dict)
     redis: RedisServer | None = field(default=None, repr=False)
     processes: list[subprocess.Popen] = field(default_factory=list, repr=False)
@@ -70,7 +72,8 @@ class LocalSageMaker:
 
     def start(self) -> LocalSageMaker:
         try:
-            self.redis = RedisServer(self.workdir / "redis").start()
+            if self.shared_tier:
+                self.redis = RedisServer(self.workdir / "redis").start()
             env = self.replica_env()
             for index in range(self.replicas):
                 port = free_port()
@@ -108,7 +111,7 @@ class LocalSageMaker:
 
     def _wait_for_ping(self, url: str, index: int) -> None:
         process = self.processes[index]
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"{url} exited {process.returncode}:\n{self.log(index)}")
@@ -118,7 +121,7 @@ class LocalSageMaker:
                         return
             except OSError:
                 time.sleep(0.3)
-        raise RuntimeError(f"{url} not up in {START_TIMEOUT_S:.0f} s:\n{self.log(index)}")
+        raise RuntimeError(f"{url} not up in {self.start_timeout_s:.0f} s:\n{self.log(index)}")
 
     def close(self) -> None:
         for process in self.processes:

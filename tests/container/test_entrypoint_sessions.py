@@ -104,3 +104,21 @@ def test_the_image_holds_the_handler_where_the_entrypoint_looks_for_it():
     assert f"COPY handlers/ {folder}/" in dockerfile
     assert f"{HANDLER_ENV}={DEFAULT_HANDLER}" in dockerfile
     assert (REPO / "handlers" / Path(DEFAULT_HANDLER).name).is_file()
+
+
+def test_vllms_workers_get_the_drain_time_when_sessions_have_a_shared_tier(tmp_path):
+    """vLLM waits VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS (default 5) for its workers on shutdown;
+    a worker drains its sessions for up to drain_timeout_s: the entrypoint sets the first to
+    cover the second, keeps a user's value (saying when it is shorter), and leaves it alone
+    without a shared tier (nothing to drain to)."""
+    shared = {**CACHE_ON, "OPTION_LMCACHE_REMOTE_URL": "redis://127.0.0.1:6390",
+              "OPTION_LMCACHE_DRAIN_TIMEOUT_S": "12.5"}
+    run = run_entrypoint(tmp_path, shared)
+    assert run.returncode == 0, run.log
+    assert run.env["VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS"] == "13"
+    assert "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS=13: vLLM's workers get drain_timeout_s" in run.log
+    run = run_entrypoint(tmp_path, {**shared, "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS": "5"})
+    assert run.env["VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS"] == "5"
+    assert "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS=5 is shorter than drain_timeout_s=12.5" in run.log
+    run = run_entrypoint(tmp_path, CACHE_ON)
+    assert "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS" not in run.env

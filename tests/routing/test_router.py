@@ -173,11 +173,17 @@ def test_a_dead_replica_is_a_502_naming_it():
         router.close()
 
 
-def test_a_session_whose_replica_died_is_a_502(replicas, router):
+def test_a_session_whose_replica_is_gone_is_unknown_and_others_go_elsewhere(replicas, router):
+    """Scenario: scale-in; the replica no longer listens. Its session is a 400 "unknown" (the
+    client re-creates it), and requests without a session reach the replicas left."""
     session_id, name = create(router.url)
     next(r for r in replicas if r.name == name).close()
     answer = post(router.url, chat(), {SESSION_HEADER: session_id})
-    assert answer.status == 502 and f"replica {name}" in answer.json()["error"]
+    assert answer.status == 400
+    assert f"session {session_id} is unknown: replica {name} is gone" in answer.json()["error"]
+    for _ in range(6):
+        answer = post(router.url, chat())
+        assert answer.status == 200 and answer.replica != name
 
 
 def test_a_replica_that_hangs_up_or_stays_silent_is_a_502():
@@ -214,5 +220,29 @@ def test_prefix_aware_spreads_creates(replicas):
         picked = {post(router.url, CREATE, {SESSION_HEADER: NEW_SESSION}).replica
                   for _ in range(12)}
         assert picked == {"r0", "r1", "r2"}
+    finally:
+        router.close()
+
+
+def test_requests_racing_to_a_gone_replica_all_reach_the_one_left(replicas):
+    """Scenario: many requests at once while a replica has just gone; each one that finds it
+    refusing goes to the replica left (none is a 502 because another found it first)."""
+    live = replicas[0]
+    router = Router([Backend("gone", "127.0.0.1", closed_port()),
+                     Backend.from_url(live.url, live.name)], make_policy("random", seed=1)).start()
+    try:
+        answers: list = []
+        start = threading.Barrier(4)  # the router's listen backlog is 5 connections
+
+        def send() -> None:
+            start.wait()
+            answers.append(post(router.url, chat()))
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [a.status for a in answers] == [200] * 4
+        assert {a.replica for a in answers} == {live.name}
     finally:
         router.close()

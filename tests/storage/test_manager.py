@@ -113,3 +113,28 @@ def test_a_tier_that_raises_is_counted_and_never_reaches_the_caller():
     with store.get(key(1)) as lease:
         verify_chunk(lease.chunk, 1)
     store.close()
+
+
+def test_a_flush_with_a_time_limit_returns_what_is_left_and_a_discarding_close_drops_it():
+    """Scenario: a drain's deadline while the slower tier stalls; the exit must not wait."""
+    store, cpu, slow, metrics = make(16, 16, queue=8)
+    slow.gate.clear()  # 2 workers hold one chunk each, 4 more wait in the queue
+    for n in range(6):
+        assert store.put(key(n), chunk(n))
+    assert store.flush_tier("slow", timeout_s=0.2) == 6
+    assert store.flush_tier("nowhere", timeout_s=0.2) == 0
+    releaser = threading.Timer(0.3, slow.gate.set)  # the two writes in progress end later
+    releaser.start()
+    store.close(discard_queued=True)
+    releaser.join()
+    assert metrics.value("tier_dropped_total", tier="slow") == 4
+    assert slow.usage().num_chunks == 2  # the two in progress, nothing of the dropped ones
+
+
+def test_a_flush_with_a_time_limit_returns_zero_once_everything_is_written():
+    store, _, slow, _ = make(16, 16)
+    for n in range(6):
+        assert store.put(key(n), chunk(n))
+    assert store.flush_tier("slow", timeout_s=10) == 0
+    assert slow.usage().num_chunks == 6
+    store.close()

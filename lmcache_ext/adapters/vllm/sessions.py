@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.keys import ChunkSpan
+from lmcache_ext.sessions.drain import DrainReport, drain, no_shared_tier_note
 from lmcache_ext.sessions.pins import SessionPins
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ class WorkerSessions:
     def __init__(self, engine: CacheEngine, expiration_s: float,
                  clock: Callable[[], float] = time.monotonic):
         """``clock``: seconds, monotonic (tests pass their own)."""
+        self.engine = engine
         self.pins = SessionPins(engine)
+        if engine.namespace.tp_rank == 0 and (note := no_shared_tier_note(engine)) is not None:
+            log.warning("lmcache-ext: %s", note)
         self.expiration_s = expiration_s
         self._clock = clock
         self._last_used: dict[str, float] = {}
@@ -68,6 +72,14 @@ class WorkerSessions:
     def pinned_bytes(self, session_id: str | None = None) -> int:
         """Bytes one session pins (every session's with None)."""
         return self.pins.pinned_bytes(session_id)
+
+    def drain(self, timeout_s: float) -> DrainReport | None:
+        """vLLM is shutting down (SIGTERM): write the sessions' pinned conversations, newest
+        first, then the write-behind queue, to the shared tier within ``timeout_s``
+        (``sessions.drain``); None without a shared tier or with ``timeout_s`` 0."""
+        if timeout_s <= 0:
+            return None
+        return drain(self.engine, self.pins, timeout_s)
 
     def close(self) -> None:
         """Release every session's pins (shutdown)."""

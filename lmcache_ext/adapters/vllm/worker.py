@@ -199,15 +199,19 @@ class WorkerSide:
                 self.tally.add(key, round(delta * scale))
 
     def close(self) -> None:
-        """Stop answering lookups, finish the queued loads and saves, drop every pin, let
-        write-behinds finish and close the tiers. Idempotent."""
+        """Stop answering lookups, finish the queued loads and saves, drop every pin, drain the
+        sessions' pinned conversations to the shared tier (``drain_timeout_s``), let
+        write-behinds finish (dropped if the drain ran out of time) and close the tiers.
+        Idempotent."""
         self.server.close()
         self.loads.close()
         self.saves.close()
         self.pins.release_all()
-        if self.sessions is not None:
+        report = None
+        if self.sessions is not None:  # vLLM shuts the connector down on SIGTERM: drain first
+            report = self.sessions.drain(self.engine.config.drain_timeout_s)
             self.sessions.close()
-        self.engine.close()
+        self.engine.close(discard_queued=report is not None and not report.complete)
 
 
 def _runs(tiers: list[str]) -> tuple[tuple[str, int], ...]:

@@ -4,7 +4,14 @@ CacheEngine; the clock is the test's)."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from lmcache_ext.adapters.vllm.sessions import WorkerSessions
+from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
+from tests.sessions.test_drain import CHUNK as CHUNK_DRAIN
+from tests.sessions.test_drain import conversation as drain_conversation
+from tests.sessions.test_drain import engine_on, forget_shared
 from tests.sessions.test_pins import CHUNK, CHUNK_BYTES, conversation, engine_with, flood, stored
 
 EXPIRY_S = 60.0
@@ -63,3 +70,34 @@ def test_release_and_close_free_everything_and_tolerate_repeats():
     sessions.close()
     assert sessions.pinned_bytes() == 0
     assert sessions.expire() == []
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    redis_server_binary()  # a missing redis-server fails with the fix, never a skip
+    server = RedisServer(tmp_path / "redis").start()
+    yield server.url
+    server.stop()
+
+
+def test_a_ranks_drain_writes_its_sessions_to_the_shared_tier_and_zero_time_drains_nothing(
+        redis_url):
+    """Scenario: vLLM shuts the connector down (SIGTERM); the rank's session history is in
+    Redis afterwards even though its write-behind copy was lost."""
+    engine = engine_on(redis_url)
+    try:
+        sessions = WorkerSessions(engine, EXPIRY_S, Clock())
+        history = drain_conversation(1, 2)
+        kv = torch.zeros(engine.layout.shape(len(history)), dtype=engine.layout.dtype)
+        engine.store(history, kv)
+        engine.flush()
+        sessions.extend("s1", engine.spans(history))
+        forget_shared(redis_url)
+        assert sessions.drain(0) is None  # drain_timeout_s = 0: no drain
+        report = sessions.drain(10)
+        assert report.complete and (report.sessions, report.written) == (1, 2)
+        elsewhere = engine_on(redis_url)
+        assert elsewhere.lookup(history) == 2 * CHUNK_DRAIN
+        elsewhere.close()
+    finally:
+        engine.close()
