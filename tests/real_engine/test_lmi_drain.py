@@ -16,10 +16,10 @@ import sys
 import time
 
 import redis as redis_client
-from lmcache_ext.testing.lmi_process import LmiProcess, LmiSpec
 
 from lmcache_ext.sessions.protocol import NEW_SESSION, SESSION_HEADER, parse_new_session
 from lmcache_ext.testing.vllm_engine import CONNECTOR, synthetic_prompt
+from lmi_stand_in.process import LmiProcess, LmiSpec
 from tests.real_engine.conftest import ENGINE_ENV, model_dir
 from tests.real_engine.test_lmi_sessions import completion, generation
 
