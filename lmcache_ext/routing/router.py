@@ -42,6 +42,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -79,6 +80,9 @@ VARIANT_HEADER = "x-Amzn-Invoked-Production-Variant"  # botocore's InvokedProduc
 VARIANT_NAME = "AllTraffic"  # SageMaker's usual name for an endpoint's one production variant
 DEFAULT_TIMEOUT_S = 600.0  # a replica silent this long (connect, or between two reads) is dead
 CONNECT_TIMEOUT_S = 5.0
+# A replica that refused a connection gets no new requests for this long; then one request may
+# try it again (a refused connect costs a millisecond), so a restarted replica comes back.
+GONE_RECHECK_S = 10.0
 _REST_PATH = re.compile(r"^/endpoints/([^/]+)/(invocations|invocations-response-stream|"
                         r"openai/v1/chat/completions)$")
 _REST_KINDS = {"invocations": "rest", "invocations-response-stream": "rest_stream",
@@ -148,16 +152,18 @@ class Router:
 
     def __init__(self, backends: Sequence[Backend], policy: Policy, host: str = "127.0.0.1",
                  port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 endpoint_name: str | None = None):
+                 endpoint_name: str | None = None, gone_recheck_s: float = GONE_RECHECK_S):
         if not backends:
             raise ValueError("a router needs at least one backend")
         self.backends = list(backends)
         self.endpoint_name = endpoint_name
         self.policy = policy
         self.timeout_s = timeout_s
+        self.gone_recheck_s = gone_recheck_s
         self.sessions = SessionTable()
         self._outstanding = [0] * len(self.backends)
-        self._gone: set[int] = set()  # replicas that refused a connection (scaled in, exited)
+        # Replicas that refused a connection (scaled in, exited): when, by time.monotonic().
+        self._gone: dict[int, float] = {}
         self._served = [0] * len(self.backends)
         self._lock = threading.Lock()
         handler = type("BoundRouterHandler", (RouterHandler,), {"router": self})
@@ -200,27 +206,41 @@ class Router:
                                sessions_held=tuple(held.get(i, 0)
                                                    for i in range(len(self.backends))), api=api)
         with self._lock:
-            outstanding, gone = list(self._outstanding), set(self._gone)
+            outstanding, gone = list(self._outstanding), self._down()
         index = self.policy.choose(request, outstanding)
         if index in gone:  # as SageMaker stops routing to an instance it took away
             up = [i for i in range(len(self.backends)) if i not in gone]
             index = min(up, key=lambda i: outstanding[i]) if up else index
         return index
 
+    def _down(self) -> set[int]:
+        """The replicas marked gone within ``gone_recheck_s``. Under ``_lock``."""
+        now = time.monotonic()
+        return {i for i, since in self._gone.items() if now - since < self.gone_recheck_s}
+
     def mark_gone(self, index: int) -> None:
-        """Replica ``index`` refused a connection: nothing listens there any more (scaled
-        in, drained, exited). New requests avoid it while another replica is up; its
-        sessions are unknown from now on (said once)."""
+        """Replica ``index`` refused a connection: nothing listens there now (scaled in,
+        drained, exited). New requests avoid it while another replica is up, for
+        ``gone_recheck_s`` at a time; its sessions are unknown from now on (said once)."""
         with self._lock:
             fresh = index not in self._gone
-            self._gone.add(index)
+            self._gone[index] = time.monotonic()
         if fresh:
             log.warning("replica %s (%s) is gone: no new requests go there; its sessions are "
                         "unknown", self.backends[index].name, self.backends[index].url)
 
     def is_gone(self, index: int) -> bool:
         with self._lock:
-            return index in self._gone
+            return index in self._down()
+
+    def answered(self, index: int) -> None:
+        """Replica ``index`` answered: if it was gone, it is back (restarted) and takes new
+        requests again (its old sessions stay unknown: a restarted server has none)."""
+        with self._lock:
+            back = self._gone.pop(index, None) is not None
+        if back:
+            log.warning("replica %s (%s) is back", self.backends[index].name,
+                        self.backends[index].url)
 
     def observe(self, index: int, status: int, headers: Iterable[tuple[str, str]]) -> None:
         """Record a created session (a 2xx answer naming a new session: with the
@@ -423,6 +443,7 @@ class RouterHandler(BaseHTTPRequestHandler):
             log.warning("%s", exc)
             self._error(target, 502, str(exc))
             return True
+        self.router.answered(index)
         try:
             self.router.observe(index, response.status, response.getheaders())
             if target.kind in ("container", "openai"):

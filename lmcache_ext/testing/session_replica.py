@@ -48,11 +48,11 @@ class Seen:
 
 
 class SessionReplica:
-    """``start()`` serves on a free loopback port; ``expire(id)`` ends a session as its expiry
-    would; ``close()`` stops the server."""
+    """``start()`` serves on ``port`` (0: a free loopback port); ``expire(id)`` ends a session
+    as its expiry would; ``close()`` stops the server."""
 
     def __init__(self, name: str, expiry_s: float = 1200.0, host: str = "127.0.0.1",
-                 lmi_headers: bool = False):
+                 lmi_headers: bool = False, port: int = 0):
         self.name = name
         self.expiry_s = expiry_s
         # LMI answers a create in X-Amzn-SageMaker-Session-Id only (djl-serving 7e13b08,
@@ -66,7 +66,7 @@ class SessionReplica:
         self._open.set()
         self._held = threading.Semaphore(0)
         handler = type("BoundReplicaHandler", (_Handler,), {"replica": self})
-        self.server = ThreadingHTTPServer((host, 0), handler)
+        self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
 
     @property

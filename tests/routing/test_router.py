@@ -19,6 +19,7 @@ from lmcache_ext.sessions.protocol import (
     SESSION_HEADER,
     parse_new_session,
 )
+from lmcache_ext.testing.session_replica import SessionReplica
 from tests.routing.conftest import chat, closed_port, post, start_router
 
 CREATE = {"requestType": "NEW_SESSION"}
@@ -184,6 +185,33 @@ def test_a_session_whose_replica_is_gone_is_unknown_and_others_go_elsewhere(repl
     for _ in range(6):
         answer = post(router.url, chat())
         assert answer.status == 200 and answer.replica != name
+
+
+def test_a_gone_replica_that_comes_back_takes_requests_again(replicas):
+    """Scenario: a replica refuses connections (gone), then a server starts on its port again
+    (a restart): after the recheck time one request tries it, and it takes requests again."""
+    port = closed_port()
+    live = replicas[0]
+    router = Router([Backend("back", "127.0.0.1", port), Backend.from_url(live.url, live.name)],
+                    make_policy("random", seed=1), gone_recheck_s=0.3).start()
+    try:
+        for _ in range(20):
+            answer = post(router.url, chat())
+            assert answer.status == 200 and answer.replica == live.name
+            if router.is_gone(0):
+                break
+        assert router.is_gone(0)
+        restarted = SessionReplica("back", port=port).start()
+        try:
+            time.sleep(0.4)
+            served = [post(router.url, chat()) for _ in range(12)]
+            assert all(a.status == 200 for a in served)
+            assert "back" in {a.replica for a in served}
+            assert not router.is_gone(0)
+        finally:
+            restarted.close()
+    finally:
+        router.close()
 
 
 def test_a_replica_that_hangs_up_or_stays_silent_is_a_502():
