@@ -33,6 +33,7 @@ from lmcache_ext.sizing.instances import INSTANCES, Instance, get_instance
 from lmcache_ext.units import GB, GIB
 
 EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def _load(args: argparse.Namespace) -> EngineConfig:
@@ -229,7 +230,8 @@ the built-in server and by lmcache-ext's LMI handler) and skipped when its whole
 cached; an endpoint that does not answer lookups (LMI without lmcache-ext's connector) just
 warms every document. Behind an endpoint of several
 instances a document lands on the instance that served it: the others see it only through a
-shared tier (Redis/Valkey). Exit 0: all warmed or skipped; 1: some failed; 2: bad arguments."""
+shared tier (Redis/Valkey). Exit 0: all warmed or skipped; 1: some failed; 2: bad arguments;
+130: interrupted (Ctrl-C): what was done is reported, a rerun sends the rest."""
 
 
 def warm_command(args: argparse.Namespace) -> int:
@@ -250,8 +252,17 @@ def warm_command(args: argparse.Namespace) -> int:
         print(f"lmcache-ext warm: {exc}", file=sys.stderr)
         return 2
     progress = Progress(len(documents))
-    summary = warm(documents, transport, template, args.concurrency, chat=args.chat,
-                   on_result=progress)
+    try:
+        summary = warm(documents, transport, template, args.concurrency, chat=args.chat,
+                       on_result=progress)
+    except KeyboardInterrupt:
+        progress.end()
+        done = progress.last
+        if done is not None:
+            print("\n".join(done.lines()))
+        print(f"interrupted: {len(done.results) if done else 0} of {len(documents)} documents "
+              f"done; run the same command again to send the rest (done ones are skipped)")
+        return EXIT_INTERRUPTED
     progress.end()
     print("\n".join(summary.lines()))
     return 0 if summary.ok else 1

@@ -257,14 +257,16 @@ def warm(documents: Sequence[Document], transport: Transport,
     """Warm ``documents`` through ``transport`` (``HttpTransport`` or ``SageMakerTransport``),
     ``concurrency`` at a time; ``on_result`` is called (on the caller's thread) as each one
     finishes. Results come back in the documents' order. Raises ValueError for a template
-    without ``{document}`` or a concurrency below 1; nothing else."""
+    without ``{document}`` or a concurrency below 1; nothing else. Interrupted (Ctrl-C), it
+    sends no further document: those in flight finish, the rest wait for a rerun."""
     check_template(template)
     if concurrency < 1:
         raise ValueError(f"concurrency: {concurrency} must be >= 1")
     summary = WarmSummary()
     began = time.perf_counter()
     results: dict[int, DocumentResult] = {}
-    with ThreadPoolExecutor(concurrency, thread_name_prefix="warm") as pool:
+    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="warm")
+    try:
         futures = {pool.submit(warm_one, doc, transport, template, chat): index
                    for index, doc in enumerate(documents)}
         for future in as_completed(futures):
@@ -276,6 +278,10 @@ def warm(documents: Sequence[Document], transport: Transport,
             summary.seconds = time.perf_counter() - began
             if on_result is not None:
                 on_result(result, summary)
+    except BaseException:  # Ctrl-C: documents not yet started are not sent (a rerun sends them)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     summary.results = [results[i] for i in range(len(documents))]
     summary.seconds = time.perf_counter() - began
     return summary
@@ -290,8 +296,10 @@ class Progress:
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
         self._told_no_lookup = False
+        self.last: WarmSummary | None = None  # the summary so far (what an interrupt reports)
 
     def __call__(self, result: DocumentResult, summary: WarmSummary) -> None:
+        self.last = summary
         if result.outcome == FAILED:
             self._line(f"warm: FAILED {result.name}: {result.error}")
         elif result.note:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -232,6 +234,44 @@ def test_the_command_through_the_router_as_a_process(endpoint, tmp_path):
     assert second.returncode == 0, second.stderr
     assert "documents 3: 0 warmed, 3 skipped (already cached), 0 failed" in second.stdout
     print("\n" + first.stdout + second.stdout)
+
+
+def test_an_interrupted_run_says_what_it_did_and_a_rerun_sends_only_the_rest(endpoint,
+                                                                               tmp_path):
+    """Scenario: Ctrl-C (SIGINT) once a few documents are stored: the command stops sending
+    (exit 130) and says how many were done; the same command again skips those and warms the
+    rest, so every document ends warmed once."""
+    count = 60
+    docs = folder(tmp_path, "i", count=count)
+    template = tmp_path / "template.txt"
+    template.write_text(TEMPLATE)
+    command = [sys.executable, "-m", "lmcache_ext.cli", "warm", "--docs", str(docs),
+               "--url", endpoint.url, "--template-file", str(template), "--concurrency", "1"]
+    metrics = endpoint.engine.metrics
+    stored = metrics.value("stored_tokens_total")
+    # Four documents' chunks stored: at least three answered (one at a time, the fourth may
+    # still be on its way back when the signal comes).
+    some = 4 * whole(len(wrap(TEMPLATE, text("i-0")).encode()))
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=cli_env())
+    deadline = time.monotonic() + 60
+    while metrics.value("stored_tokens_total") - stored < some and first.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.005)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 130, out + err
+    said = re.search(rf"interrupted: (\d+) of {count} documents done", out)
+    assert said is not None, out
+    done = int(said.group(1))
+    assert 3 <= done < count, out
+    second = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    counts = re.search(rf"documents {count}: (\d+) warmed, (\d+) skipped", second.stdout)
+    assert counts is not None, second.stdout
+    warmed, skipped = int(counts.group(1)), int(counts.group(2))
+    assert skipped >= done and warmed >= 1 and warmed + skipped == count, (out, second.stdout)
+    print(f"\ninterrupted after {done} of {count}; the rerun warmed {warmed}, skipped {skipped}")
 
 
 def test_exit_codes(endpoint, tmp_path, capsys):
