@@ -223,6 +223,9 @@ TABLE: tuple[ConfigKey, ...] = (
               "Most KV all sessions together keep pinned, as a share of the CPU tier's budget; "
               "over it the least recently used session is unpinned. 0 = sessions without pins.",
               check=_fraction),
+    ConfigKey("max_open_sessions", int, 10000,
+              "Most stateful sessions open at once on a server: a create beyond it is refused "
+              "with 429 (nothing grows) until one is closed or expires.", check=_positive),
     ConfigKey("drain_timeout_s", float, 20.0,
               "On SIGTERM (scale-in, docker stop): most time spent writing open sessions' "
               "pinned chunks, then the write-behind queue, to the shared tier (remote_url) "
@@ -306,6 +309,7 @@ class EngineConfig:
     sessions_expiration_s: float = _default("sessions_expiration_s")
     session_pin_max_gib: float = _default("session_pin_max_gib")
     session_pins_max_fraction: float = _default("session_pins_max_fraction")
+    max_open_sessions: int = _default("max_open_sessions")
     drain_timeout_s: float = _default("drain_timeout_s")
     # Where each key's value came from ("default", "file /x.yaml", "env LMCACHE_X", "override").
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

@@ -66,7 +66,8 @@ class ServerSessions:
         self.pins = SessionPins(engine, metrics=metrics) if engine is not None and \
             self.enabled else None
         self.store = SessionStore(config.sessions_expiration_s, on_end=self._release,
-                                  clock=clock, metrics=metrics)
+                                  clock=clock, metrics=metrics,
+                                  max_open=config.max_open_sessions)
         self._sweeper = Sweeper(self.store).start() if self.enabled else None
         self._log_start(config)
 
@@ -82,8 +83,8 @@ class ServerSessions:
             pins = (f"pins up to {config.session_pin_max_gib:g} GiB per session, "
                     f"{budget.total_bytes / GIB:.3g} GiB in all "
                     f"({config.session_pins_max_fraction:.0%} of the CPU tier)")
-        log.info("stateful sessions: on, expiry %g s after last use; %s",
-                 config.sessions_expiration_s, pins)
+        log.info("stateful sessions: on, at most %d open, expiry %g s after last use; %s",
+                 config.max_open_sessions, config.sessions_expiration_s, pins)
         if (note := no_shared_tier_note(self.engine)) is not None:
             log.warning("%s", note)
 
@@ -103,6 +104,8 @@ class ServerSessions:
                                f"{NEW_SESSION} (or absent), got {header[:64]!r}")
         try:
             info = self.store.create()
+        except SessionError:  # over max_open_sessions: a 429 naming the key
+            raise
         except Exception as exc:
             log.exception("creating a session failed")
             return _failed(f"failed to create a session: {type(exc).__name__}: {exc}")

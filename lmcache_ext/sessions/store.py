@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from lmcache_ext.metrics import SessionMetrics
 from lmcache_ext.sessions.protocol import SessionError, check_session_id, new_session_id
 
+TOO_MANY_SESSIONS = 429  # a create over max_open_sessions: the client's to retry later
+
 log = logging.getLogger(__name__)
 DEFAULT_ENDED_MEMORY = 65536  # ended ids remembered (~10 MB at worst) to name their state
 
@@ -53,8 +55,9 @@ class SessionStore:
     def __init__(self, expiry_s: float, on_end: OnEnd | None = None,
                  clock: Callable[[], float] = time.time,
                  ended_memory: int = DEFAULT_ENDED_MEMORY,
-                 metrics: SessionMetrics | None = None):
-        """``metrics`` (open sessions, ends) are left alone when None."""
+                 metrics: SessionMetrics | None = None, max_open: int | None = None):
+        """``metrics`` (open sessions, ends) are left alone when None; ``max_open``: the most
+        sessions open at once (None: no cap)."""
         if expiry_s <= 0:
             raise ValueError(f"expiry_s must be > 0, got {expiry_s}")
         self.expiry_s = expiry_s
@@ -64,11 +67,17 @@ class SessionStore:
         self._open: dict[str, float] = {}  # id -> expires_at
         self._ended: OrderedDict[str, SessionState] = OrderedDict()  # oldest first
         self._metrics = metrics
+        self._max_open = max_open
         self._lock = threading.Lock()
 
     def create(self) -> SessionInfo:
-        """Open a new session with a fresh, unguessable id."""
+        """Open a new session with a fresh, unguessable id. Raises a 429 ``SessionError`` when
+        ``max_open`` sessions are open (sweep first, so expired ones do not count)."""
         with self._lock:
+            if self._max_open is not None and len(self._open) >= self._max_open:
+                raise SessionError(f"{len(self._open)} sessions are open, the most this server "
+                                   f"keeps (max_open_sessions): close one, or wait for one to "
+                                   f"expire", status=TOO_MANY_SESSIONS)
             session_id = new_session_id()
             while session_id in self._open or session_id in self._ended:
                 session_id = new_session_id()  # 128 random bits: never in practice

@@ -293,6 +293,28 @@ def test_with_sessions_off_a_session_header_is_refused_saying_so(tiny_model):
         served.close()
 
 
+def test_creates_beyond_max_open_sessions_are_429_and_nothing_grows(tiny_model):
+    """Scenario: a client creates sessions and never closes them: past max_open_sessions each
+    create is a 429 naming the key, the open count stays at the cap, and a close (or an
+    expiry) makes room again."""
+    clock = Clock()
+    served = serve(tiny_model, clock, max_open_sessions=3)
+    try:
+        opened = [create(served) for _ in range(3)]
+        for _ in range(5):
+            status, message = error(served, {"requestType": NEW_SESSION},
+                                    {SESSION_HEADER: NEW_SESSION})
+            assert status == 429 and "max_open_sessions" in message, message
+        assert served.service.sessions.store.open_count == 3
+        status, _, _ = call(served, {"requestType": "CLOSE"}, {SESSION_HEADER: opened[0]})
+        assert status == 200
+        create(served)  # room for one
+        clock.now += EXPIRY_S + 1  # every session expires: room for three again
+        assert len({create(served) for _ in range(3)}) == 3
+    finally:
+        served.close()
+
+
 def test_sessions_work_with_the_cache_off(tiny_model):
     config = load_config(env={}, overrides={"chunk_size": CHUNK})
     served = build_endpoint(config, None, "127.0.0.1", 0, cache_on=False, loaded=tiny_model)
@@ -310,8 +332,8 @@ def test_the_start_log_says_whether_sessions_are_on_with_expiry_and_pin_budgets(
                                                                                 caplog):
     caplog.set_level("INFO", logger="lmcache_ext.serving.sessions")
     for overrides, needle in (
-            ({}, "stateful sessions: on, expiry 600 s after last use; pins up to 1 GiB per "
-                 "session, 0.0005 GiB in all (50% of the CPU tier)"),
+            ({}, "stateful sessions: on, at most 10000 open, expiry 600 s after last use; pins "
+                 "up to 1 GiB per session, 0.0005 GiB in all (50% of the CPU tier)"),
             ({"enable_stateful_sessions": False}, "stateful sessions: off")):
         served = serve(tiny_model, Clock(), **overrides)
         served.close()
