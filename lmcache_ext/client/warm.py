@@ -14,7 +14,7 @@ load that prefix instead of recomputing it.
 - Resumable: each document is first asked with a lookup (custom attribute
   ``lmcache-ext-lookup=true``, answered by the built-in server without generating); one whose
   whole chunks are all cached is skipped (lmcache-ext's LMI handler answers lookups too: ``adapters/
-  lmi_lookup``). An endpoint that does not answer lookups (LMI without our connector ignores
+  lmi/lookup.py``). An endpoint that does not answer lookups (LMI without our connector ignores
   the attribute) generates one token instead: that request was the warm request, so the
   document counts as warmed, and nothing can be skipped.
 - Concurrency: a thread pool; errors are per document (``DocumentResult.error``).

@@ -14,15 +14,15 @@ session manager, the response headers); the handler adds what LMI lacks:
 - after LMI handles a ``CLOSE``, the handler tells every worker to unpin the session, over the
   connector's own worker channel (``AllRanksClient.release_session``), and logs what was freed. A
   close that does not reach a worker (or a session LMI expires by itself) is covered by the
-  workers' own expiry (``worker_sessions``);
+  workers' own expiry (``sessions``);
 - a lookup (custom attribute ``lmcache-ext-lookup=true``, as ``lmcache-ext warm`` sends first;
   DJL makes it a request property) is answered from the workers' caches without generating
-  (``lmi_lookup``), in LMI's own wire format; where that is not possible (no connector, the
+  (``lookup``), in LMI's own wire format; where that is not possible (no connector, the
   lookup cannot be built, tokenising or the answer fails) LMI serves it (one generated token);
 - LMI's ``enable_stateful_sessions`` property reads only ``"true"`` as on: ``True`` is
-  normalised (with a warning) before LMI's service sees it (``lmi_facts``);
+  normalised (with a warning) before LMI's service sees it (``facts``);
 - LMI's session manager builds a boto3 CloudWatch client, which fails without an AWS region
-  (the model would not load): where none is set the handler sets one first (``lmi_facts``).
+  (the model would not load): where none is set the handler sets one first (``facts``).
 
 Everything else (requests without a session, batches, non-JSON bodies, streaming, LoRA) reaches
 LMI unchanged. When vLLM does not run our connector, the handler only normalises the flag.
@@ -80,7 +80,7 @@ def normalise_properties(properties: dict[str, Any]) -> None:
 
 def ensure_aws_region(env: dict[str, str] | None = None) -> None:
     """Give LMI's session manager the AWS region its boto3 CloudWatch client needs, where none
-    is set (``lmi_facts.region_for_lmi``), with a warning; ``env`` defaults to ``os.environ``.
+    is set (``facts.region_for_lmi``), with a warning; ``env`` defaults to ``os.environ``.
     Without boto3 LMI builds no client: nothing to do."""
     try:
         import botocore.session

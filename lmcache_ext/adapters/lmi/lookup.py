@@ -2,7 +2,7 @@
 
 ``lmcache-ext warm`` first sends each document with the SageMaker custom attribute
 ``lmcache-ext-lookup=true`` (``X-Amzn-SageMaker-Custom-Attributes``, which SageMaker forwards as
-it is). The built-in server answers it itself; in LMI the handler (``lmi_handler``) hands it here
+it is). The built-in server answers it itself; in LMI the handler (``handler``) hands it here
 when vLLM runs our connector. DJL's Java front end does not pass the header on: it splits it on
 ``;`` into request properties (``lmcache-ext-lookup`` = ``true``) and drops an item without
 ``=``; a front end that passes the header (a test's, the router's) is read too (``is_lookup``).

@@ -19,7 +19,7 @@ Each answer also says which tier holds the chunks and how long one chunk takes t
 tier (the rank's measured speeds), so the scheduler's cost model can weigh loading against
 recomputing (a chunk's load time is the slowest rank's: the ranks load in parallel).
 
-A SageMaker session's pins (``worker_sessions``) are released the same way: the LMI handler,
+A SageMaker session's pins (``sessions``) are released the same way: the LMI handler,
 in a process of its own, sends ``release_session`` to every rank when the session is closed and
 waits (with the same timeout) for each rank to say how many bytes it unpinned.
 

@@ -4,14 +4,14 @@ Configure with ``--kv-transfer-config '{"kv_connector": "LMCacheExtConnector",
 "kv_connector_module_path": "lmcache_ext.adapters.vllm.connector", "kv_role": "kv_both",
 "kv_connector_extra_config": {...engine keys...}}'``, or with LMCache's name
 ``LMCacheConnectorV1`` (or ``--kv-offloading-backend lmcache``): the package's vLLM plugin
-(``vllm_plugin``) resolves those to this class. The engine's config is ``load_config``'s
+(``plugin``) resolves those to this class. The engine's config is ``load_config``'s
 (file + env + defaults), with the offloading size and ``kv_connector_extra_config`` as overrides.
 
 This class is a thin face over two sides that may live in different processes:
-- the scheduler side (``vllm_scheduler``, in vLLM's engine core): hashes each prompt once, asks
+- the scheduler side (``scheduler``, in vLLM's engine core): hashes each prompt once, asks
   every rank's cache how much of it they hold, plans loads and saves into the step's metadata;
-- the worker side (``vllm_worker``, one per tensor-parallel rank, where the KV is): owns the
-  rank's ``CacheEngine`` and tiers, answers the scheduler's lookups (``worker_channel``: in
+- the worker side (``worker``, one per tensor-parallel rank, where the KV is): owns the
+  rank's ``CacheEngine`` and tiers, answers the scheduler's lookups (``channel``: in
   process when the worker runs in the engine core, else over ZMQ IPC with timeouts), and copies
   KV between the tiers and vLLM's paged blocks.
 A hit counts only where every rank holds it; a rank that cannot be reached is a miss, said once

@@ -1,12 +1,12 @@
 """The connector's worker side: one per tensor-parallel rank, in the process that holds the KV.
 
 It owns the rank's ``CacheEngine`` (its tiers live here, beside the KV they copy), answers the
-scheduler's lookups (``worker_channel.RankCache``: count the held chunks, pin them until the
+scheduler's lookups (``channel.RankCache``: count the held chunks, pin them until the
 load), and moves bytes: a load copies each cached chunk straight from the tier's buffer into the
 request's paged blocks (one copy per chunk; only the positions vLLM asked for), a save gathers the
 chunks the engine lacks and stores them. A failed or short load reports its blocks as load
 errors so vLLM recomputes them; a failed save is logged and counted, never raised. A save that
-names a SageMaker session also keeps the saved conversation pinned for it (``worker_sessions``)
+names a SageMaker session also keeps the saved conversation pinned for it (``sessions``)
 until the session is closed (``release_session``) or expires.
 
 Each job has its module: ``worker_pins`` (the lookups' pins), ``worker_loads`` (in the step and

@@ -1,6 +1,6 @@
 """One rank's pins: the chunks a lookup found, held in place for the request until its load.
 
-The scheduler's lookup (``worker_channel.RankCache.lookup``) counts the chunks this rank holds
+The scheduler's lookup (``channel.RankCache.lookup``) counts the chunks this rank holds
 and pins those vLLM lacks; the load drops the pin once done, and so does the scheduler when the
 request finishes, is aborted or preempted, or is looked up again. A pin is named by (request id,
 pin id): a release of an older pin id never drops a newer pin of the same request.

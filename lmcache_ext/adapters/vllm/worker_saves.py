@@ -3,7 +3,7 @@
 In the step (vLLM's thread) each missing chunk is gathered out of the blocks into a staging
 buffer (the blocks may be reused after the step); the tiers' writes run on the saver thread,
 which gives the buffer back. A save that names a SageMaker session then pins the saved
-conversation for it (``worker_sessions``), after that save's stores. A failed save is logged
+conversation for it (``sessions``), after that save's stores. A failed save is logged
 and counted, never raised: it is a future miss.
 """
 
@@ -48,7 +48,7 @@ class RankSaves:
         memory nobody wrote). A chunked prefill saves each step's new whole chunks in that
         step (``start`` > 0). The KV is copied out of the blocks now; the tiers' writes run on
         the saver thread. With a session, the saver then pins the chunks [0, end) the engine
-        holds for it (see ``worker_sessions``). A failure is logged and counted, never raised."""
+        holds for it (see ``sessions``). A failure is logged and counted, never raised."""
         began, self.tally.moved = time.perf_counter(), True
         try:
             spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens)
