@@ -168,7 +168,8 @@ _EMF_PER_TIER = {"loaded_tokens": "LoadedTokens", "stored_tokens": "StoredTokens
 
 def emf_metrics(data: Mapping[str, float]) -> dict[str, tuple[float, str]]:
     """An interval's figures as EMF metrics: the totals (always, 0 when nothing happened),
-    HitRate in percent of the prompt tokens looked up, and per tier ``<Metric>.<tier>``."""
+    HitRate in percent of the prompt tokens looked up, per tier ``<Metric>.<tier>``, and the
+    in-flight levels (``PinnedRequests``, ``StagingBusy``) once a rank has sent them."""
     out: dict[str, tuple[float, str]] = {}
     lookups = data.get("lookup_tokens", 0)
     out["HitRate"] = (round(100 * data.get("hit_tokens", 0) / lookups, 3) if lookups else 0.0,
@@ -181,6 +182,8 @@ def emf_metrics(data: Mapping[str, float]) -> dict[str, tuple[float, str]]:
             out[f"{_EMF_PER_TIER[event]}.{tier}"] = (float(value), "Count")
     for tier, used in used_bytes(dict(data)).items():
         out[f"UsedBytes.{tier}"] = (float(used), "Bytes")
+    for name, level in in_flight(data).items():
+        out["".join(part.capitalize() for part in name.split("_"))] = (float(level), "Count")
     return out
 
 

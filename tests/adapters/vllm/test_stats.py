@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
 
 from lmcache_ext.adapters.vllm.connector import LMCacheExtConnector
+from lmcache_ext.adapters.vllm.stats import emf_metrics
 from tests.adapters.vllm.rig import make_request, step
 from tests.adapters.vllm.test_connector import LAYOUTS, PROMPT_A, PROMPT_B, rig_for, save_prompt_a
 from tests.test_emf import verify_emf
@@ -90,6 +91,7 @@ def test_pins_and_staging_in_use_are_gauges_that_return_to_zero(tmp_path, layout
     total = summed([{"pinned_requests.r0": 2, "staging_busy.r0": 1},
                     {"pinned_requests.r1": 1, "pinned_requests.r0": 0}])
     assert LMCacheExtConnector.build_kv_connector_stats(total).reduce()["pinned_requests"] == 1
+    assert emf_metrics(total)["PinnedRequests"] == (1.0, "Count")
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
