@@ -226,6 +226,12 @@ TABLE: tuple[ConfigKey, ...] = (
     ConfigKey("max_open_sessions", int, 10000,
               "Most stateful sessions open at once on a server: a create beyond it is refused "
               "with 429 (nothing grows) until one is closed or expires.", check=_positive),
+    ConfigKey("max_concurrent_lookups", int, 16,
+              "Most lookups (lmcache-ext warm's, /lookup) one serving process answers at once: "
+              "the built-in server, or LMI's handler (each DJL Python worker). One more is "
+              "refused at once, never queued: the built-in server answers 429, LMI's handler a "
+              "miss. The vLLM scheduler's own lookups run one at a time and are not counted.",
+              check=_positive),
     ConfigKey("drain_timeout_s", float, 20.0,
               "On SIGTERM (scale-in, docker stop): most time spent writing open sessions' "
               "pinned chunks, then the write-behind queue, to the shared tier (remote_url) "
@@ -310,6 +316,7 @@ class EngineConfig:
     session_pin_max_gib: float = _default("session_pin_max_gib")
     session_pins_max_fraction: float = _default("session_pins_max_fraction")
     max_open_sessions: int = _default("max_open_sessions")
+    max_concurrent_lookups: int = _default("max_concurrent_lookups")
     drain_timeout_s: float = _default("drain_timeout_s")
     # Where each key's value came from ("default", "file /x.yaml", "env LMCACHE_X", "override").
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

@@ -83,12 +83,13 @@ class EmfReporter:
     def __init__(self, namespace: str, dimensions: Mapping[str, str], interval_s: float,
                  summarize: Callable[[dict[str, float]], dict[str, tuple[float, str]]],
                  merge: Callable[[dict, Mapping], None] | None = None,
-                 gauge_prefix: str | None = None,
+                 gauge_prefix: str | tuple[str, ...] | None = None,
                  write: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.time):
         """``summarize`` turns an interval's figures into metrics {name: (value, unit)};
         ``merge`` folds a step's figures into the interval's (default: sums); figures named
-        ``gauge_prefix``... are levels, carried into the next interval until updated."""
+        ``gauge_prefix``... (or any of a tuple of prefixes) are levels, carried into the next
+        interval until updated."""
         self.namespace = namespace
         self.dimensions = dict(dimensions)
         self.interval_s = interval_s

@@ -109,7 +109,7 @@ def build_endpoint(config: EngineConfig, model_path: str | None, host: str, port
     session_metrics = engine.metrics.sessions if engine is not None else \
         SessionMetrics(registry)
     sessions = ServerSessions(config, engine, session_metrics, clock=session_clock)
-    service = Service(generator, registry, sessions)
+    service = Service(generator, registry, sessions, config.max_concurrent_lookups)
     server = make_server(service, host, port)
     endpoint = Endpoint(server, service, engine)
     log.info("serving %s on %s (cache %s)", loaded.name, endpoint.url, "on" if cache_on else "off")

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 
+from lmcache_ext.config import default_of
+from lmcache_ext.lookup_gate import LookupGate
 from lmcache_ext.metrics import ServerMetrics
 from lmcache_ext.serving.generator import GenerationStats, Generator, TokenEvent
 from lmcache_ext.serving.protocol import GenerateRequest, RequestError
@@ -48,8 +50,10 @@ class Service:
     """Tokenises requests and runs them on the generator; holds the server's metrics."""
 
     def __init__(self, generator: Generator, registry: CollectorRegistry,
-                 sessions: ServerSessions):
+                 sessions: ServerSessions,
+                 max_lookups: int = default_of("max_concurrent_lookups")):
         self.generator = generator
+        self.lookups = LookupGate(max_lookups)
         self.metrics = ServerMetrics(registry)
         self.sessions = sessions
         self.model_name = generator.loaded.name
@@ -73,10 +77,14 @@ class Service:
     def lookup(self, request: GenerateRequest) -> tuple[int, int]:
         """``(prompt tokens, leading tokens the cache holds now)`` for ``request``, tokenised as
         ``run`` would; nothing generated, stored, promoted or counted as a lookup of a request
-        (``CacheEngine.peek``). No cache: nothing held."""
-        ids = self.prompt_ids(request)
-        engine = self.generator.engine
-        return len(ids), engine.peek(ids) if engine is not None else 0
+        (``CacheEngine.peek``). No cache: nothing held. Raises a 429 ``RequestError`` naming
+        ``max_concurrent_lookups`` while that many lookups run (never waits in line)."""
+        with self.lookups.admit() as admitted:
+            if not admitted:
+                raise RequestError(self.lookups.refusal(), status=429)
+            ids = self.prompt_ids(request)
+            engine = self.generator.engine
+            return len(ids), engine.peek(ids) if engine is not None else 0
 
     def run(self, request: GenerateRequest,
             session_id: str | None = None) -> tuple[Iterator[TokenEvent], GenerationStats]:

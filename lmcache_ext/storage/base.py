@@ -75,6 +75,9 @@ class StorageTier(ABC):
     """One tier of the cache (CPU RAM, local disk, a remote store). See the module contract."""
 
     name: str
+    # ``contains`` / ``prefix_length`` answer from this process's memory (no I/O, no network),
+    # so they may be asked on a serving engine's step thread.
+    local_index: bool = True
 
     @abstractmethod
     def contains(self, key: ChunkKey) -> bool: ...

@@ -48,15 +48,19 @@ class TieredStore:
         self._read_ahead = max(1, read_threads)
         self._read_bytes_per_s = {t.name: RunningAverage(SPEED_EWMA_WEIGHT) for t in self.tiers}
 
-    def prefix_length(self, keys: Sequence[ChunkKey]) -> int:
-        """Longest run of ``keys`` from the first that some tier holds (tiers may alternate)."""
-        return len(self.locate(keys))
+    def prefix_length(self, keys: Sequence[ChunkKey], local_only: bool = False) -> int:
+        """Longest run of ``keys`` from the first that some tier holds (tiers may alternate).
+        ``local_only``: ask only the tiers that answer from memory (``local_index``), never the
+        network: what a step thread may ask."""
+        return len(self.locate(keys, local_only))
 
-    def locate(self, keys: Sequence[ChunkKey]) -> list[str]:
-        """The name of the fastest tier holding each key of the longest held run of ``keys``."""
+    def locate(self, keys: Sequence[ChunkKey], local_only: bool = False) -> list[str]:
+        """The name of the fastest tier holding each key of the longest held run of ``keys``
+        (``local_only``: as in ``prefix_length``)."""
+        tiers = [t for t in self.tiers if t.local_index] if local_only else self.tiers
         names: list[str] = []
         while len(names) < len(keys):
-            for tier in self.tiers:
+            for tier in tiers:
                 step = tier.prefix_length(keys[len(names):])
                 if step:
                     names += [tier.name] * step

@@ -188,6 +188,7 @@ class RemoteTier(StorageTier):
     than about ``timeout_s`` (one call) or at all while backing off."""
 
     name = "remote"
+    local_index = False  # every question is a round trip to the server
 
     def __init__(self, settings: RemoteSettings, counters: TierCounters | None = None,
                  namespace: str = ""):

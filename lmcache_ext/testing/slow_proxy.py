@@ -3,7 +3,10 @@
 Tests and benchmarks put it between the cache and a real redis-server to get a tier with a
 known latency (e.g. 50 ms per chunk read) without faking the tier: every byte still goes to
 Redis and back. Each burst the client sends is held ``delay_s`` before it is passed on; replies
-pass at once. One thread per direction per connection; ``stop`` closes everything.
+pass at once. ``delay_s`` may be changed while it runs (a link that slows down, then recovers).
+While the target is down, a new connection is closed at once (the client sees it drop) and the
+proxy keeps accepting: a restarted target is reached again. One thread per direction per
+connection; ``stop`` closes everything.
 """
 
 from __future__ import annotations
@@ -56,23 +59,28 @@ class SlowProxy:
         while not self._stopped.is_set():
             try:
                 client, _ = self._listener.accept()
-                server = socket.create_connection(self.target, timeout=10)
             except OSError:
-                return  # stopped (or the target is gone: the client sees its connection drop)
+                return  # stopped
+            try:
+                server = socket.create_connection(self.target, timeout=10)
+            except OSError:  # the target is down: this client's connection drops, not ours
+                client.close()
+                continue
             server.settimeout(None)
             for sock in (client, server):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, self.delay_s),
+            threading.Thread(target=self._pump, args=(client, server, True),
                              daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, 0.0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False),
+                             daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, delay_s: float) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, slow: bool) -> None:
         try:
             while data := source.recv(BUFFER_BYTES):
-                if delay_s:
-                    time.sleep(delay_s)
+                if slow and self.delay_s:
+                    time.sleep(self.delay_s)
                 sink.sendall(data)
         except OSError:
             pass

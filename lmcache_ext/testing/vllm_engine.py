@@ -166,6 +166,27 @@ class EngineProcess:
         return DecodeDuringHit(reply["token_times"], reply["hit_added"], reply["hit_done"],
                                reply["hit_cached"], reply["hit_token_ids"])
 
+    def generate_many(self, prompts: list[list[int]], max_tokens: int = 1) -> list[Generation]:
+        """The prompts as one batch: vLLM runs them at once (requests in flight together)."""
+        reply = self._call({"op": "generate_many", "prompts": prompts,
+                            "max_tokens": max_tokens})
+        return [Generation(r["token_ids"], r["cached_tokens"], r["seconds"])
+                for r in reply["outputs"]]
+
+    def abort_after(self, prompt: list[int], max_tokens: int, after_tokens: int) -> int:
+        """Stream ``prompt``; once it has ``after_tokens`` tokens (0: after its first engine
+        step, which may still be loading), abort it as a client that went away would; the
+        tokens it had. The engine runs until idle."""
+        reply = self._call({"op": "abort_after", "prompt": prompt, "max_tokens": max_tokens,
+                            "after_tokens": after_tokens})
+        return reply["tokens"]
+
+    def metrics(self) -> dict[str, float]:
+        """lmcache-ext's series in vLLM's metrics (the spec needs ``extra={"disable_log_stats":
+        False}``), summed over labels but the tier: ``name`` or ``name{tier}``, without the
+        ``vllm:lmcache_ext_`` prefix."""
+        return self._call({"op": "metrics"})["metrics"]
+
     def reset_prefix_cache(self) -> None:
         """Evict vLLM's own prefix cache (lmcache-ext's tiers keep everything)."""
         self._call({"op": "reset_prefix_cache"})
@@ -242,8 +263,8 @@ def _serve(llm, replies) -> None:
                 reply = {"token_ids": list(out.outputs[0].token_ids),
                          "cached_tokens": int(out.num_cached_tokens or 0),
                          "seconds": time.perf_counter() - began}
-            elif message["op"] == "decode_during_hit":
-                reply = _decode_during_hit(llm, message)
+            elif message["op"] in _OPS:
+                reply = _OPS[message["op"]](llm, message)
             elif message["op"] == "reset_prefix_cache":
                 reply = {"reset": bool(llm.reset_prefix_cache())}
             else:
@@ -251,6 +272,51 @@ def _serve(llm, replies) -> None:
         except Exception as exc:  # the test sees the error; the engine keeps serving
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(reply), file=replies, flush=True)
+
+
+def _generate_many(llm, message: dict) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    params = SamplingParams(max_tokens=message["max_tokens"], temperature=0.0, ignore_eos=True)
+    began = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in message["prompts"]], params,
+                        use_tqdm=False)
+    seconds = time.perf_counter() - began
+    return {"outputs": [{"token_ids": list(out.outputs[0].token_ids),
+                         "cached_tokens": int(out.num_cached_tokens or 0), "seconds": seconds}
+                        for out in outs]}
+
+
+def _abort_after(llm, message: dict) -> dict:
+    """One streamed request aborted part way (see ``EngineProcess.abort_after``)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=message["max_tokens"], temperature=0.0, ignore_eos=True)
+    request_id = f"abort-{time.monotonic_ns()}"
+    engine.add_request(request_id, TokensPrompt(prompt_token_ids=message["prompt"]), params)
+    tokens, aborted = 0, False
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == request_id:
+                tokens = len(out.outputs[0].token_ids)
+        if not aborted and tokens >= message["after_tokens"]:
+            engine.abort_request([request_id])
+            aborted = True
+    return {"tokens": tokens}
+
+
+def _metrics(llm, message: dict) -> dict:
+    prefix = "vllm:lmcache_ext_"
+    out: dict[str, float] = {}
+    for metric in llm.get_metrics():
+        if not metric.name.startswith(prefix) or not hasattr(metric, "value"):
+            continue
+        name = metric.name[len(prefix):]
+        if "tier" in metric.labels:
+            name += "{" + metric.labels["tier"] + "}"
+        out[name] = out.get(name, 0) + metric.value
+    return {"metrics": out}
 
 
 def _decode_during_hit(llm, message: dict) -> dict:
@@ -287,6 +353,10 @@ def _decode_during_hit(llm, message: dict) -> dict:
         raise RuntimeError("the second request never ran: inject_after >= decode_tokens?")
     return {"token_times": times, "hit_added": hit_added, "hit_done": hit_done,
             "hit_cached": hit_cached, "hit_token_ids": hit_tokens}
+
+
+_OPS = {"decode_during_hit": _decode_during_hit, "generate_many": _generate_many,
+        "abort_after": _abort_after, "metrics": _metrics}
 
 
 def main() -> None:

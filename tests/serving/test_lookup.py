@@ -135,3 +135,38 @@ def test_the_property_djl_makes_of_the_attribute_is_read_alike(value, wanted):
     """DJL's front end (LMI) turns ``lmcache-ext-lookup=<value>`` into a request property."""
     assert wants_lookup_property(value) is wanted
     assert wants_lookup(LOOKUP_REQUEST) and LOOKUP_REQUEST.partition("=")[2] == "true"
+
+
+def test_lookups_beyond_the_cap_are_refused_with_429_naming_the_key(tiny_model, tmp_path):
+    """Scenario: a flood of lookups against a shared tier slowed to 1 s a call (a real Redis
+    behind a slow link): ``max_concurrent_lookups`` (2) run; the others are refused at once
+    with a 429 naming the key, never queued; afterwards lookups are answered again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lmcache_ext.testing.redis_server import RedisServer
+    from lmcache_ext.testing.slow_proxy import SlowProxy
+
+    redis = RedisServer(tmp_path / "redis").start()
+    proxy = SlowProxy("127.0.0.1", redis.port, 1.0).start()
+    config = load_config(env={}, overrides={
+        "chunk_size": CHUNK, "max_local_cpu_size": 0.05, "remote_url": proxy.url(),
+        "remote_timeout_s": 5.0, "max_concurrent_lookups": 2})
+    served = build_endpoint(config, None, "127.0.0.1", 0, loaded=tiny_model)
+    threading.Thread(target=served.server.serve_forever, daemon=True).start()
+    body = {"inputs": document("flood"), "parameters": {"max_new_tokens": 1}}
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            began = time.monotonic()
+            replies = list(pool.map(lambda _: lookup(served, body), range(8)))
+            took = time.monotonic() - began
+        statuses = sorted(status for status, _ in replies)
+        assert statuses.count(200) >= 2 and statuses.count(429) >= 1, (statuses, took)
+        assert all("max_concurrent_lookups" in answer["error"]
+                   for status, answer in replies if status == 429)
+        assert lookup(served, body)[0] == 200  # the cap frees as lookups end
+        assert metric(served, "http_requests_total", route="/lookup", status="429") == \
+            statuses.count(429)
+    finally:
+        served.close()
+        proxy.stop()
+        redis.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -338,3 +339,67 @@ def test_the_start_log_says_whether_sessions_are_on_with_expiry_and_pin_budgets(
         served = serve(tiny_model, Clock(), **overrides)
         served.close()
         assert needle in caplog.text
+
+
+def test_a_session_expiring_while_its_turn_streams_amid_concurrent_creates(tiny_model):
+    """Scenario: the real clock, sessions expiring 0.5 s after last use. A streamed turn of
+    ~900 tokens outlives its session (the sweeper ends it mid-stream) while three clients keep
+    creating sessions and running short turns on them, never closing them. The long turn
+    streams to its end; every create and short turn succeeds; the expired session is refused
+    afterwards and pins nothing; once every session has expired nothing is pinned or open,
+    and a new session's second turn hits its history."""
+    from lmcache_ext.sessions.store import SessionState
+
+    served = serve(tiny_model, time.time, sessions_expiration_s=0.5)
+    sessions = served.service.sessions
+    try:
+        long_session = create(served)
+        host, port = served.server.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=120)
+        conn.request("POST", "/invocations", body=json.dumps({
+            "inputs": DOC[:100], "stream": True,
+            "parameters": {"max_new_tokens": 900}}).encode(),
+            headers={"Content-Type": "application/json", SESSION_HEADER: long_session})
+        response = conn.getresponse()
+        assert response.status == 200
+        expired_at: list[float] = []
+        stop = threading.Event()
+        results: list[int] = []
+
+        def watch() -> None:
+            while not stop.is_set() and not expired_at:
+                if sessions.store.state(long_session) is SessionState.EXPIRED:
+                    expired_at.append(time.monotonic())
+                time.sleep(0.01)
+
+        def client(index: int) -> None:
+            while not stop.is_set():
+                session = create(served)
+                results.append(ask(served, f"client {index}: " + DOC[:80], session)[0])
+
+        threads = [threading.Thread(target=watch)] + \
+            [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        lines = [line for line in iter(response.readline, b"") if line.strip()]
+        last_line_at = time.monotonic()
+        conn.close()
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        assert json.loads(lines[-1])["details"]["generated_tokens"] == 900, lines[-1]
+        assert expired_at and expired_at[0] < last_line_at - 0.05, \
+            "the turn ended before its session expired: nothing was tested"
+        assert results and set(results) == {200}, results
+        status, message = error(served, {"inputs": "again?"}, {SESSION_HEADER: long_session})
+        assert status == 400 and "expired" in message, message
+        assert pinned(served, long_session) == 0
+        deadline = time.monotonic() + 10
+        while sessions.store.open_count and time.monotonic() < deadline:
+            time.sleep(0.1)  # the sweeper ends them all
+        assert sessions.store.open_count == 0 and pinned(served) == 0
+        fresh = create(served)
+        ask(served, DOC + "First turn.", fresh)
+        assert ask(served, DOC + "First turn.", fresh)[1]["details"]["cached_tokens"] > 0
+    finally:
+        served.close()

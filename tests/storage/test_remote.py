@@ -314,3 +314,24 @@ def test_tls_round_trip_with_a_private_ca(redis_tls_server):
     metrics = EngineMetrics()  # without the CA the certificate is not trusted: a miss
     assert tier_for(f"rediss://127.0.0.1:{server.tls_port}", metrics).get(key(1)) is None
     assert counter(metrics, "errors") == 1
+
+
+def test_a_local_only_prefix_never_asks_the_stalled_server(redis_server):
+    """Scenario: CPU + Redis, the server stalled (SIGSTOP): the in-memory question a step
+    thread asks (``local_only``) counts the CPU tier's run without a call to the server (no
+    error counted, no timeout waited); the full question asks it and gets a miss there."""
+    engine = engine_for(redis_server.url, remote_timeout_s=0.2)
+    store, remote = engine.storage, engine.storage.tiers[-1]
+    assert not remote.local_index and all(t.local_index for t in store.tiers[:-1])
+    store.tiers[0].put(key(1), chunk(1))
+    remote.put(key(2), chunk(2))
+    errors = engine.metrics.value("tier_errors_total", tier="remote")
+    os.kill(redis_server.process.pid, 19)  # SIGSTOP
+    try:
+        assert store.prefix_length([key(1), key(2)], local_only=True) == 1
+        assert engine.metrics.value("tier_errors_total", tier="remote") == errors
+        assert store.prefix_length([key(1), key(2)]) == 1  # asked: timed out, a miss
+        assert engine.metrics.value("tier_errors_total", tier="remote") == errors + 1
+    finally:
+        os.kill(redis_server.process.pid, 18)  # SIGCONT
+    engine.close()

@@ -18,7 +18,9 @@ wire format (``lookup_output``: ``async_utils.create_non_stream_output``, whose 
 DJL's Java side decodes in async mode; raw JSON there breaks the connection and restarts the
 Python worker). A rank that does not answer in time is a miss (``cached_tokens`` 0), never a
 failed request. Each rank counts the lookup in its own cache figures, as it counts the
-scheduler's lookups.
+scheduler's lookups. At most ``max_concurrent_lookups`` lookups wait for the workers at once in
+this handler process (one DJL Python worker); one more is a miss at once, logged at most every
+30 s, rather than a place in an ever longer line (``lookup_gate``).
 
 A request this module cannot read (no prompt, a malformed one, a chat template that fails) is
 ``None``: the handler passes it to LMI, which generates (``warm`` reads that as the warm).
@@ -35,7 +37,10 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from lmcache_ext.config import default_of
 from lmcache_ext.keys import PrefixHasher
+from lmcache_ext.lookup_gate import LookupGate
+from lmcache_ext.storage.log_every import LOG_INTERVAL_S, EveryInterval
 from lmcache_ext.wire import (
     CUSTOM_ATTRIBUTES_HEADER,
     LOOKUP_ATTRIBUTE,
@@ -101,10 +106,13 @@ class LmiLookup:
     scheduler side's hasher, and a line to every worker rank (thread-safe; one lookup at a
     time on the channel)."""
 
-    def __init__(self, hasher: PrefixHasher, caches: Any, tokenizer: Any):
+    def __init__(self, hasher: PrefixHasher, caches: Any, tokenizer: Any,
+                 max_lookups: int = default_of("max_concurrent_lookups")):
         """``tokenizer``: vLLM's, or the engine's ``get_tokenizer`` (called at the first
         lookup; awaited where a vLLM version makes it a coroutine)."""
         self.hasher = hasher
+        self.gate = LookupGate(max_lookups)
+        self._refused_log = EveryInterval(LOG_INTERVAL_S)
         self._caches = caches
         self._tokenizer = tokenizer if hasattr(tokenizer, "encode") else None
         self._get_tokenizer = None if self._tokenizer is not None else tokenizer
@@ -132,14 +140,15 @@ class LmiLookup:
                               config.worker_lookup_timeout_s, config.worker_lookup_backoff_s)
         log.info("lmcache-ext handler: lookups (custom attribute lmcache-ext-lookup) are "
                  "answered from the workers' caches without generating")
-        return LmiLookup(hasher, caches, engine.get_tokenizer)
+        return LmiLookup(hasher, caches, engine.get_tokenizer, config.max_concurrent_lookups)
 
     def digests(self, tokens: Sequence[int]) -> list[bytes]:
         return self.hasher.digests(tokens)
 
     def held_chunks(self, tokens: Sequence[int]) -> int:
         """Leading chunks of ``tokens`` every rank holds (0 where a rank does not answer in
-        time); pins nothing."""
+        time, or ``max_concurrent_lookups`` lookups wait for the workers already); pins
+        nothing."""
         from lmcache_ext.adapters.vllm.channel import LookupRequest
 
         digests = self.digests(tokens)
@@ -147,12 +156,19 @@ class LmiLookup:
             return 0
         request = LookupRequest(f"lookup-{uuid.uuid4().hex}", 1, digests, len(tokens),
                                 first=len(digests))
-        try:
-            with self._lock:
-                return self._caches.lookup(request).chunks
-        except Exception:  # the channel failed: a miss (warm re-warms), never a failed request
-            log.exception("lmcache-ext handler: a lookup could not ask the workers: a miss")
-            return 0
+        with self.gate.admit() as admitted:
+            if not admitted:
+                if self._refused_log.due():
+                    log.warning("lmcache-ext handler: a lookup answered as a miss: %s (%d "
+                                "refused so far; logged at most every %.0f s)",
+                                self.gate.refusal(), self.gate.refused, LOG_INTERVAL_S)
+                return 0
+            try:
+                with self._lock:
+                    return self._caches.lookup(request).chunks
+            except Exception:  # the channel failed: a miss (warm re-warms), never a failure
+                log.exception("lmcache-ext handler: a lookup could not ask the workers: a miss")
+                return 0
 
     def answer(self, payload: dict[str, Any]) -> dict[str, Any] | None:
         """The lookup's answer (``format_lookup``) for a decoded request; None where the

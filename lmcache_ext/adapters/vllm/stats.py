@@ -18,6 +18,8 @@ per interval (``emf_metrics``; ``emf.py`` makes the line).
     <event>.<tier> for each event of ``TIER_EVENTS``                   (every rank)
   gauges, the latest value per rank, summed over ranks by ``reduce``:
     used_bytes.<tier>.r<rank>
+    pinned_requests.r<rank>     (requests whose lookup pins chunks on the rank, not yet loaded)
+    staging_busy.r<rank>        (staging buffers in use; 0 when idle, else a leak)
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 # Tier events counted by the engine (metrics.TierCounters), passed on as deltas.
 TIER_EVENTS = ("errors", "corrupt", "forged", "dropped", "evictions", "rejected", "promoted")
 GAUGE_PREFIX = "used_bytes."
+IN_FLIGHT_GAUGES = ("pinned_requests", "staging_busy")  # each <name>.r<rank>
+GAUGE_PREFIXES = (GAUGE_PREFIX, *(f"{name}." for name in IN_FLIGHT_GAUGES))
 GIB = float(1 << 30)
 
 
@@ -53,7 +57,7 @@ class LMCacheExtStats(KVConnectorStats):
     def aggregate(self, other: KVConnectorStats) -> LMCacheExtStats:
         """Sum counters; a gauge takes ``other``'s value (the later one, or another rank's)."""
         for name, value in other.data.items():
-            if name.startswith(GAUGE_PREFIX):
+            if name.startswith(GAUGE_PREFIXES):
                 self.data[name] = value
             else:
                 self.data[name] = self.data.get(name, 0) + value
@@ -81,6 +85,7 @@ class LMCacheExtStats(KVConnectorStats):
         }
         for tier, used in used_bytes(d).items():
             out[f"used_gib.{tier}"] = round(used / GIB, 3)
+        out.update(in_flight(d))
         for name, value in sorted(d.items()):
             if name.split(".")[0] in TIER_EVENTS + ("loaded_tokens", "stored_tokens") and \
                     "." in name:
@@ -129,6 +134,16 @@ def used_bytes(data: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def in_flight(data: Mapping[str, Any]) -> dict[str, int]:
+    """Each of ``IN_FLIGHT_GAUGES`` summed over the ranks' latest values (absent: none sent)."""
+    out: dict[str, int] = {}
+    for name, value in data.items():
+        gauge = name.rsplit(".", 1)[0]
+        if gauge in IN_FLIGHT_GAUGES:
+            out[gauge] = out.get(gauge, 0) + int(value)
+    return out
+
+
 def merge_into(total: dict[str, float], data: Mapping[str, float]) -> None:
     """``aggregate``'s rule on plain dicts: counters add up, gauges take the newer value."""
     LMCacheExtStats(data=total).aggregate(LMCacheExtStats(data=dict(data)))
@@ -153,7 +168,8 @@ _EMF_PER_TIER = {"loaded_tokens": "LoadedTokens", "stored_tokens": "StoredTokens
 
 def emf_metrics(data: Mapping[str, float]) -> dict[str, tuple[float, str]]:
     """An interval's figures as EMF metrics: the totals (always, 0 when nothing happened),
-    HitRate in percent of the prompt tokens looked up, and per tier ``<Metric>.<tier>``."""
+    HitRate in percent of the prompt tokens looked up, per tier ``<Metric>.<tier>``, and the
+    in-flight levels (``PinnedRequests``, ``StagingBusy``) once a rank has sent them."""
     out: dict[str, tuple[float, str]] = {}
     lookups = data.get("lookup_tokens", 0)
     out["HitRate"] = (round(100 * data.get("hit_tokens", 0) / lookups, 3) if lookups else 0.0,
@@ -166,6 +182,8 @@ def emf_metrics(data: Mapping[str, float]) -> dict[str, tuple[float, str]]:
             out[f"{_EMF_PER_TIER[event]}.{tier}"] = (float(value), "Count")
     for tier, used in used_bytes(dict(data)).items():
         out[f"UsedBytes.{tier}"] = (float(used), "Bytes")
+    for name, level in in_flight(data).items():
+        out["".join(part.capitalize() for part in name.split("_"))] = (float(level), "Count")
     return out
 
 
@@ -190,6 +208,10 @@ class LMCacheExtPromMetrics(KVConnectorPromMetrics):
         self._used = self._gauge_cls(name="vllm:lmcache_ext_tier_used_bytes",
                                      documentation="Bytes held by the tier, all ranks.",
                                      labelnames=tier_labels, multiprocess_mode="mostrecent")
+        self._in_flight = {
+            name: self._gauge_cls(name=f"vllm:lmcache_ext_{name}", documentation=text,
+                                  labelnames=list(labelnames), multiprocess_mode="mostrecent")
+            for name, text in PROM_IN_FLIGHT.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = [str(v) for v in self.per_engine_labelvalues.get(engine_idx, [])]
@@ -201,6 +223,8 @@ class LMCacheExtPromMetrics(KVConnectorPromMetrics):
                 self._tier_counters[event].labels(*labels, tier).inc(value)
         for tier, used in used_bytes(transfer_stats_data).items():
             self._used.labels(*labels, tier).set(used)
+        for name, value in in_flight(transfer_stats_data).items():
+            self._in_flight[name].labels(*labels).set(value)
 
 
 def metric_name(name: str) -> str:
@@ -220,6 +244,11 @@ PROM_TOTALS = {
     "failed_loads": "Loads that could not fill every block (recomputed by vLLM), all ranks.",
     "failed_saves": "Saves that failed (skipped), all ranks.",
     "lookup_timeouts": "Lookups a worker rank did not answer in time (served as misses).",
+}
+PROM_IN_FLIGHT = {
+    "pinned_requests": "Requests whose looked-up chunks are pinned, awaiting their load, all "
+                       "ranks (one that never drops to 0 when idle is a leak).",
+    "staging_busy": "Staging buffers in use, all ranks (0 when idle).",
 }
 PROM_PER_TIER = {
     "loaded_tokens": "Tokens loaded from the tier (rank 0's count).",

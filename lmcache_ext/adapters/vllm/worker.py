@@ -102,6 +102,7 @@ class WorkerSide:
         self.timer = ForwardTimer(torch.device("cpu"), engine.config.chunk_size)
         self._tier_totals: dict[str, float] = {}
         self._tier_sampled = 0.0
+        self._in_flight_sent: dict[str, int] = {}  # the in-flight gauges' last values sent
         config = engine.config
         self.sessions = (WorkerSessions(engine, config.sessions_expiration_s)
                          if config.enable_stateful_sessions else None)
@@ -177,11 +178,23 @@ class WorkerSide:
         tokens, seconds = self.timer.take()
         self.tally.add("forward_tokens", tokens)
         self.tally.add("forward_s", seconds)
+        self._sample_in_flight()
         now = time.monotonic()
         if self.tally.moved or now - self._tier_sampled >= TIER_SAMPLE_S:
             self._tier_sampled, self.tally.moved = now, False
             self._sample_tiers()
         return self.tally.take()
+
+    def _sample_in_flight(self) -> None:
+        """Pins awaiting their load and staging buffers in use, sent when they change (a level
+        that stays above 0 while the engine idles is a leak)."""
+        staging = self.kv.staging
+        levels = {f"pinned_requests.r{self.rank}": len(self.pins),
+                  f"staging_busy.r{self.rank}": staging.count - staging.free() if staging else 0}
+        for name, value in levels.items():
+            if self._in_flight_sent.get(name) != value:
+                self._in_flight_sent[name] = value
+                self.tally.set_gauge(name, value)
 
     def _sample_tiers(self) -> None:
         metrics, layout = self.engine.metrics, self.engine.layout

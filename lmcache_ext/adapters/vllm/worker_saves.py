@@ -71,8 +71,11 @@ class RankSaves:
     def _gather_and_queue(self, spans: list[ChunkSpan], block_ids: list[int]) -> None:
         """Gather each chunk the engine lacks into a staging buffer (waiting a bounded time for
         one if all are in flight) and queue its store on the saver thread, which gives the
-        buffer back. The slots go to the device once, without a host wait."""
-        todo = spans[self.engine.storage.prefix_length([s.key for s in spans]):]
+        buffer back. The slots go to the device once, without a host wait. Which chunks the
+        engine holds is asked of the in-memory tiers only: a round trip to a shared store on
+        vLLM's thread would hold every step (up to ``remote_timeout_s`` while it is slow); the
+        saver's ``store_spans`` skips what the shared store holds, off the step."""
+        todo = spans[self.engine.storage.prefix_length([s.key for s in spans], local_only=True):]
         if not todo:
             return
         kv, base = self.kv, todo[0].start

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 import uuid
 from types import SimpleNamespace
 
@@ -151,6 +153,40 @@ def test_a_rank_that_does_not_answer_is_a_miss_not_a_hang_or_an_error():
             raise RuntimeError("channel gone")
     assert LmiLookup(hasher(), Broken(0), FakeTokenizer()).answer({"inputs": [1] * CHUNK}) == \
         format_lookup(CHUNK, 0, CHUNK)
+
+
+def test_lookups_beyond_the_cap_are_misses_at_once_not_a_line():
+    """Scenario: a flood of lookups while the workers are slow: ``max_concurrent_lookups`` (2)
+    wait for the channel; the next is a miss at once (the channel is not asked), counted; once
+    one finishes, the next is admitted again."""
+    release = threading.Event()
+
+    class Slow(FakeCaches):
+        def lookup(self, request):
+            self.requests.append(request)
+            release.wait(30)
+            return LookupAnswer(len(request.digests), [])
+
+    caches = Slow(0)
+    lookup = LmiLookup(hasher(), caches, FakeTokenizer(), max_lookups=2)
+    body = {"inputs": list(range(2 * CHUNK))}
+    answers: list = []
+    waiting = [threading.Thread(target=lambda: answers.append(lookup.answer(body)))
+               for _ in range(2)]
+    for thread in waiting:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while lookup.gate.running < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lookup.gate.running == 2
+    assert lookup.answer(body) == format_lookup(2 * CHUNK, 0, CHUNK)  # refused: a miss
+    assert lookup.gate.refused == 1 and len(caches.requests) <= 2
+    release.set()
+    for thread in waiting:
+        thread.join(10)
+    assert answers == [format_lookup(2 * CHUNK, 2 * CHUNK, CHUNK)] * 2
+    assert lookup.answer(body) == format_lookup(2 * CHUNK, 2 * CHUNK, CHUNK)  # room again
+    assert lookup.gate.running == 0 and lookup.gate.refused == 1
 
 
 def handler_with(lookup: LmiLookup | None) -> tuple[SessionHandler, Recorder]:

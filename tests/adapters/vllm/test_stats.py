@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
 
 from lmcache_ext.adapters.vllm.connector import LMCacheExtConnector
+from lmcache_ext.adapters.vllm.stats import emf_metrics
 from tests.adapters.vllm.rig import make_request, step
 from tests.adapters.vllm.test_connector import LAYOUTS, PROMPT_A, PROMPT_B, rig_for, save_prompt_a
 from tests.test_emf import verify_emf
@@ -65,6 +66,32 @@ def test_hits_loads_and_saves_reach_vllm_log_line_and_metrics(tmp_path, layout, 
                                      {**labels, "tier": "cpu"}) == 128
     assert registry.get_sample_value("vllm:lmcache_ext_tier_used_bytes",
                                      {**labels, "tier": "cpu"}) > 0
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_pins_and_staging_in_use_are_gauges_that_return_to_zero(tmp_path, layout, backend):
+    """Scenario: B's lookup pins A's chunks on the rank; a step before its load reports one
+    pinned request; after the load and the saves every level is back to 0 (a level that
+    stays up while idle is a leak), summed over ranks and in /metrics."""
+    rig = rig_for(tmp_path, layout, backend)
+    save_prompt_a(rig, backend)
+    rig.scheduler.add_request(make_request("b", PROMPT_B))
+    rig.scheduler.schedule()  # the lookup: pinned on the rank, the load not run yet
+    worker = rig.worker.worker
+    pinned = worker.take_stats().data
+    assert pinned["pinned_requests.r0"] == 1
+    worker.pins.release_all()
+    worker.saves.jobs.close()  # every queued store done: their staging buffers returned
+    idle = worker.take_stats().data
+    assert idle["pinned_requests.r0"] == 0
+    levels = summed([*rig.stats_payloads, pinned, idle])  # levels are sent when they change
+    assert levels["pinned_requests.r0"] == 0 and levels["staging_busy.r0"] == 0
+    again = worker.take_stats()  # nothing changed: not sent again
+    assert again is None or "pinned_requests.r0" not in again.data
+    total = summed([{"pinned_requests.r0": 2, "staging_busy.r0": 1},
+                    {"pinned_requests.r1": 1, "pinned_requests.r0": 0}])
+    assert LMCacheExtConnector.build_kv_connector_stats(total).reduce()["pinned_requests"] == 1
+    assert emf_metrics(total)["PinnedRequests"] == (1.0, "Count")
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
