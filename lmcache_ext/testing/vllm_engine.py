@@ -81,6 +81,19 @@ class EngineSpec:
     env: dict = field(default_factory=dict)  # extra env vars for the engine's processes
     kv_transfer: dict | None = None  # another KV connector's config (a peer), instead of ours
     extra: dict = field(default_factory=dict)  # more vllm.LLM(...) arguments
+    stage_probe: bool = False  # workers answer ``stage_totals`` (``StageProbe``)
+
+
+class StageProbe:
+    """A vLLM worker extension (``worker_extension_cls``): the rank's connector's
+    ``StageClock`` totals, through ``LLM.collective_rpc`` (a method name: no pickled code)."""
+
+    def lmcache_ext_stage_totals(self) -> dict[str, float]:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+        if not has_kv_transfer_group():
+            return {}
+        worker = getattr(get_kv_transfer_group(), "worker", None)
+        return worker.clock.snapshot() if worker is not None else {}
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,12 @@ class EngineProcess:
         return DecodeDuringHit(reply["token_times"], reply["hit_added"], reply["hit_done"],
                                reply["hit_cached"], reply["hit_token_ids"])
 
+    def stage_totals(self) -> dict[str, float]:
+        """Rank 0's connector stage totals (seconds since start, ``stats.StageClock``); needs
+        ``EngineSpec.stage_probe``. Empty without our connector."""
+        ranks = self._call({"op": "stage_totals"})["ranks"]
+        return ranks[0] if ranks else {}
+
     def reset_prefix_cache(self) -> None:
         """Evict vLLM's own prefix cache (lmcache-ext's tiers keep everything)."""
         self._call({"op": "reset_prefix_cache"})
@@ -220,6 +239,8 @@ def _build(spec: EngineSpec):
                   tensor_parallel_size=spec.tensor_parallel_size, seed=0)
     if spec.same_process:
         kwargs["distributed_executor_backend"] = "uni"
+    if spec.stage_probe:
+        kwargs["worker_extension_cls"] = "lmcache_ext.testing.vllm_engine.StageProbe"
     if spec.cache is not None:
         kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_connector_extra_config": spec.cache}
     elif spec.kv_transfer is not None:
@@ -244,6 +265,8 @@ def _serve(llm, replies) -> None:
                          "seconds": time.perf_counter() - began}
             elif message["op"] == "decode_during_hit":
                 reply = _decode_during_hit(llm, message)
+            elif message["op"] == "stage_totals":
+                reply = {"ranks": llm.collective_rpc("lmcache_ext_stage_totals")}
             elif message["op"] == "reset_prefix_cache":
                 reply = {"reset": bool(llm.reset_prefix_cache())}
             else:
