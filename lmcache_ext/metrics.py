@@ -97,8 +97,18 @@ class EngineMetrics:
         self._capacity.labels(tier=tier).set(capacity)
 
     def value(self, name: str, **labels: str) -> float:
-        """Current value of a sample (``_total`` names for counters); 0.0 if never set."""
-        return self.registry.get_sample_value(f"{PREFIX}_{name}", labels) or 0.0
+        """Current value of a sample (``_total`` names for counters); 0.0 if never set. A tier
+        counter's is read from that counter alone (the connector samples them after every
+        load: a scan of the whole registry cost ~1 ms a step)."""
+        sample = f"{PREFIX}_{name}"
+        counter = self._tier_counters.get(name.removeprefix("tier_").removesuffix("_total"))
+        if counter is None or not name.startswith("tier_"):
+            return self.registry.get_sample_value(sample, labels) or 0.0
+        for family in counter.collect():
+            for found in family.samples:
+                if found.name == sample and found.labels == labels:
+                    return found.value
+        return 0.0
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (for a /metrics endpoint)."""

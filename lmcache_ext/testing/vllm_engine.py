@@ -81,6 +81,19 @@ class EngineSpec:
     env: dict = field(default_factory=dict)  # extra env vars for the engine's processes
     kv_transfer: dict | None = None  # another KV connector's config (a peer), instead of ours
     extra: dict = field(default_factory=dict)  # more vllm.LLM(...) arguments
+    stage_probe: bool = False  # workers answer ``stage_totals`` (``StageProbe``)
+
+
+class StageProbe:
+    """A vLLM worker extension (``worker_extension_cls``): the rank's connector's
+    ``StageClock`` totals, through ``LLM.collective_rpc`` (a method name: no pickled code)."""
+
+    def lmcache_ext_stage_totals(self) -> dict[str, float]:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+        if not has_kv_transfer_group():
+            return {}
+        worker = getattr(get_kv_transfer_group(), "worker", None)
+        return worker.clock.snapshot() if worker is not None else {}
 
 
 @dataclass(frozen=True)
@@ -187,6 +200,12 @@ class EngineProcess:
         ``vllm:lmcache_ext_`` prefix."""
         return self._call({"op": "metrics"})["metrics"]
 
+    def stage_totals(self) -> dict[str, float]:
+        """Rank 0's connector stage totals (seconds since start, ``stats.StageClock``); needs
+        ``EngineSpec.stage_probe``. Empty without our connector."""
+        ranks = self._call({"op": "stage_totals"})["ranks"]
+        return ranks[0] if ranks else {}
+
     def reset_prefix_cache(self) -> None:
         """Evict vLLM's own prefix cache (lmcache-ext's tiers keep everything)."""
         self._call({"op": "reset_prefix_cache"})
@@ -241,6 +260,8 @@ def _build(spec: EngineSpec):
                   tensor_parallel_size=spec.tensor_parallel_size, seed=0)
     if spec.same_process:
         kwargs["distributed_executor_backend"] = "uni"
+    if spec.stage_probe:
+        kwargs["worker_extension_cls"] = "lmcache_ext.testing.vllm_engine.StageProbe"
     if spec.cache is not None:
         kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_connector_extra_config": spec.cache}
     elif spec.kv_transfer is not None:
@@ -355,8 +376,12 @@ def _decode_during_hit(llm, message: dict) -> dict:
             "hit_cached": hit_cached, "hit_token_ids": hit_tokens}
 
 
+def _stage_totals(llm, message: dict) -> dict:
+    return {"ranks": llm.collective_rpc("lmcache_ext_stage_totals")}
+
+
 _OPS = {"decode_during_hit": _decode_during_hit, "generate_many": _generate_many,
-        "abort_after": _abort_after, "metrics": _metrics}
+        "abort_after": _abort_after, "metrics": _metrics, "stage_totals": _stage_totals}
 
 
 def main() -> None:

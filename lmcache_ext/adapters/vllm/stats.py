@@ -124,6 +124,31 @@ class StatsTally:
         return stats
 
 
+# A rank's per-request stages, timed where they run (``StageClock``).
+STAGES = ("lookup", "pin", "read", "scatter", "load_other")
+
+
+class StageClock:
+    """Seconds one rank has spent in each of ``STAGES`` since it started: "lookup" (a lookup's
+    spans and index reads), "pin" (pinning what it found), "read" (a load's tier reads, leases
+    included), "scatter" (copying the chunks into vLLM's blocks; on a GPU the queuing of the
+    copies), "load_other" (the rest of a load: spans, slots, the pipeline). Monotonic totals,
+    cheap to keep (a few clock reads a request), for benchmarks that difference two
+    ``snapshot``s around a request (``benchmarks/vllm_ttft.py``). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._totals = dict.fromkeys(STAGES, 0.0)
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._totals[stage] += seconds
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._totals)
+
+
 def used_bytes(data: Mapping[str, Any]) -> dict[str, float]:
     """Bytes used per tier, summed over the ranks' latest gauges."""
     out: dict[str, float] = {}

@@ -30,7 +30,7 @@ from lmcache_ext.adapters.vllm import compat as vllm_compat
 from lmcache_ext.adapters.vllm.channel import LookupRequest, RankAnswer, RankCacheServer
 from lmcache_ext.adapters.vllm.sessions import WorkerSessions
 from lmcache_ext.adapters.vllm.staging import StagingArea
-from lmcache_ext.adapters.vllm.stats import TIER_EVENTS, LMCacheExtStats, StatsTally
+from lmcache_ext.adapters.vllm.stats import TIER_EVENTS, LMCacheExtStats, StageClock, StatsTally
 from lmcache_ext.adapters.vllm.worker_kv import RankKV
 from lmcache_ext.adapters.vllm.worker_loads import RankLoads
 from lmcache_ext.adapters.vllm.worker_pins import RankPins
@@ -106,8 +106,9 @@ class WorkerSide:
         config = engine.config
         self.sessions = (WorkerSessions(engine, config.sessions_expiration_s)
                          if config.enable_stateful_sessions else None)
-        self.pins = RankPins(engine)
-        self.loads = RankLoads(engine, self.kv, self.pins, self.tally, rank)
+        self.clock = StageClock()  # seconds per stage since start (benchmarks read it)
+        self.pins = RankPins(engine, self.clock)
+        self.loads = RankLoads(engine, self.kv, self.pins, self.tally, rank, self.clock)
         self.saves = RankSaves(engine, self.kv, self.tally, self.sessions, rank)
         self.server = RankCacheServer(engine_key, rank, self)
 

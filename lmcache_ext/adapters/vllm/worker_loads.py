@@ -20,7 +20,7 @@ from lmcache_ext import kernels
 from lmcache_ext.adapters.vllm.background import BackgroundJobs
 from lmcache_ext.adapters.vllm.load_pipeline import LoadPipeline, LoadStreams
 from lmcache_ext.adapters.vllm.metadata import TransferOp
-from lmcache_ext.adapters.vllm.stats import StatsTally
+from lmcache_ext.adapters.vllm.stats import StageClock, StatsTally
 from lmcache_ext.adapters.vllm.worker_kv import RankKV
 from lmcache_ext.adapters.vllm.worker_pins import RankPins
 from lmcache_ext.engine import CacheEngine
@@ -36,8 +36,9 @@ class RankLoads:
     loads on the loader thread (``jobs``); ``take_background_loads`` is thread-safe."""
 
     def __init__(self, engine: CacheEngine, kv: RankKV, pins: RankPins, tally: StatsTally,
-                 rank: int):
+                 rank: int, clock: StageClock | None = None):
         self.engine, self.kv, self.pins, self.tally, self.rank = engine, kv, pins, tally, rank
+        self.clock = clock or StageClock()  # the loads' reads, scatters and the rest
         # Background loads: each holds only its pin, so the queue is as long as vLLM's batch.
         self.jobs = BackgroundJobs(f"lmcache-ext-load-r{rank}", MAX_PENDING_LOADS, lambda: None)
         self._done: set[str] = set()  # background loads done, not reported to vLLM yet
@@ -110,13 +111,14 @@ class RankLoads:
     def _load(self, op: TransferOp, after: Any, background: bool) -> set[int]:
         """``load``, its copies waiting for ``after``; a ``background`` load runs on the
         loader's streams and waits on the host until the blocks hold the KV."""
+        began, self.tally.moved = time.perf_counter(), True
         spans = [s for s in self.engine.spans_of(op.digests, op.num_tokens)
                  if s.end > op.start and s.start < op.end]
-        began, self.tally.moved = time.perf_counter(), True
         found = self.pins.tiers(op.req_id, op.pin_id)
         streams = self.kv.background_streams if background else self.kv.step_streams
+        spent = {"read": 0.0, "scatter": 0.0}  # seconds, filled by _copy_in
         try:
-            loaded = self._copy_in(op, spans, after, streams, background)
+            loaded = self._copy_in(op, spans, after, streams, background, spent)
         except Exception:
             log.exception("lmcache-ext: load of request %s failed; it will be recomputed",
                           op.req_id)
@@ -124,6 +126,9 @@ class RankLoads:
         finally:
             self.pins.release(op.req_id, op.pin_id)
         self._count(op, spans, found, loaded, began)
+        for stage, seconds in spent.items():
+            self.clock.add(stage, seconds)
+        self.clock.add("load_other", time.perf_counter() - began - sum(spent.values()))
         if loaded >= op.end:
             return set()
         self.tally.add("failed_loads", 1)
@@ -132,18 +137,23 @@ class RankLoads:
         return set(op.block_ids[first:last + 1])
 
     def _copy_in(self, op: TransferOp, spans: list[ChunkSpan], after: Any,
-                 streams: LoadStreams, background: bool) -> int:
-        """The load's copies through a ``LoadPipeline``; the end of the positions loaded."""
+                 streams: LoadStreams, background: bool, spent: dict[str, float]) -> int:
+        """The load's copies through a ``LoadPipeline``; the end of the positions loaded.
+        Adds its seconds reading the tier and queuing the scatters to ``spent``."""
         kv = self.kv
         pipeline = LoadPipeline(kv.staging, kv.views, streams,
                                 kv.host_slots(op.block_ids, op.start, op.end), after)
+        began = time.perf_counter()
         try:
             def copy(span: ChunkSpan, lease: ChunkLease) -> None:
                 lo, hi = max(span.start, op.start), min(span.end, op.end)
+                pushed = time.perf_counter()
                 pipeline.push(lease, lo - span.start, hi - span.start, lo - op.start)
+                spent["scatter"] += time.perf_counter() - pushed
             loaded = min(self.engine.retrieve_spans(spans, copy), op.end)
         finally:
             pipeline.finish()
+            spent["read"] = time.perf_counter() - began - spent["scatter"]
         if background:
             streams.scatter.synchronize()  # the blocks hold the KV before vLLM is told
         else:

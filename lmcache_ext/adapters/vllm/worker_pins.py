@@ -9,9 +9,11 @@ pin id): a release of an older pin id never drops a newer pin of the same reques
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 from lmcache_ext.adapters.vllm.channel import LookupRequest
+from lmcache_ext.adapters.vllm.stats import StageClock
 from lmcache_ext.engine import CacheEngine, PrefixPin
 
 
@@ -28,8 +30,9 @@ class RankPins:
     """The requests' pins on one rank, by request id. Thread-safe: the channel's thread pins
     and releases, vLLM's thread and the loader release after a load."""
 
-    def __init__(self, engine: CacheEngine):
+    def __init__(self, engine: CacheEngine, clock: StageClock | None = None):
         self.engine = engine
+        self.clock = clock or StageClock()  # the lookups' and pins' seconds
         self._held: dict[str, HeldPin] = {}
         self._lock = threading.Lock()
 
@@ -38,13 +41,17 @@ class RankPins:
         for the request (replacing its earlier pin). A chunk evicted between the count and the
         pin ends the run there: the result never counts a chunk that is not pinned. From the
         tiers' indexes only (see ``CacheEngine.pin_in_place``)."""
+        began = time.perf_counter()
         spans = self.engine.spans_of(request.digests, request.num_tokens)
         tiers = self.engine.locate_spans(spans, request.num_tokens)
         held = len(tiers)
         pin = None
+        located = time.perf_counter()
         if held > request.first:
             pin = self.engine.pin_in_place(spans[request.first:held], tiers[request.first:held])
             held = request.first + pin.num_chunks
+        self.clock.add("lookup", located - began)
+        self.clock.add("pin", time.perf_counter() - located)
         with self._lock:
             old = self._held.pop(request.req_id, None)
             if pin is not None:

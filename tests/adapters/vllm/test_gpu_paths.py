@@ -12,10 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lmcache_ext import kernels
 from lmcache_ext.adapters.vllm import load_pipeline
 from lmcache_ext.adapters.vllm.channel import LookupRequest
 from lmcache_ext.adapters.vllm.load_pipeline import LoadPipeline, LoadStreams
 from lmcache_ext.adapters.vllm.staging import StagingArea, StagingTimeout
+from lmcache_ext.adapters.vllm.stats import STAGES
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.kernels.streams import StreamOrder
 from lmcache_ext.keys import ChunkKey
@@ -209,13 +211,51 @@ def test_a_chunk_stays_leased_until_its_copy_is_done_and_failures_give_everythin
     staging = StagingArea(layout, CHUNK, torch.device("cpu"), 2)
     order = StreamOrder(torch.device("cpu"))
     streams = LoadStreams(order.side(), order.side())
-    pipeline = LoadPipeline(staging, views, streams, torch.arange(CHUNK), None)
+    pipeline = LoadPipeline(staging, views, streams, torch.arange(CHUNK), None, staged=True)
     lease = tier.get(key)
     with lease, pytest.raises(RuntimeError, match="injected"):
         pipeline.push(lease, 0, CHUNK, 0)
     assert tier._index[key].pins == 1  # handed over: the with block released nothing
     pipeline.finish()
     assert tier._index[key].pins == 0 and staging.free() == staging.count
+
+
+def test_on_the_host_a_load_scatters_from_the_tier_buffer_and_gives_the_lease_back():
+    """Scenario: a CPU load (no staging). The chunk's KV lands in the blocks, no staging buffer
+    is taken, and the lease goes back as soon as its scatter is done; a failed scatter gives
+    the lease back too (issue 25: the staging copy moved every byte twice)."""
+    layout = KVLayout(2, 2, 8, torch.float32)
+    tier = CPUTier(1 << 20)
+    key = ChunkKey("ns", b"h" * 32)
+    kv = torch.randn(layout.shape(CHUNK))
+    assert tier.put(key, Chunk(kv))
+    caches = [torch.zeros(CHUNK // 4 + 1, 2, 4, 16) for _ in range(2)]  # blocked, block 4
+    views = kernels.paged_kv_layers(caches, kernels.PagedLayout.CPU_BLOCKED, 2, 8)
+    staging = StagingArea(layout, CHUNK, torch.device("cpu"), 2)
+    order = StreamOrder(torch.device("cpu"))
+    slots = torch.arange(4, 4 + CHUNK)  # from block 1
+    pipeline = LoadPipeline(staging, views, LoadStreams(order.side(), order.side()), slots,
+                            None)
+    pipeline.push(tier.get(key), 0, CHUNK, 0)
+    assert tier._index[key].pins == 0 and staging.free() == staging.count
+    pipeline.finish()
+    back = torch.empty_like(kv)
+    kernels.gather(views, slots, back)
+    assert torch.equal(back, kv)
+
+
+def test_the_stage_clock_times_a_hits_lookup_pin_read_scatter_and_the_rest(tmp_path):
+    """Scenario: B hits A's chunks. Rank 0's ``StageClock`` (what benchmarks/vllm_ttft.py
+    reads per request) moved in every stage, and B's blocks hold the right KV."""
+    rig = rig_for(tmp_path, LAYOUT, BACKEND)
+    forward = save_prompt_a(rig, BACKEND)
+    clock = rig.worker.worker.clock
+    before = clock.snapshot()
+    zero_caches(rig)
+    assert not load_b(rig, forward)
+    after = clock.snapshot()
+    assert [s for s in STAGES if after[s] <= before[s]] == []
+    assert b_blocks_hold_a_prefix(rig, forward)
 
 
 # ------------------------------------------------------------------ fix 1: stream order
