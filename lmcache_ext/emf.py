@@ -83,7 +83,7 @@ class EmfReporter:
     def __init__(self, namespace: str, dimensions: Mapping[str, str], interval_s: float,
                  summarize: Callable[[dict[str, float]], dict[str, tuple[float, str]]],
                  merge: Callable[[dict, Mapping], None] | None = None,
-                 gauge_prefix: str | None = None,
+                 gauge_prefix: str | tuple[str, ...] | None = None,
                  write: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.time):
         """``summarize`` turns an interval's figures into metrics {name: (value, unit)};

@@ -37,7 +37,7 @@ from lmcache_ext.adapters.vllm.channel import AllRanksClient
 from lmcache_ext.adapters.vllm.metadata import LMCacheExtMetadata
 from lmcache_ext.adapters.vllm.scheduler import SchedulerSide
 from lmcache_ext.adapters.vllm.stats import (
-    GAUGE_PREFIX,
+    GAUGE_PREFIXES,
     LMCacheExtPromMetrics,
     LMCacheExtStats,
     emf_metrics,
@@ -104,7 +104,7 @@ def _emf_reporter(config: Any, model: str) -> EmfReporter | None:
     log.info("lmcache-ext: CloudWatch EMF lines every %.0f s, namespace %s, dimension "
              "Model=%s", config.emf_interval_s, config.emf_namespace, model)
     return EmfReporter(config.emf_namespace, {"Model": model[:1024]}, config.emf_interval_s,
-                       emf_metrics, merge=merge_into, gauge_prefix=GAUGE_PREFIX)
+                       emf_metrics, merge=merge_into, gauge_prefix=GAUGE_PREFIXES)
 
 
 def _recompute_failed_loads(vllm_config: VllmConfig) -> None:

@@ -18,6 +18,9 @@ per interval (``emf_metrics``; ``emf.py`` makes the line).
     <event>.<tier> for each event of ``TIER_EVENTS``                   (every rank)
   gauges, the latest value per rank, summed over ranks by ``reduce``:
     used_bytes.<tier>.r<rank>
+    pinned_bytes.r<rank>     (bytes the open sessions pin in the CPU tier)
+    staging_bytes.r<rank>    (bytes of staging buffers in use; 0 when nothing is in flight)
+    request_pins.r<rank>     (requests holding a pin; 0 when nothing is in flight)
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 # Tier events counted by the engine (metrics.TierCounters), passed on as deltas.
 TIER_EVENTS = ("errors", "corrupt", "forged", "dropped", "evictions", "rejected", "promoted")
 GAUGE_PREFIX = "used_bytes."
+# Levels beside the tiers' (not per tier): what a long run watches for leaks.
+LEVELS = ("pinned_bytes", "staging_bytes", "request_pins")
+GAUGE_PREFIXES = (GAUGE_PREFIX, *(f"{level}." for level in LEVELS))
 GIB = float(1 << 30)
 
 
@@ -53,7 +59,7 @@ class LMCacheExtStats(KVConnectorStats):
     def aggregate(self, other: KVConnectorStats) -> LMCacheExtStats:
         """Sum counters; a gauge takes ``other``'s value (the later one, or another rank's)."""
         for name, value in other.data.items():
-            if name.startswith(GAUGE_PREFIX):
+            if name.startswith(GAUGE_PREFIXES):
                 self.data[name] = value
             else:
                 self.data[name] = self.data.get(name, 0) + value
@@ -129,6 +135,16 @@ def used_bytes(data: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def levels(data: Mapping[str, Any]) -> dict[str, float]:
+    """Each of ``LEVELS``, summed over the ranks' latest gauges (absent: not reported yet)."""
+    out: dict[str, float] = {}
+    for name, value in data.items():
+        level = name.rsplit(".", 1)[0]
+        if level in LEVELS:
+            out[level] = out.get(level, 0) + value
+    return out
+
+
 def merge_into(total: dict[str, float], data: Mapping[str, float]) -> None:
     """``aggregate``'s rule on plain dicts: counters add up, gauges take the newer value."""
     LMCacheExtStats(data=total).aggregate(LMCacheExtStats(data=dict(data)))
@@ -190,6 +206,10 @@ class LMCacheExtPromMetrics(KVConnectorPromMetrics):
         self._used = self._gauge_cls(name="vllm:lmcache_ext_tier_used_bytes",
                                      documentation="Bytes held by the tier, all ranks.",
                                      labelnames=tier_labels, multiprocess_mode="mostrecent")
+        self._levels = {
+            level: self._gauge_cls(name=f"vllm:lmcache_ext_{level}", documentation=text,
+                                   labelnames=list(labelnames), multiprocess_mode="mostrecent")
+            for level, text in PROM_LEVELS.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = [str(v) for v in self.per_engine_labelvalues.get(engine_idx, [])]
@@ -201,6 +221,8 @@ class LMCacheExtPromMetrics(KVConnectorPromMetrics):
                 self._tier_counters[event].labels(*labels, tier).inc(value)
         for tier, used in used_bytes(transfer_stats_data).items():
             self._used.labels(*labels, tier).set(used)
+        for level, value in levels(transfer_stats_data).items():
+            self._levels[level].labels(*labels).set(value)
 
 
 def metric_name(name: str) -> str:
@@ -221,6 +243,12 @@ PROM_TOTALS = {
     "failed_saves": "Saves that failed (skipped), all ranks.",
     "lookup_timeouts": "Lookups a worker rank did not answer in time (served as misses).",
 }
+PROM_LEVELS = {
+    "pinned_bytes": "Bytes the open sessions pin in the CPU tier, all ranks.",
+    "staging_bytes": "Bytes of staging buffers in use, all ranks.",
+    "request_pins": "Requests holding a pin on their chunks, all ranks.",
+}
+assert set(PROM_LEVELS) == set(LEVELS)
 PROM_PER_TIER = {
     "loaded_tokens": "Tokens loaded from the tier (rank 0's count).",
     "stored_tokens": "Tokens stored into the tier (rank 0's count, from bytes).",

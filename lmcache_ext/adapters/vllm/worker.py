@@ -136,6 +136,16 @@ class WorkerSide:
         self._sample_tiers()  # the baseline (the probe's writes are not the service's)
         self.tally.reset()
 
+    def _sample_levels(self) -> None:
+        """Session pins, staging buffers in use and requests holding pins (stats.LEVELS)."""
+        staging = self.kv.staging
+        in_use = 0 if staging is None else \
+            (staging.count - staging.free()) * staging.allocated_bytes // max(staging.count, 1)
+        pinned = self.sessions.pins.pinned_bytes() if self.sessions is not None else 0
+        for level, value in (("pinned_bytes", pinned), ("staging_bytes", in_use),
+                             ("request_pins", self.num_pins())):
+            self.tally.set_gauge(f"{level}.r{self.rank}", value)
+
     # -------------------------------------------------------------- the scheduler's questions
 
     def lookup(self, request: LookupRequest) -> RankAnswer:
@@ -186,6 +196,7 @@ class WorkerSide:
     def _sample_tiers(self) -> None:
         metrics, layout = self.engine.metrics, self.engine.layout
         token_bytes = math.prod(layout.shape(1)) * layout.dtype.itemsize
+        self._sample_levels()
         for tier in self.engine.storage.tiers:
             self.tally.set_gauge(f"used_bytes.{tier.name}.r{self.rank}", tier.usage().used_bytes)
             names = [(e, f"tier_{e}_total", 1.0) for e in TIER_EVENTS]

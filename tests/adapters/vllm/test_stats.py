@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
 
 from lmcache_ext.adapters.vllm.connector import LMCacheExtConnector
+from lmcache_ext.adapters.vllm.stats import LEVELS
 from tests.adapters.vllm.rig import make_request, step
 from tests.adapters.vllm.test_connector import LAYOUTS, PROMPT_A, PROMPT_B, rig_for, save_prompt_a
 from tests.test_emf import verify_emf
@@ -65,6 +66,32 @@ def test_hits_loads_and_saves_reach_vllm_log_line_and_metrics(tmp_path, layout, 
                                      {**labels, "tier": "cpu"}) == 128
     assert registry.get_sample_value("vllm:lmcache_ext_tier_used_bytes",
                                      {**labels, "tier": "cpu"}) > 0
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_levels_reach_metrics_as_the_latest_value_summed_over_ranks(tmp_path, layout, backend):
+    """Session pins, staging buffers in use and requests holding pins (what a long run watches
+    for leaks) come with every tier sample; a later value replaces an earlier one (a level,
+    not a count), and /metrics sums the ranks' latest."""
+    rig = rig_for(tmp_path, layout, backend)
+    save_a_then_load_b(rig, backend)
+    data = summed(rig.stats_payloads)
+    assert {f"{level}.r0" for level in LEVELS} <= set(data)
+    assert data["pinned_bytes.r0"] == 0  # no session here
+    assert summed([{"request_pins.r0": 2, "staging_bytes.r0": 9},
+                   {"request_pins.r0": 0, "staging_bytes.r0": 4}]) == \
+        {"request_pins.r0": 0, "staging_bytes.r0": 4}
+    registry = CollectorRegistry()
+    types = {kind: functools.partial(kind, registry=registry)
+             for kind in (Counter, Gauge, Histogram)}
+    prom = LMCacheExtConnector.build_prom_metrics(rig.scheduler.vllm_config, types,
+                                                  ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe({"request_pins.r0": 3, "request_pins.r1": 1, "pinned_bytes.r0": 11}, 0)
+    labels = {"model_name": "m", "engine": "0"}
+    assert registry.get_sample_value("vllm:lmcache_ext_request_pins", labels) == 4
+    assert registry.get_sample_value("vllm:lmcache_ext_pinned_bytes", labels) == 11
+    assert registry.get_sample_value("vllm:lmcache_ext_tier_used_bytes",
+                                     {**labels, "tier": "pinned_bytes"}) is None
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
