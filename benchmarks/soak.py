@@ -20,16 +20,20 @@ think time between requests:
   their first pieces (counted as aborted, not failed).
 
 Every ``--sample-s`` the users are held (requests in flight finish, no new one starts) and the
-engine is sampled at rest: RSS, open fds and threads of every engine process (the API server and
-its children: the engine core with the worker), the connector's levels (session-pinned bytes,
-staging bytes in use, requests holding pins; ``vllm:lmcache_ext_*`` in the server's /metrics),
+engine is sampled at rest: RSS (and RssAnon, its anonymous part), open fds and threads of
+every engine process (the API server and its children: the engine core with the worker), the
+connector's levels (session-pinned bytes, staging bytes in use, requests holding pins;
+``vllm:lmcache_ext_*`` in the server's /metrics),
 each tier's bytes against its budget (the disk tier's files counted on disk too; Redis's
 ``used_memory`` against ``maxmemory``), evictions per tier, the connector's hit rate over the
 interval, the interval's p50 / p99 TTFT (streamed requests: request sent -> first piece) and
 the errors. Targets (``TARGETS``), printed with met / missed; exit 1 if one is missed:
 
 - ``rss_growth`` = last sample / first sample at or after ``--warmup-s`` - 1, per engine
-  process, the largest: <= 0.05;
+  process, the largest: <= 0.05. Of RssAnon, the process's own memory: plain RSS also counts
+  the libraries' file pages, which the kernel drops and reads back as the machine's other
+  processes need memory (on a shared machine RSS fell below its start that way);
+  ``rss_with_files_growth_by_process`` gives plain RSS's;
 - ``fd_growth``, ``thread_growth`` (the engine processes' totals, same two samples): 0;
 - ``failed_requests`` (an error status, a broken or unfinished stream, a missing answer): 0;
 - ``budget_overruns`` (samples where a tier, or the session pins, held more than its budget;
@@ -63,6 +67,8 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import redis
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -80,6 +86,7 @@ AUTH_ENV = "SOAK_REDIS_AUTH_KEY"  # not LMCACHE_EXT_*: those are config keys
 START_TIMEOUT_S = 600.0
 REQUEST_TIMEOUT_S = 120.0
 QUIESCE_TIMEOUT_S = 60.0
+SCRAPE_TIMEOUT_S, SCRAPE_TRIES = 30.0, 3
 # One compute thread, not bound to a core: the machine is shared (OpenMP threads bound to busy
 # cores wait for each other at every barrier), and a soak is about growth, not speed.
 ONE_THREAD = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
@@ -182,7 +189,7 @@ def start_engine(workdir: Path, model: Path, redis_url: str, budgets: Budgets,
                "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096",
                "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
                "--disable-uvicorn-access-log", "--kv-transfer-config", json.dumps(transfer)]
-    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", **ONE_THREAD,
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "0.5", **ONE_THREAD,
            AUTH_ENV: "soak-" + "k" * 40, "PYTHONPATH": str(ROOT), **extra_env}
     log = workdir / "engine.log"
     process = spawn(command, log, env)
@@ -484,25 +491,43 @@ class Watched:
 
 
 def engine_processes(pid: int) -> list[dict]:
-    """RSS, open fds and threads of the API server and every process under it."""
+    """RSS (and its anonymous part), open fds and threads of the API server and every process
+    under it."""
     import psutil
 
     root = psutil.Process(pid)
     out = []
     for process in [root, *root.children(recursive=True)]:
-        with suppress(psutil.NoSuchProcess):
+        with suppress(psutil.NoSuchProcess, FileNotFoundError):
             out.append({"pid": process.pid, "name": process.name(),
-                        "rss_bytes": process.memory_info().rss, "fds": process.num_fds(),
+                        "rss_bytes": process.memory_info().rss,
+                        "anon_bytes": anon_rss(process.pid), "fds": process.num_fds(),
                         "threads": process.num_threads()})
     return out
 
 
+def anon_rss(pid: int) -> int:
+    """RssAnon: the process's own memory in RAM. RSS also counts file pages (the libraries),
+    which the kernel drops and reads back as other processes on the machine need memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def scrape(url: str) -> dict[str, float]:
-    """The connector's series in vLLM's /metrics: ``name`` or ``name.tier``, summed."""
+    """The connector's series in vLLM's /metrics: ``name`` or ``name.tier``, summed. A server
+    too busy to answer (a loaded machine) is asked again, then an OSError."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
+    for attempt in range(SCRAPE_TRIES):
+        try:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S) as reply:
+                text = reply.read().decode()
+            break
+        except OSError:
+            if attempt == SCRAPE_TRIES - 1:
+                raise
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -562,7 +587,8 @@ def take_sample(watched: Watched, t_s: float, quiet: bool, recent: list[Outcome]
     ttfts = [o.ttft_s for o in recent if o.ok and o.ttft_s is not None]
     sample = {
         "t_s": round(t_s, 1), "quiet": quiet, "processes": procs,
-        "rss_bytes": sum(p["rss_bytes"] for p in procs), "fds": sum(p["fds"] for p in procs),
+        "rss_bytes": sum(p["rss_bytes"] for p in procs),
+        "anon_bytes": sum(p["anon_bytes"] for p in procs), "fds": sum(p["fds"] for p in procs),
         "threads": sum(p["threads"] for p in procs), "tiers": tiers(watched, metrics),
         **{level: metrics.get(level, 0.0) for level in
            ("pinned_bytes", "staging_bytes", "request_pins")},
@@ -595,13 +621,17 @@ def sample_loop(watched: Watched, load: Load, setting: Setting, report: dict,
         quiet = load.gate.hold()
         try:
             recent = load.since(seen)
-            seen += len(recent)
             sample, metrics = take_sample(watched, time.monotonic() - load.began, quiet,
                                           recent, metrics)
+            seen += len(recent)
+            samples.append(sample)
+            print(progress_line(sample), file=sys.stderr, flush=True)
+        except (OSError, redis.RedisError) as exc:  # counted; the next sample covers it
+            report["missed_samples"].append(f"t={time.monotonic() - load.began:.0f} s: "
+                                            f"{type(exc).__name__}: {exc}")
+            print(f"sample missed: {report['missed_samples'][-1]}", file=sys.stderr)
         finally:
             load.gate.release()
-        samples.append(sample)
-        print(progress_line(sample), file=sys.stderr, flush=True)
         if json_path is not None:  # after each sample: a stopped run keeps what it measured
             json_path.write_text(json.dumps(report, indent=2) + "\n")
         if last:
@@ -612,7 +642,8 @@ def sample_loop(watched: Watched, load: Load, setting: Setting, report: dict,
 def progress_line(s: dict) -> str:
     used = " ".join(f"{n} {t['used_bytes'] / t['budget_bytes']:.0%}"
                     for n, t in s["tiers"].items())
-    return (f"t={s['t_s']:6.0f}s rss={s['rss_bytes'] / 2**20:7.1f}MiB fds={s['fds']} "
+    return (f"t={s['t_s']:6.0f}s rss={s['rss_bytes'] / 2**20:7.1f}MiB "
+            f"anon={s['anon_bytes'] / 2**20:7.1f}MiB fds={s['fds']} "
             f"threads={s['threads']} {used} pinned={s['pinned_bytes'] / 2**20:.0f}MiB "
             f"hit={s['connector_hit_rate']} p50={s['ttft_p50_s']} p99={s['ttft_p99_s']} "
             f"req={s['requests']} failed={s['failed']} aborted={s['aborted']}"
@@ -645,7 +676,8 @@ def run(setting: Setting, mix: Mix, budgets: Budgets, model: Path, vllm_python: 
         report = {"setting": asdict(setting), "mix": asdict(mix), "budgets": asdict(budgets),
                   "model": model.name, "chunk_bytes": watched.chunk_bytes,
                   "engine_env": engine_env or {},
-                  "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "samples": []}
+                  "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "samples": [],
+                  "missed_samples": []}
         began = time.monotonic()
         host, port = router_url.removeprefix("http://").split(":")
         load = Load(host, int(port), began, began + setting.minutes * 60)
@@ -680,12 +712,11 @@ def summarize(samples: list[dict], outcomes: list[Outcome], setting: Setting) ->
         raise ValueError(f"{len(after)} sample(s) after the warm-up ({setting.warmup_s} s): "
                          f"run longer or warm up less")
     first, last = after[0], samples[-1]
-    rss_first = {p["pid"]: p for p in first["processes"]}
-    rss_growth = {f"{p['name']} ({p['pid']})": round(p["rss_bytes"] / rss_first[p["pid"]][
-        "rss_bytes"] - 1, 4) for p in last["processes"] if p["pid"] in rss_first}
+    rss_growth = growth(first, last, "anon_bytes")
     ttfts = [o.ttft_s for o in outcomes if o.ok and o.ttft_s is not None]
     return {
         "rss_growth": max(rss_growth.values()), "rss_growth_by_process": rss_growth,
+        "rss_with_files_growth_by_process": growth(first, last, "rss_bytes"),
         "rss_from_s": first["t_s"], "fd_growth": last["fds"] - first["fds"],
         "thread_growth": last["threads"] - first["threads"],
         "failed_requests": sum(not o.ok for o in outcomes),
@@ -699,6 +730,13 @@ def summarize(samples: list[dict], outcomes: list[Outcome], setting: Setting) ->
         "ttft_p99_s": round(percentile(ttfts, 0.99), 4) if ttfts else None,
         "targets": {**TARGETS, "rss_growth": setting.rss_bound},
     }
+
+
+def growth(first: dict, last: dict, key: str) -> dict[str, float]:
+    """``key`` of each process in both samples: last / first - 1."""
+    before = {p["pid"]: p[key] for p in first["processes"]}
+    return {f"{p['name']} ({p['pid']})": round(p[key] / before[p["pid"]] - 1, 4)
+            for p in last["processes"] if before.get(p["pid"])}
 
 
 def hit_rate_by_minute(outcomes: list[Outcome]) -> list[float | None]:
@@ -746,10 +784,10 @@ def plot(report: dict, path: str) -> None:
     figure, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
     pids = {p["pid"]: p["name"] for s in samples for p in s["processes"]}
     for pid, name in pids.items():
-        rss = [next((p["rss_bytes"] / 2**20 for p in s["processes"] if p["pid"] == pid), None)
-               for s in samples]
+        rss = [next((p["anon_bytes"] / 2**20 for p in s["processes"] if p["pid"] == pid),
+                    None) for s in samples]
         axes[0][0].plot(t, rss, marker=".", label=f"{name} ({pid})")
-    axes[0][0].set(ylabel="RSS (MiB)", title="engine processes' RSS")
+    axes[0][0].set(ylabel="MiB", title="engine processes' RSS (anonymous: RssAnon)")
     axes[0][0].legend(fontsize=7)
     axes[0][1].plot(t, [s["fds"] for s in samples], marker=".", label="open fds")
     axes[0][1].plot(t, [s["threads"] for s in samples], marker=".", label="threads")
