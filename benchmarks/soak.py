@@ -189,7 +189,7 @@ def start_engine(workdir: Path, model: Path, redis_url: str, budgets: Budgets,
                "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096",
                "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
                "--disable-uvicorn-access-log", "--kv-transfer-config", json.dumps(transfer)]
-    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "0.5", **ONE_THREAD,
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", **ONE_THREAD,
            AUTH_ENV: "soak-" + "k" * 40, "PYTHONPATH": str(ROOT), **extra_env}
     log = workdir / "engine.log"
     process = spawn(command, log, env)
