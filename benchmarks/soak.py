@@ -29,7 +29,7 @@ each tier's bytes against its budget (the disk tier's files counted on disk too;
 interval, the interval's p50 / p99 TTFT (streamed requests: request sent -> first piece) and
 the errors. Targets (``TARGETS``), printed with met / missed; exit 1 if one is missed:
 
-- ``rss_growth`` = last sample / first sample at or after ``--warmup-s`` - 1, per engine
+- ``rss_growth`` = last sample / first sample after the warm-up - 1, per engine
   process, the largest: <= 0.05. Of RssAnon, the process's own memory: plain RSS also counts
   the libraries' file pages, which the kernel drops and reads back as the machine's other
   processes need memory (on a shared machine RSS fell below its start that way);
@@ -38,7 +38,11 @@ the errors. Targets (``TARGETS``), printed with met / missed; exit 1 if one is m
 - ``failed_requests`` (an error status, a broken or unfinished stream, a missing answer): 0;
 - ``budget_overruns`` (samples where a tier, or the session pins, held more than its budget;
   Redis may hold one chunk over ``maxmemory``: it evicts before a write, not during it): 0;
-- ``tiers_without_evictions``: 0 (else the budgets did not bite and the run proves less).
+- ``tiers_without_evictions``, ``tiers_never_loaded_from``: 0 (else the budgets did not bite,
+  or a tier's read path never ran, and the run proves less).
+
+The warm-up ends at the first sample at or after ``--warmup-s`` by which every tier has evicted
+and served a load (every path has run once: buffers and lazily started threads exist).
 
 ``hit_rate_by_minute``: cached / prompt tokens (vLLM's ``usage``) of the requests finished in
 each minute.
@@ -91,16 +95,19 @@ SCRAPE_TIMEOUT_S, SCRAPE_TRIES = 30.0, 3
 # cores wait for each other at every barrier), and a soak is about growth, not speed.
 ONE_THREAD = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 TARGETS = {"rss_growth": 0.05, "fd_growth": 0, "thread_growth": 0, "failed_requests": 0,
-           "budget_overruns": 0, "tiers_without_evictions": 0}  # each: the most allowed
+           "budget_overruns": 0, "tiers_without_evictions": 0,
+           "tiers_never_loaded_from": 0}  # each: the most allowed
 
 
 @dataclass(frozen=True)
 class Budgets:
-    """Each tier's budget: a few chunks of SmolLM2's fp32 KV (11.8 MB a chunk)."""
+    """Each tier's budget: a few chunks of SmolLM2's fp32 KV (11.8 MB a chunk), each tier larger
+    than the one above it, so each serves loads (a tier smaller than the one above only holds
+    chunks that one holds too, and never serves)."""
 
     cpu_gib: float = 0.1  # 9 chunks
     disk_gib: float = 0.2  # 18 chunks
-    redis_mb: int = 160  # 13 chunks
+    redis_mb: int = 360  # 30 chunks
     pins_fraction: float = 0.5  # of the CPU tier, all sessions together
     session_pin_gib: float = 0.03  # 2 chunks a session
     sessions_expiration_s: float = 60.0
@@ -546,19 +553,22 @@ def files_bytes(folder: Path) -> int:
 
 
 def tiers(watched: Watched, metrics: dict[str, float]) -> dict[str, dict]:
-    """Each tier's bytes, budget and evictions so far."""
+    """Each tier's bytes, budget, evictions and tokens loaded from it so far."""
     budgets = watched.budgets
     info = watched.redis.client().info()
     return {
         "cpu": {"used_bytes": metrics.get("tier_used_bytes.cpu", 0.0),
                 "budget_bytes": budgets.cpu_gib * GIB,
-                "evictions": metrics.get("tier_evictions_total.cpu", 0.0)},
+                "evictions": metrics.get("tier_evictions_total.cpu", 0.0),
+                "loaded_tokens": metrics.get("tier_loaded_tokens_total.cpu", 0.0)},
         "disk": {"used_bytes": metrics.get("tier_used_bytes.disk", 0.0),
                  "on_disk_bytes": files_bytes(watched.disk_dir),
                  "budget_bytes": budgets.disk_gib * GIB,
-                 "evictions": metrics.get("tier_evictions_total.disk", 0.0)},
+                 "evictions": metrics.get("tier_evictions_total.disk", 0.0),
+                 "loaded_tokens": metrics.get("tier_loaded_tokens_total.disk", 0.0)},
         "redis": {"used_bytes": info["used_memory"], "budget_bytes": info["maxmemory"],
-                  "evictions": info["evicted_keys"]},
+                  "evictions": info["evicted_keys"],  # the connector names this tier remote
+                  "loaded_tokens": metrics.get("tier_loaded_tokens_total.remote", 0.0)},
     }
 
 
@@ -705,12 +715,14 @@ def run(setting: Setting, mix: Mix, budgets: Budgets, model: Path, vllm_python: 
 
 
 def summarize(samples: list[dict], outcomes: list[Outcome], setting: Setting) -> dict:
-    """The targets' figures: growth from the first sample at or after the warm-up to the
-    last, the failures, the overruns, the tiers that never evicted, the hit rate by minute."""
-    after = [s for s in samples if s["t_s"] >= setting.warmup_s]
+    """The targets' figures: growth from the first sample after the warm-up to the last, the
+    failures, the overruns, the tiers that never evicted or served, the hit rate by minute.
+    The warm-up ends at ``warmup_s`` once every tier has evicted and served a load: every path
+    has run (its buffers and lazily started threads, e.g. the slower tiers' readers, exist)."""
+    after = [s for s in samples if s["t_s"] >= setting.warmup_s and warm(s)]
     if len(after) < 2:
-        raise ValueError(f"{len(after)} sample(s) after the warm-up ({setting.warmup_s} s): "
-                         f"run longer or warm up less")
+        raise ValueError(f"{len(after)} sample(s) after the warm-up ({setting.warmup_s} s, "
+                         f"every tier evicted and loaded from): run longer or warm up less")
     first, last = after[0], samples[-1]
     rss_growth = growth(first, last, "anon_bytes")
     ttfts = [o.ttft_s for o in outcomes if o.ok and o.ttft_s is not None]
@@ -722,6 +734,8 @@ def summarize(samples: list[dict], outcomes: list[Outcome], setting: Setting) ->
         "failed_requests": sum(not o.ok for o in outcomes),
         "budget_overruns": sum(len(s["overruns"]) for s in samples),
         "tiers_without_evictions": [n for n, t in last["tiers"].items() if not t["evictions"]],
+        "tiers_never_loaded_from": [n for n, t in last["tiers"].items()
+                                    if not t["loaded_tokens"]],
         "hit_rate_by_minute": hit_rate_by_minute(outcomes),
         "requests": {kind: sum(o.kind == kind for o in outcomes)
                      for kind in ("session", "rag", "oneoff")},
@@ -730,6 +744,11 @@ def summarize(samples: list[dict], outcomes: list[Outcome], setting: Setting) ->
         "ttft_p99_s": round(percentile(ttfts, 0.99), 4) if ttfts else None,
         "targets": {**TARGETS, "rss_growth": setting.rss_bound},
     }
+
+
+def warm(sample: dict) -> bool:
+    """Every tier has evicted and served a load by this sample."""
+    return all(t["evictions"] and t["loaded_tokens"] for t in sample["tiers"].values())
 
 
 def growth(first: dict, last: dict, key: str) -> dict[str, float]:
