@@ -277,7 +277,7 @@ class TestRedisFaults:
         assert after.token_ids == cold[0].token_ids
         levels = rig.engine.metrics()
         assert levels.get("pinned_requests") == 0, levels
-        assert levels.get("staging_busy") == 0, levels
+        assert levels.get("staging_bytes") == 0, levels
 
 
 # ---------------------------------------------------------------------- disk

@@ -18,8 +18,9 @@ per interval (``emf_metrics``; ``emf.py`` makes the line).
     <event>.<tier> for each event of ``TIER_EVENTS``                   (every rank)
   gauges, the latest value per rank, summed over ranks by ``reduce``:
     used_bytes.<tier>.r<rank>
-    pinned_requests.r<rank>     (requests whose lookup pins chunks on the rank, not yet loaded)
-    staging_busy.r<rank>        (staging buffers in use; 0 when idle, else a leak)
+    pinned_bytes.r<rank>     (bytes the open sessions pin in the CPU tier)
+    staging_bytes.r<rank>    (bytes of staging buffers in use; 0 when nothing is in flight)
+    pinned_requests.r<rank>  (requests holding a pin; 0 when nothing is in flight)
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 # Tier events counted by the engine (metrics.TierCounters), passed on as deltas.
 TIER_EVENTS = ("errors", "corrupt", "forged", "dropped", "evictions", "rejected", "promoted")
 GAUGE_PREFIX = "used_bytes."
-IN_FLIGHT_GAUGES = ("pinned_requests", "staging_busy")  # each <name>.r<rank>
-GAUGE_PREFIXES = (GAUGE_PREFIX, *(f"{name}." for name in IN_FLIGHT_GAUGES))
+# Levels beside the tiers' (not per tier): what a long run watches for leaks.
+LEVELS = ("pinned_bytes", "staging_bytes", "pinned_requests")
+GAUGE_PREFIXES = (GAUGE_PREFIX, *(f"{level}." for level in LEVELS))
 GIB = float(1 << 30)
 
 
@@ -85,7 +87,7 @@ class LMCacheExtStats(KVConnectorStats):
         }
         for tier, used in used_bytes(d).items():
             out[f"used_gib.{tier}"] = round(used / GIB, 3)
-        out.update(in_flight(d))
+        out.update(levels(d))
         for name, value in sorted(d.items()):
             if name.split(".")[0] in TIER_EVENTS + ("loaded_tokens", "stored_tokens") and \
                     "." in name:
@@ -159,13 +161,13 @@ def used_bytes(data: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def in_flight(data: Mapping[str, Any]) -> dict[str, int]:
-    """Each of ``IN_FLIGHT_GAUGES`` summed over the ranks' latest values (absent: none sent)."""
-    out: dict[str, int] = {}
+def levels(data: Mapping[str, Any]) -> dict[str, float]:
+    """Each of ``LEVELS``, summed over the ranks' latest gauges (absent: not reported yet)."""
+    out: dict[str, float] = {}
     for name, value in data.items():
-        gauge = name.rsplit(".", 1)[0]
-        if gauge in IN_FLIGHT_GAUGES:
-            out[gauge] = out.get(gauge, 0) + int(value)
+        level = name.rsplit(".", 1)[0]
+        if level in LEVELS:
+            out[level] = out.get(level, 0) + value
     return out
 
 
@@ -194,7 +196,7 @@ _EMF_PER_TIER = {"loaded_tokens": "LoadedTokens", "stored_tokens": "StoredTokens
 def emf_metrics(data: Mapping[str, float]) -> dict[str, tuple[float, str]]:
     """An interval's figures as EMF metrics: the totals (always, 0 when nothing happened),
     HitRate in percent of the prompt tokens looked up, per tier ``<Metric>.<tier>``, and the
-    in-flight levels (``PinnedRequests``, ``StagingBusy``) once a rank has sent them."""
+    levels (``PinnedBytes``, ``StagingBytes``, ``PinnedRequests``) once a rank has sent them."""
     out: dict[str, tuple[float, str]] = {}
     lookups = data.get("lookup_tokens", 0)
     out["HitRate"] = (round(100 * data.get("hit_tokens", 0) / lookups, 3) if lookups else 0.0,
@@ -207,8 +209,9 @@ def emf_metrics(data: Mapping[str, float]) -> dict[str, tuple[float, str]]:
             out[f"{_EMF_PER_TIER[event]}.{tier}"] = (float(value), "Count")
     for tier, used in used_bytes(dict(data)).items():
         out[f"UsedBytes.{tier}"] = (float(used), "Bytes")
-    for name, level in in_flight(data).items():
-        out["".join(part.capitalize() for part in name.split("_"))] = (float(level), "Count")
+    for name, level in levels(data).items():
+        unit = "Count" if name == "pinned_requests" else "Bytes"
+        out["".join(part.capitalize() for part in name.split("_"))] = (float(level), unit)
     return out
 
 
@@ -233,10 +236,10 @@ class LMCacheExtPromMetrics(KVConnectorPromMetrics):
         self._used = self._gauge_cls(name="vllm:lmcache_ext_tier_used_bytes",
                                      documentation="Bytes held by the tier, all ranks.",
                                      labelnames=tier_labels, multiprocess_mode="mostrecent")
-        self._in_flight = {
-            name: self._gauge_cls(name=f"vllm:lmcache_ext_{name}", documentation=text,
-                                  labelnames=list(labelnames), multiprocess_mode="mostrecent")
-            for name, text in PROM_IN_FLIGHT.items()}
+        self._levels = {
+            level: self._gauge_cls(name=f"vllm:lmcache_ext_{level}", documentation=text,
+                                   labelnames=list(labelnames), multiprocess_mode="mostrecent")
+            for level, text in PROM_LEVELS.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = [str(v) for v in self.per_engine_labelvalues.get(engine_idx, [])]
@@ -248,8 +251,8 @@ class LMCacheExtPromMetrics(KVConnectorPromMetrics):
                 self._tier_counters[event].labels(*labels, tier).inc(value)
         for tier, used in used_bytes(transfer_stats_data).items():
             self._used.labels(*labels, tier).set(used)
-        for name, value in in_flight(transfer_stats_data).items():
-            self._in_flight[name].labels(*labels).set(value)
+        for level, value in levels(transfer_stats_data).items():
+            self._levels[level].labels(*labels).set(value)
 
 
 def metric_name(name: str) -> str:
@@ -270,11 +273,13 @@ PROM_TOTALS = {
     "failed_saves": "Saves that failed (skipped), all ranks.",
     "lookup_timeouts": "Lookups a worker rank did not answer in time (served as misses).",
 }
-PROM_IN_FLIGHT = {
-    "pinned_requests": "Requests whose looked-up chunks are pinned, awaiting their load, all "
-                       "ranks (one that never drops to 0 when idle is a leak).",
-    "staging_busy": "Staging buffers in use, all ranks (0 when idle).",
+PROM_LEVELS = {
+    "pinned_bytes": "Bytes the open sessions pin in the CPU tier, all ranks.",
+    "staging_bytes": "Bytes of staging buffers in use, all ranks.",
+    "pinned_requests": "Requests holding a pin on their chunks, awaiting their load, all ranks "
+                       "(one that stays above 0 while idle is a leak).",
 }
+assert set(PROM_LEVELS) == set(LEVELS)
 PROM_PER_TIER = {
     "loaded_tokens": "Tokens loaded from the tier (rank 0's count).",
     "stored_tokens": "Tokens stored into the tier (rank 0's count, from bytes).",

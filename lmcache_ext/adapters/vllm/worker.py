@@ -102,7 +102,7 @@ class WorkerSide:
         self.timer = ForwardTimer(torch.device("cpu"), engine.config.chunk_size)
         self._tier_totals: dict[str, float] = {}
         self._tier_sampled = 0.0
-        self._in_flight_sent: dict[str, int] = {}  # the in-flight gauges' last values sent
+        self._levels_sent: dict[str, int] = {}  # the levels' last values sent
         config = engine.config
         self.sessions = (WorkerSessions(engine, config.sessions_expiration_s)
                          if config.enable_stateful_sessions else None)
@@ -179,22 +179,25 @@ class WorkerSide:
         tokens, seconds = self.timer.take()
         self.tally.add("forward_tokens", tokens)
         self.tally.add("forward_s", seconds)
-        self._sample_in_flight()
+        self._sample_levels()
         now = time.monotonic()
         if self.tally.moved or now - self._tier_sampled >= TIER_SAMPLE_S:
             self._tier_sampled, self.tally.moved = now, False
             self._sample_tiers()
         return self.tally.take()
 
-    def _sample_in_flight(self) -> None:
-        """Pins awaiting their load and staging buffers in use, sent when they change (a level
-        that stays above 0 while the engine idles is a leak)."""
+    def _sample_levels(self) -> None:
+        """Session pins, staging buffers in use and requests holding pins (``stats.LEVELS``),
+        sent when they change (a level above 0 while the engine idles is a leak)."""
         staging = self.kv.staging
-        levels = {f"pinned_requests.r{self.rank}": len(self.pins),
-                  f"staging_busy.r{self.rank}": staging.count - staging.free() if staging else 0}
-        for name, value in levels.items():
-            if self._in_flight_sent.get(name) != value:
-                self._in_flight_sent[name] = value
+        in_use = 0 if staging is None else \
+            (staging.count - staging.free()) * staging.allocated_bytes // max(staging.count, 1)
+        pinned = self.sessions.pins.pinned_bytes() if self.sessions is not None else 0
+        for level, value in (("pinned_bytes", pinned), ("staging_bytes", in_use),
+                             ("pinned_requests", len(self.pins))):
+            name = f"{level}.r{self.rank}"
+            if self._levels_sent.get(name) != value:
+                self._levels_sent[name] = value
                 self.tally.set_gauge(name, value)
 
     def _sample_tiers(self) -> None:

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
 
 from lmcache_ext.adapters.vllm.connector import LMCacheExtConnector
-from lmcache_ext.adapters.vllm.stats import emf_metrics
+from lmcache_ext.adapters.vllm.stats import LEVELS, emf_metrics
 from tests.adapters.vllm.rig import make_request, step
 from tests.adapters.vllm.test_connector import LAYOUTS, PROMPT_A, PROMPT_B, rig_for, save_prompt_a
 from tests.test_emf import verify_emf
@@ -85,13 +85,39 @@ def test_pins_and_staging_in_use_are_gauges_that_return_to_zero(tmp_path, layout
     idle = worker.take_stats().data
     assert idle["pinned_requests.r0"] == 0
     levels = summed([*rig.stats_payloads, pinned, idle])  # levels are sent when they change
-    assert levels["pinned_requests.r0"] == 0 and levels["staging_busy.r0"] == 0
+    assert levels["pinned_requests.r0"] == 0 and levels["staging_bytes.r0"] == 0
     again = worker.take_stats()  # nothing changed: not sent again
     assert again is None or "pinned_requests.r0" not in again.data
-    total = summed([{"pinned_requests.r0": 2, "staging_busy.r0": 1},
+    total = summed([{"pinned_requests.r0": 2, "staging_bytes.r0": 1},
                     {"pinned_requests.r1": 1, "pinned_requests.r0": 0}])
     assert LMCacheExtConnector.build_kv_connector_stats(total).reduce()["pinned_requests"] == 1
     assert emf_metrics(total)["PinnedRequests"] == (1.0, "Count")
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_levels_reach_metrics_as_the_latest_value_summed_over_ranks(tmp_path, layout, backend):
+    """Session pins, staging buffers in use and requests holding pins (what a long run watches
+    for leaks) come with every tier sample; a later value replaces an earlier one (a level,
+    not a count), and /metrics sums the ranks' latest."""
+    rig = rig_for(tmp_path, layout, backend)
+    save_a_then_load_b(rig, backend)
+    data = summed(rig.stats_payloads)
+    assert {f"{level}.r0" for level in LEVELS} <= set(data)
+    assert data["pinned_bytes.r0"] == 0  # no session here
+    assert summed([{"pinned_requests.r0": 2, "staging_bytes.r0": 9},
+                   {"pinned_requests.r0": 0, "staging_bytes.r0": 4}]) == \
+        {"pinned_requests.r0": 0, "staging_bytes.r0": 4}
+    registry = CollectorRegistry()
+    types = {kind: functools.partial(kind, registry=registry)
+             for kind in (Counter, Gauge, Histogram)}
+    prom = LMCacheExtConnector.build_prom_metrics(rig.scheduler.vllm_config, types,
+                                                  ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe({"pinned_requests.r0": 3, "pinned_requests.r1": 1, "pinned_bytes.r0": 11}, 0)
+    labels = {"model_name": "m", "engine": "0"}
+    assert registry.get_sample_value("vllm:lmcache_ext_pinned_requests", labels) == 4
+    assert registry.get_sample_value("vllm:lmcache_ext_pinned_bytes", labels) == 11
+    assert registry.get_sample_value("vllm:lmcache_ext_tier_used_bytes",
+                                     {**labels, "tier": "pinned_bytes"}) is None
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
