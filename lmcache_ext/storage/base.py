@@ -75,6 +75,7 @@ class StorageTier(ABC):
     """One tier of the cache (CPU RAM, local disk, a remote store). See the module contract."""
 
     name: str
+    in_memory: bool = False  # a get is a copy-free lookup in RAM (no I/O, no decode)
 
     @abstractmethod
     def contains(self, key: ChunkKey) -> bool: ...
