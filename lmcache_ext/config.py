@@ -119,8 +119,8 @@ TABLE: tuple[ConfigKey, ...] = (
     ConfigKey("local_disk_auth_previous_key_env", str, None,
               "Like remote_auth_previous_key_env, for the disk tier.", nullable=True),
     ConfigKey("local_disk_codec", str, "raw",
-              "How the disk tier encodes chunks: raw, int8 (~1.9x smaller, lossy) or int4 "
-              "(~3.2x smaller, lossy); any reader loads all three.", choices=CHUNK_CODECS),
+              "How the disk tier encodes chunks: raw, int8 (~1.75x smaller, lossy) or int4 "
+              "(~2.8x smaller, lossy); any reader loads all three.", choices=CHUNK_CODECS),
     ConfigKey("local_disk_encryption_key_env", str, None,
               "Like remote_encryption_key_env, for the disk tier; null = files in the clear.",
               nullable=True),
@@ -150,8 +150,8 @@ TABLE: tuple[ConfigKey, ...] = (
     ConfigKey("remote_ttl_s", float, 0.0, "Expiry of stored values; 0 = none (the server's "
               "maxmemory policy evicts).", "s", check=_non_negative),
     ConfigKey("remote_serde", str, "naive",
-              "How the shared tier encodes chunks: naive (raw KV), int8 (~1.9x smaller, lossy) "
-              "or int4 (~3.2x smaller, lossy); cachegen is read as int4. Any reader loads all "
+              "How the shared tier encodes chunks: naive (raw KV), int8 (~1.75x smaller, lossy) "
+              "or int4 (~2.8x smaller, lossy); cachegen is read as int4. Any reader loads all "
               "three.", choices=("naive", "int8", "int4")),
     ConfigKey("remote_encryption_key_env", str, None,
               "Name of an env var holding a secret (>= 32 bytes) that encrypts every chunk in "

@@ -5,8 +5,9 @@ with (named in the chunk header), whether the value is sealed (encrypted), and h
 stage can read back into KV. Reading does not depend on the codec the reader writes with: a raw
 chunk loads in a tier configured for ``int4`` and the reverse, because the header names the
 codec. A codec id this reader does not know is ``ChunkUnknownCodec`` (a counted miss, never a
-guess). Registry: ``CODECS`` by name, ``CODEC_IDS`` by header id; ``raw`` (id 0) is the KV's own
-bytes.
+guess). Registry: ``CODECS`` by name (what a config selects), ``CODEC_IDS`` by header id (what a
+reader decodes: these and the ``LEGACY`` layouts of ids 1 and 2 that earlier versions wrote as
+``int8`` / ``int4``); ``raw`` (id 0) is the KV's own bytes.
 """
 
 from __future__ import annotations
@@ -28,17 +29,26 @@ from lmcache_ext.chunk import (
     encode_header,
     payload_view,
 )
-from lmcache_ext.codecs.quantize import INT4, INT8, CodecUnfit, GroupQuantCodec
+from lmcache_ext.codecs.quantize import (
+    INT4,
+    INT8,
+    LEGACY,
+    Codec,
+    CodecUnfit,
+    GroupQuantCodec,
+    KVQuantCodec,
+)
 from lmcache_ext.codecs.seal import SEAL_OVERHEAD, ChunkSealer, is_sealed
 from lmcache_ext.keys import ChunkKey
 
-__all__ = ["CODECS", "CODEC_IDS", "ChunkSealer", "ChunkStage", "CodecUnfit", "GroupQuantCodec",
-           "RAW"]
+__all__ = ["CODECS", "CODEC_IDS", "ChunkSealer", "ChunkStage", "Codec", "CodecUnfit",
+           "GroupQuantCodec", "KVQuantCodec", "RAW"]
 
 RAW = "raw"
-CODECS: dict[str, GroupQuantCodec | None] = {RAW: None, INT8.name: INT8, INT4.name: INT4}
-CODEC_IDS: dict[int, GroupQuantCodec] = {c.id: c for c in CODECS.values() if c is not None}
-assert RAW_CODEC not in CODEC_IDS
+CODECS: dict[str, Codec | None] = {RAW: None, INT8.name: INT8, INT4.name: INT4}
+# What a reader decodes: the codecs written now and the layouts earlier versions wrote.
+CODEC_IDS: dict[int, Codec] = {c.id: c for c in (*CODECS.values(), *LEGACY) if c is not None}
+assert RAW_CODEC not in CODEC_IDS and len(CODEC_IDS) == len(CODECS) - 1 + len(LEGACY)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class StorageTier(ABC):
     # ``contains`` / ``prefix_length`` answer from this process's memory (no I/O, no network),
     # so they may be asked on a serving engine's step thread.
     local_index: bool = True
+    in_memory: bool = False  # a get is a copy-free lookup in RAM (no I/O, no decode)
 
     @abstractmethod
     def contains(self, key: ChunkKey) -> bool: ...

@@ -40,6 +40,7 @@ class CPUTier(StorageTier):
     """The fast tier. Thread-safe; ``put`` and ``get`` never block on anything but a short lock."""
 
     name = "cpu"
+    in_memory = True
 
     def __init__(self, budget_bytes: int, counters: TierCounters | None = None):
         self._pool = BufferPool(budget_bytes)

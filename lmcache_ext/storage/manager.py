@@ -41,10 +41,13 @@ class TieredStore:
             WriteBehind(tier, self._counters[tier.name], write_behind_queue_chunks)
             for tier in self.tiers[1:]
         ]
-        # Slower tiers block on I/O: one request's chunks are read on these threads so the reads
-        # overlap (a disk serves several reads in flight faster than one after another).
+        # Slower tiers block on I/O and decode: one request's chunks are read on these threads so
+        # the reads overlap each other and the decode of the chunks before them (a disk serves
+        # several reads in flight faster than one after another). Tiers before ``_inline`` (RAM)
+        # are read on the caller's thread.
+        self._inline = 1 if self.tiers[0].in_memory else 0
         self._readers = (ThreadPoolExecutor(read_threads, thread_name_prefix="tier-read")
-                         if len(self.tiers) > 1 and read_threads > 1 else None)
+                         if len(self.tiers) > self._inline and read_threads > 1 else None)
         self._read_ahead = max(1, read_threads)
         self._read_bytes_per_s = {t.name: RunningAverage(SPEED_EWMA_WEIGHT) for t in self.tiers}
 
@@ -108,14 +111,15 @@ class TieredStore:
 
     def _read_ahead_into(self, pending: deque, keys: Iterator[ChunkKey]) -> None:
         """Start gets until ``read_ahead`` are pending (bounding the leases held ahead of the
-        caller); first-tier hits are taken inline, the rest go to the reader threads."""
+        caller); in-memory first-tier hits are taken inline, the rest go to the reader threads."""
+        inline = self._inline
         while len(pending) < self._read_ahead and (key := next(keys, None)) is not None:
-            lease = self._get_from(key, 0, last=0)
+            lease = self._get_from(key, 0, last=inline - 1) if inline else None
             if lease is None and self._readers is not None:
-                pending.append(self._readers.submit(self._get_from, key, 1))
+                pending.append(self._readers.submit(self._get_from, key, inline))
                 continue
             future: Future[ChunkLease | None] = Future()
-            future.set_result(lease if lease is not None else self._get_from(key, 1))
+            future.set_result(lease if lease is not None else self._get_from(key, inline))
             pending.append(future)
 
     def _get_from(self, key: ChunkKey, first: int, last: int | None = None) -> ChunkLease | None:

@@ -24,6 +24,8 @@ def test_the_smallest_setting_gives_every_figure_for_each_codec():
                 "decode_gbps"} <= set(figures), name
         assert -0.5 < figures["ppl_delta"] < 0.5 and 0 <= figures["greedy_agreement"] <= 1
         assert figures["encode_gbps"] > 0 and figures["decode_gbps"] > 0
-    assert result["codecs"]["int8"]["bytes_ratio"] > 1.8
-    assert result["codecs"]["int4"]["bytes_ratio"] > 3.0
+    assert result["codecs"]["int8"]["bytes_ratio"] > 1.7
+    assert result["codecs"]["int4"]["bytes_ratio"] > 2.8
     assert result["encrypted_get_vs_raw"] > 0
+    assert set(result["legacy_speed"]) == {"int8-v1", "int4-v1"}
+    assert all(f["decode_gbps_float32"] > 0 for f in result["legacy_speed"].values())

@@ -56,7 +56,7 @@ def test_each_codec_round_trips_and_stores_that_many_bytes(place, codec):
         assert version == 3 and stored[FIELDS_SIZE] == CODECS[codec].id
         length = HEADER_SIZE + CODECS[codec].encoded_size(meta)
         assert stored[:length] == stored.rstrip(b"\0")[:length] and len(stored) >= length
-        assert meta.nbytes / CODECS[codec].encoded_size(meta) >= (1.8 if codec == "int8" else 3)
+        assert meta.nbytes / CODECS[codec].encoded_size(meta) >= (1.7 if codec == "int8" else 2.8)
 
 
 @pytest.mark.parametrize("writer,reader", [("raw", "int4"), ("int4", "raw"), ("int8", "int4")])
@@ -93,11 +93,11 @@ def test_an_encoded_payload_of_the_wrong_length_is_a_counted_miss(place):
 
 
 def test_kv_a_codec_cannot_describe_is_stored_raw_and_bit_exact(place):
-    """Scenario: KV with values float16 scales cannot hold (or short chunks the codec would
-    make larger): stored raw, which every reader reads exactly."""
+    """Scenario: KV with an inf (no codec describes it; a huge finite value is an exact outlier)
+    or short chunks the codec would make larger: stored raw, which every reader reads exactly."""
     tier = place.tier("int4")
     wide = kv(1).float()
-    wide[0, 0, 0, 0, 0] = -1e6
+    wide[0, 0, 0, 0, 0] = float("inf")
     short = kv(2, tokens=1)
     for n, value in ((1, wide), (2, short)):
         assert tier.put(key(n), Chunk(value))

@@ -250,6 +250,22 @@ def test_one_requests_chunks_are_read_from_disk_in_parallel(tmp_path):
     store.close()
 
 
+def test_a_disk_only_store_reads_one_requests_chunks_in_parallel_too(tmp_path):
+    """Scenario: no CPU tier in front (a disk- or Redis-only config): the chunks are still read
+    ahead on the reader threads, so a fetch overlaps the decode of the chunk before."""
+    metrics = EngineMetrics()
+    disk = BarrierDisk(str(tmp_path), 64 * FILE_BYTES, NAMESPACE, True, metrics.for_tier("disk"))
+    for n in range(8):
+        disk.put(key(n), chunk(n))
+    store = TieredStore([disk], metrics, read_threads=4)
+    with closing(store.get_prefix([key(n) for n in range(8)])) as leases:
+        for n, lease in enumerate(leases):
+            with lease:
+                verify_chunk(lease.chunk, n)
+    assert metrics.value("tier_hits_total", tier="disk") == 8
+    store.close()
+
+
 def test_a_prefix_read_stops_at_the_first_miss_and_releases_what_it_read_ahead(tmp_path):
     metrics = EngineMetrics()
     cpu = CPUTier(2 * CHUNK_BYTES, metrics.for_tier("cpu"))
