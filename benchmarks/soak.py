@@ -60,7 +60,6 @@ import json
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -81,6 +80,7 @@ from multi_round import percentile, text_of  # noqa: E402
 
 from lmcache_ext.adapters.session_params import with_session  # noqa: E402
 from lmcache_ext.sessions.protocol import new_session_id  # noqa: E402
+from lmcache_ext.testing.process_group import stop_group  # noqa: E402
 from lmcache_ext.testing.redis_server import RedisServer, free_port  # noqa: E402
 from lmcache_ext.testing.vllm_engine import CONNECTOR, default_model_dir  # noqa: E402
 from lmcache_ext.units import GIB  # noqa: E402
@@ -174,16 +174,15 @@ def wait_for_ping(url: str, process: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"{url} not up in {START_TIMEOUT_S:.0f} s ({log})")
 
 
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group, SIGKILL after 30 s."""
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+def serve(command: list[str], log: Path, env: dict[str, str], url: str) -> subprocess.Popen:
+    """Start a server and wait until ``url`` answers its ping (stopped again if it never does)."""
+    process = spawn(command, log, env)
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        wait_for_ping(url, process, log)
+    except BaseException:
+        stop_group(process)
+        raise
+    return process
 
 
 def start_engine(workdir: Path, model: Path, redis_url: str, budgets: Budgets,
@@ -198,30 +197,16 @@ def start_engine(workdir: Path, model: Path, redis_url: str, budgets: Budgets,
                "--disable-uvicorn-access-log", "--kv-transfer-config", json.dumps(transfer)]
     env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", **ONE_THREAD,
            AUTH_ENV: "soak-" + "k" * 40, "PYTHONPATH": str(ROOT), **extra_env}
-    log = workdir / "engine.log"
-    process = spawn(command, log, env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_ping(url, process, log)
-    except BaseException:
-        stop(process)
-        raise
-    return process, url
+    return serve(command, workdir / "engine.log", env, url), url
 
 
 def start_router(workdir: Path, engine_url: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "lmcache_ext.cli", "route", "--backend", engine_url,
                "--port", str(port), "--timeout-s", str(REQUEST_TIMEOUT_S)]
-    log = workdir / "router.log"
-    process = spawn(command, log, {"PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_ping(url, process, log)
-    except BaseException:
-        stop(process)
-        raise
-    return process, url
+    return serve(command, workdir / "router.log", {"PYTHONPATH": str(ROOT)}, url), url
 
 
 # ---------------------------------------------------------------- the users
@@ -707,7 +692,7 @@ def run(setting: Setting, mix: Mix, budgets: Budgets, model: Path, vllm_python: 
         return report
     finally:
         for process in stopping:
-            stop(process)
+            stop_group(process)
         redis.stop()
 
 

@@ -49,7 +49,6 @@ import json
 import os
 import platform
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -57,13 +56,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lmcache_ext.testing.process_group import stop_group  # noqa: E402
 from lmcache_ext.testing.redis_server import RedisServer  # noqa: E402
 from lmcache_ext.testing.slow_proxy import SlowProxy  # noqa: E402
 from lmcache_ext.testing.vllm_engine import (  # noqa: E402
@@ -215,14 +215,7 @@ def sidecar(config: Config, log_dir: Path) -> Iterator[None]:
             time.sleep(0.5)
         yield
     finally:
-        with suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server, grace_s=20)
         log.close()
 
 

@@ -75,15 +75,7 @@ class GroupQuantCodec:
     value_group: int
 
     def plan(self, meta: ChunkMeta) -> _Plan:
-        layers, two, tokens, heads, dim = _kv_shape(meta.shape)
-        key_group = max(1, min(self.key_group, tokens))
-        padded = -(-tokens // key_group) * key_group
-        value_group = self.value_group if dim % self.value_group == 0 else dim
-        return _Plan(key_group, padded, value_group,
-                     key_codes=layers * padded * heads * dim,
-                     key_groups=layers * (padded // key_group) * heads * dim,
-                     value_codes=layers * tokens * heads * dim,
-                     value_groups=layers * tokens * heads * (dim // value_group))
+        return _plan(meta, self.key_group, self.value_group)
 
     def encoded_size(self, meta: ChunkMeta) -> int:
         plan = self.plan(meta)
@@ -189,15 +181,7 @@ class KVQuantCodec:
     outliers_per_mille: int = 0
 
     def plan(self, meta: ChunkMeta) -> _Plan:
-        layers, _, tokens, heads, dim = _kv_shape(meta.shape)
-        key_group = max(1, min(self.key_group, tokens))
-        padded = -(-tokens // key_group) * key_group
-        value_group = self.value_group if dim % self.value_group == 0 else dim
-        return _Plan(key_group, padded, value_group,
-                     key_codes=layers * padded * heads * dim,
-                     key_groups=layers * (padded // key_group) * heads * dim,
-                     value_codes=layers * tokens * heads * dim,
-                     value_groups=layers * tokens * heads * (dim // value_group))
+        return _plan(meta, self.key_group, self.value_group)
 
     @property
     def bits(self) -> float:
@@ -384,6 +368,21 @@ def _max_error(kv: torch.Tensor, bits: int) -> float:
     peak = float(kv.float().abs().max())
     span = peak * 2
     return span / ((1 << bits) - 1) * 0.5 + span * 2 ** -10 + peak * 2 ** -7
+
+
+def _plan(meta: ChunkMeta, key_group: int, value_group: int) -> _Plan:
+    """The groups and section lengths of ``meta``'s chunk: ``key_group`` tokens per key scale
+    (fewer if the chunk is shorter), ``value_group`` channels per value scale (the whole head
+    when ``head_dim`` is not a multiple of it)."""
+    layers, _, tokens, heads, dim = _kv_shape(meta.shape)
+    key_group = max(1, min(key_group, tokens))
+    padded = -(-tokens // key_group) * key_group
+    value_group = value_group if dim % value_group == 0 else dim
+    return _Plan(key_group, padded, value_group,
+                 key_codes=layers * padded * heads * dim,
+                 key_groups=layers * (padded // key_group) * heads * dim,
+                 value_codes=layers * tokens * heads * dim,
+                 value_groups=layers * tokens * heads * (dim // value_group))
 
 
 def _kv_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
