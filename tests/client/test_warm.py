@@ -36,6 +36,7 @@ from lmcache_ext.routing.policy import make_policy
 from lmcache_ext.routing.router import Backend, Router
 from lmcache_ext.serving.app import build_endpoint
 from lmcache_ext.testing.session_replica import CUSTOM_ATTRIBUTES, SessionReplica
+from lmcache_ext.testing.slow_proxy import SlowProxy
 from tests.routing.conftest import runtime
 
 CHUNK = 32
@@ -240,13 +241,27 @@ def test_an_interrupted_run_says_what_it_did_and_a_rerun_sends_only_the_rest(end
                                                                                tmp_path):
     """Scenario: Ctrl-C (SIGINT) once a few documents are stored: the command stops sending
     (exit 130) and says how many were done; the same command again skips those and warms the
-    rest, so every document ends warmed once."""
+    rest, so every document ends warmed once. The endpoint sits behind a 50 ms link (each
+    request held that long), so the run lasts seconds whatever the machine's load: the signal
+    comes while it runs, not after a fast run has already finished."""
     count = 60
     docs = folder(tmp_path, "i", count=count)
     template = tmp_path / "template.txt"
     template.write_text(TEMPLATE)
+    host, port = endpoint.server.server_address[:2]
+    link = SlowProxy(host, port, delay_s=0.05).start()
     command = [sys.executable, "-m", "lmcache_ext.cli", "warm", "--docs", str(docs),
-               "--url", endpoint.url, "--template-file", str(template), "--concurrency", "1"]
+               "--url", link.url("http"), "--template-file", str(template),
+               "--concurrency", "1"]
+    try:
+        interrupt_then_rerun(endpoint, command, count)
+    finally:
+        link.stop()
+
+
+def interrupt_then_rerun(endpoint, command: list[str], count: int) -> None:
+    """SIGINT the run once four documents are stored, then rerun it: exit 130 and a summary,
+    then only the rest sent."""
     metrics = endpoint.engine.metrics
     stored = metrics.value("stored_tokens_total")
     # Four documents' chunks stored: at least three answered (one at a time, the fourth may

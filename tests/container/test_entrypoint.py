@@ -78,7 +78,7 @@ EVERY_KEY = {
     "emf_metrics": "true", "emf_interval_s": "30", "emf_namespace": "LMCacheExtTest",
     "enable_stateful_sessions": "false", "sessions_expiration_s": "300",
     "session_pin_max_gib": "0.25", "session_pins_max_fraction": "0.2", "drain_timeout_s": "12",
-    "max_open_sessions": "500",
+    "max_open_sessions": "500", "max_concurrent_lookups": "8",
     "staging_chunks": "2", "async_load": "never", "local_disk_codec": "int8",
     "remote_encryption_key_env": "KV_SEAL", "remote_encryption_previous_key_env": "KV_OLD_SEAL",
     "local_disk_encryption_key_env": "KV_DISK_SEAL",
