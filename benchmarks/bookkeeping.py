@@ -172,6 +172,9 @@ def hit_request(rig: Rig, req_id: str, times: dict[str, list[float]]) -> int:
     timed(times, "alloc", lambda: sched.allocated(req, rig.block_ids, matched))
     meta = timed(times, "meta_build", lambda: sched.build_meta(
         scheduler_output(req_id, rig.block_ids, matched, PROMPT - matched)))
+    # vLLM ships the scheduler's output, our metadata in it, to its worker processes pickled
+    # (shm_broadcast's MessageQueue): this times that round trip of our own in-memory object,
+    # made in this process; no bytes from a file or the network are unpickled.
     meta = timed(times, "meta_codec",
                  lambda: pickle.loads(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)))
     (op,) = meta.loads
