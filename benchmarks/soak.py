@@ -34,7 +34,12 @@ the errors. Targets (``TARGETS``), printed with met / missed; exit 1 if one is m
   the libraries' file pages, which the kernel drops and reads back as the machine's other
   processes need memory (on a shared machine RSS fell below its start that way);
   ``rss_with_files_growth_by_process`` gives plain RSS's;
-- ``fd_growth``, ``thread_growth`` (the engine processes' totals, same two samples): 0;
+- ``fd_growth``, ``thread_growth`` (the engine processes' totals, same two samples): 0. The
+  fds leave out the connections to Redis: the tier's pool opens one the first time that many
+  threads (loads, lookups, write-behind) talk to Redis at once, so a new one can come late in a
+  run without leaking (in a 2.5-minute run the worker went from 3 to 4 at 135 s); they have their
+  own bound, ``redis_connections`` (the most one process holds in any sample): the pool's size,
+  ``MAX_CONNECTIONS``. A leak passes any bound; ``new_fds`` names the kinds of fd that grew;
 - ``failed_requests`` (an error status, a broken or unfinished stream, a missing answer): 0;
 - ``budget_overruns`` (samples where a tier, or the session pins, held more than its budget;
   Redis may hold one chunk over ``maxmemory``: it evicts before a write, not during it): 0;
@@ -80,6 +85,7 @@ from multi_round import percentile, text_of  # noqa: E402
 
 from lmcache_ext.adapters.session_params import with_session  # noqa: E402
 from lmcache_ext.sessions.protocol import new_session_id  # noqa: E402
+from lmcache_ext.storage.remote import MAX_CONNECTIONS  # noqa: E402
 from lmcache_ext.testing.process_group import stop_group  # noqa: E402
 from lmcache_ext.testing.redis_server import RedisServer, free_port  # noqa: E402
 from lmcache_ext.testing.vllm_engine import CONNECTOR, default_model_dir  # noqa: E402
@@ -94,9 +100,9 @@ SCRAPE_TIMEOUT_S, SCRAPE_TRIES = 30.0, 3
 # One compute thread, not bound to a core: the machine is shared (OpenMP threads bound to busy
 # cores wait for each other at every barrier), and a soak is about growth, not speed.
 ONE_THREAD = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
-TARGETS = {"rss_growth": 0.05, "fd_growth": 0, "thread_growth": 0, "failed_requests": 0,
-           "budget_overruns": 0, "tiers_without_evictions": 0,
-           "tiers_never_loaded_from": 0}  # each: the most allowed
+TARGETS = {"rss_growth": 0.05, "fd_growth": 0, "redis_connections": MAX_CONNECTIONS,
+           "thread_growth": 0, "failed_requests": 0, "budget_overruns": 0,
+           "tiers_without_evictions": 0, "tiers_never_loaded_from": 0}  # each: the most allowed
 
 
 @dataclass(frozen=True)
@@ -494,8 +500,40 @@ def engine_processes(pid: int) -> list[dict]:
             out.append({"pid": process.pid, "name": process.name(),
                         "rss_bytes": process.memory_info().rss,
                         "anon_bytes": anon_rss(process.pid), "fds": process.num_fds(),
-                        "threads": process.num_threads()})
+                        "fd_kinds": fd_kinds(process), "threads": process.num_threads()})
     return out
+
+
+def fd_kinds(process) -> dict[str, int]:
+    """What a process's open fds are, counted by kind: a TCP socket by its far end's port (Redis,
+    the server's clients), a Unix socket, a pipe, an anon inode (eventfd, epoll), a file by its
+    folder. When ``fd_growth`` is not 0 the report names the kinds that grew."""
+    import psutil
+
+    kinds: dict[str, int] = {}
+    sockets = {}
+    with suppress(psutil.Error):
+        sockets = {c.fd: c for c in process.net_connections(kind="all") if c.fd >= 0}
+    for fd in Path(f"/proc/{process.pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed while listed
+        number = int(fd.name)
+        if number in sockets and sockets[number].raddr and isinstance(sockets[number].raddr,
+                                                                      tuple):
+            kind = f"tcp to port {sockets[number].raddr[1]}"
+        elif number in sockets and sockets[number].laddr and isinstance(sockets[number].laddr,
+                                                                        tuple):
+            kind = f"tcp listening on {sockets[number].laddr[1]}"
+        elif target.startswith("socket:"):
+            kind = "unix socket" if number in sockets else "socket"
+        elif target.startswith(("pipe:", "anon_inode:")):
+            kind = target.split("[")[0] if target.startswith("pipe:") else target
+        else:
+            kind = str(Path(target).parent)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def anon_rss(pid: int) -> int:
@@ -577,6 +615,9 @@ def take_sample(watched: Watched, t_s: float, quiet: bool, recent: list[Outcome]
     last sample's /metrics (for the interval's hit rate). Returns it and this /metrics."""
     metrics = scrape(watched.engine_url)
     procs = engine_processes(watched.engine_pid)
+    to_redis = f"tcp to port {watched.redis.port}"
+    for process in procs:
+        process["redis_connections"] = process["fd_kinds"].get(to_redis, 0)
     looked = metrics.get("lookup_tokens_total", 0) - previous.get("lookup_tokens_total", 0)
     hits = metrics.get("hit_tokens_total", 0) - previous.get("hit_tokens_total", 0)
     ttfts = [o.ttft_s for o in recent if o.ok and o.ttft_s is not None]
@@ -584,6 +625,7 @@ def take_sample(watched: Watched, t_s: float, quiet: bool, recent: list[Outcome]
         "t_s": round(t_s, 1), "quiet": quiet, "processes": procs,
         "rss_bytes": sum(p["rss_bytes"] for p in procs),
         "anon_bytes": sum(p["anon_bytes"] for p in procs), "fds": sum(p["fds"] for p in procs),
+        "redis_connections": sum(p["redis_connections"] for p in procs),
         "threads": sum(p["threads"] for p in procs), "tiers": tiers(watched, metrics),
         **{level: metrics.get(level, 0.0) for level in
            ("pinned_bytes", "staging_bytes", "pinned_requests")},
@@ -638,7 +680,8 @@ def progress_line(s: dict) -> str:
     used = " ".join(f"{n} {t['used_bytes'] / t['budget_bytes']:.0%}"
                     for n, t in s["tiers"].items())
     return (f"t={s['t_s']:6.0f}s rss={s['rss_bytes'] / 2**20:7.1f}MiB "
-            f"anon={s['anon_bytes'] / 2**20:7.1f}MiB fds={s['fds']} "
+            f"anon={s['anon_bytes'] / 2**20:7.1f}MiB "
+            f"fds={s['fds']} (to redis {s['redis_connections']}) "
             f"threads={s['threads']} {used} pinned={s['pinned_bytes'] / 2**20:.0f}MiB "
             f"hit={s['connector_hit_rate']} p50={s['ttft_p50_s']} p99={s['ttft_p99_s']} "
             f"req={s['requests']} failed={s['failed']} aborted={s['aborted']}"
@@ -714,8 +757,10 @@ def summarize(samples: list[dict], outcomes: list[Outcome], setting: Setting) ->
     return {
         "rss_growth": max(rss_growth.values()), "rss_growth_by_process": rss_growth,
         "rss_with_files_growth_by_process": growth(first, last, "rss_bytes"),
-        "rss_from_s": first["t_s"], "fd_growth": last["fds"] - first["fds"],
+        "rss_from_s": first["t_s"], "fd_growth": fds_but_redis(last) - fds_but_redis(first),
+        "redis_connections": max(p["redis_connections"] for s in samples for p in s["processes"]),
         "thread_growth": last["threads"] - first["threads"],
+        "new_fds": new_fds(first, last),
         "failed_requests": sum(not o.ok for o in outcomes),
         "budget_overruns": sum(len(s["overruns"]) for s in samples),
         "tiers_without_evictions": [n for n, t in last["tiers"].items() if not t["evictions"]],
@@ -729,6 +774,22 @@ def summarize(samples: list[dict], outcomes: list[Outcome], setting: Setting) ->
         "ttft_p99_s": round(percentile(ttfts, 0.99), 4) if ttfts else None,
         "targets": {**TARGETS, "rss_growth": setting.rss_bound},
     }
+
+
+def fds_but_redis(sample: dict) -> int:
+    """The engine processes' open fds less their connections to Redis (a pool, bounded apart)."""
+    return sample["fds"] - sample["redis_connections"]
+
+
+def new_fds(first: dict, last: dict) -> list[str]:
+    """The fd kinds (``fd_kinds``) a process holds more of in ``last`` than in ``first``."""
+    before = {p["pid"]: p["fd_kinds"] for p in first["processes"]}
+    out = []
+    for process in last["processes"]:
+        kinds = before.get(process["pid"], {})
+        out += [f"{process['name']} ({process['pid']}): {n - kinds.get(kind, 0):+d} {kind}"
+                for kind, n in process["fd_kinds"].items() if n > kinds.get(kind, 0)]
+    return out
 
 
 def warm(sample: dict) -> bool:
@@ -773,6 +834,8 @@ def print_report(report: dict) -> None:
     for name, met in verdicts(report).items():
         print(f"  {name:<24} {report[name]!s:<12} target <= {report['targets'][name]}  "
               f"{'met' if met else 'MISSED'}")
+    for fd in report["new_fds"]:
+        print(f"  new fd: {fd}")
     for failure in report["failures"]:
         print(f"  failure: {failure}")
 

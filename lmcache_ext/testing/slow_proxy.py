@@ -6,7 +6,8 @@ Redis and back. Each burst the client sends is held ``delay_s`` before it is pas
 pass at once. ``delay_s`` may be changed while it runs (a link that slows down, then recovers).
 While the target is down, a new connection is closed at once (the client sees it drop) and the
 proxy keeps accepting: a restarted target is reached again. One thread per direction per
-connection; ``stop`` closes everything.
+connection; ``stop`` closes everything. ``accepted`` counts the connections passed on (a test
+can act after the client's Nth request when its client opens one per request).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class SlowProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
+        self.accepted = 0
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._acceptor = threading.Thread(target=self._accept, name="slow-proxy", daemon=True)
@@ -71,6 +73,7 @@ class SlowProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._sockets += [client, server]
+                self.accepted += 1
             threading.Thread(target=self._pump, args=(client, server, True),
                              daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False),
