@@ -51,6 +51,12 @@ class TieredStore:
         self._read_ahead = max(1, read_threads)
         self._read_bytes_per_s = {t.name: RunningAverage(SPEED_EWMA_WEIGHT) for t in self.tiers}
 
+    @property
+    def puts_in_memory(self) -> bool:
+        """A ``put`` returns once the chunk is in RAM (the first tier's; the slower tiers are
+        written behind): it never waits on a disk or the network."""
+        return self.tiers[0].in_memory
+
     def prefix_length(self, keys: Sequence[ChunkKey], local_only: bool = False) -> int:
         """Longest run of ``keys`` from the first that some tier holds (tiers may alternate).
         ``local_only``: ask only the tiers that answer from memory (``local_index``), never the

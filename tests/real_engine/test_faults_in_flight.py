@@ -222,7 +222,9 @@ class TestRedisFaults:
         # tier backs off).
         assert slow_batch_s < HANG_S, slow_batch_s
         print(f"a batch of {len(prompts)} against a 2 s Redis took {slow_batch_s:.1f} s, "
-              f"{delta(before, after, 'save_seconds'):.2f} s of it in the steps' saves")
+              f"{delta(before, after, 'save_seconds'):.2f} s of it in the steps' saves "
+              f"({delta(before, after, 'skipped_save_tokens'):.0f} tokens not saved: no "
+              f"staging buffer came back from Redis in the step's wait)")
         rig.engine.reset_prefix_cache()
         recovered = hits_resume_within(rig.engine, prompts[0], RECOVERY_S)
         print(f"hits resumed {recovered:.1f} s after Redis was fast again")

@@ -54,16 +54,23 @@ class StagingArea:
     def acquire(self) -> torch.Tensor:
         """A free buffer; waits for one at most ``timeout_s``, then raises ``StagingTimeout``
         (the transfer that asked fails, not the engine)."""
+        buffer = self.acquire_within(self.timeout_s)
+        if buffer is None:
+            self.timeouts += 1
+            raise StagingTimeout(f"no staging buffer came back in {self.timeout_s:.1f} s (all "
+                                 f"{self.count} in flight)")
+        return buffer
+
+    def acquire_within(self, seconds: float) -> torch.Tensor | None:
+        """A free buffer, waiting for one at most ``seconds``; None if none came back."""
         buffer = self.try_acquire()
-        if buffer is not None:
+        if buffer is not None or seconds <= 0:
             return buffer
         self.waits += 1
         try:
-            return self._ready(*self._free.get(timeout=self.timeout_s))
+            return self._ready(*self._free.get(timeout=seconds))
         except queue.Empty:
-            self.timeouts += 1
-            raise StagingTimeout(f"no staging buffer came back in {self.timeout_s:.1f} s (all "
-                                 f"{self.count} in flight)") from None
+            return None
 
     @staticmethod
     def _ready(buffer: torch.Tensor, used: Any) -> torch.Tensor:

@@ -12,6 +12,8 @@ per interval (``emf_metrics``; ``emf.py`` makes the line).
     lookup_tokens, hit_tokens, cost_skipped_tokens, lookup_timeouts    (scheduler)
     prefill_step_saved_tokens   (scheduler: saves planned by chunked-prefill steps before the
                                  prompt's last one; each step saves the chunks it completed)
+    skipped_save_tokens         (rank 0: chunks not saved, no staging buffer came back in time
+                                 from a first tier that does I/O; see worker_saves)
     loaded_tokens, load_s, stored_tokens, save_s, store_s              (rank 0: every rank moves
     loaded_tokens.<tier>, stored_tokens.<tier>                          the same tokens)
     failed_loads, failed_saves, forward_tokens, forward_s              (every rank)
@@ -84,6 +86,7 @@ class LMCacheExtStats(KVConnectorStats):
             "store_ms": round(1000 * d.get("store_s", 0), 2),
             "failed_loads": int(d.get("failed_loads", 0)),
             "failed_saves": int(d.get("failed_saves", 0)),
+            "skipped_save_tokens": int(d.get("skipped_save_tokens", 0)),
         }
         for tier, used in used_bytes(d).items():
             out[f"used_gib.{tier}"] = round(used / GIB, 3)
@@ -188,6 +191,7 @@ _EMF_TOTALS = {
     "failed_loads": ("FailedLoads", "Count"), "failed_saves": ("FailedSaves", "Count"),
     "lookup_timeouts": ("LookupTimeouts", "Count"),
     "prefill_step_saved_tokens": ("PrefillStepSavedTokens", "Count"),
+    "skipped_save_tokens": ("SkippedSaveTokens", "Count"),
 }
 _EMF_PER_TIER = {"loaded_tokens": "LoadedTokens", "stored_tokens": "StoredTokens",
                  **{event: event.capitalize() for event in TIER_EVENTS}}
@@ -271,6 +275,8 @@ PROM_TOTALS = {
     "store_s": "Time from a save's copy-out to its tier writes done, off the step.",
     "failed_loads": "Loads that could not fill every block (recomputed by vLLM), all ranks.",
     "failed_saves": "Saves that failed (skipped), all ranks.",
+    "skipped_save_tokens": "Tokens not saved: the first tier (disk or Redis alone) still held "
+                           "every staging buffer after the step's wait.",
     "lookup_timeouts": "Lookups a worker rank did not answer in time (served as misses).",
 }
 PROM_LEVELS = {

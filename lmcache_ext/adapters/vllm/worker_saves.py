@@ -5,6 +5,12 @@ buffer (the blocks may be reused after the step); the tiers' writes run on the s
 which gives the buffer back. A save that names a SageMaker session then pins the saved
 conversation for it (``sessions``), after that save's stores. A failed save is logged
 and counted, never raised: it is a future miss.
+
+The step waits for a staging buffer only as long as the saver's writes take: RAM's when the
+first tier is the CPU tier (the default; the slower tiers are written behind it), so it never
+waits on a disk or the network. When the first tier does I/O (a store of disk or Redis alone)
+the step waits at most ``IO_TIER_WAIT_S`` a save for buffers; the chunks still without one are
+not saved (``skipped_save_tokens``, a future miss), so a slow Redis cannot stall the steps.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from lmcache_ext.adapters.vllm.stats import StatsTally
 from lmcache_ext.adapters.vllm.worker_kv import RankKV
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.keys import ChunkSpan
+from lmcache_ext.storage.log_every import EveryInterval
 
 log = logging.getLogger(__name__)
 MAX_PENDING_SAVES = 8  # saves copied out and waiting for the saver thread (their KV held)
+IO_TIER_WAIT_S = 0.05  # the most a save waits in the step for buffers a disk or Redis holds
 
 
 class RankSaves:
@@ -39,6 +47,7 @@ class RankSaves:
         self.engine, self.kv, self.tally, self.sessions, self.rank = \
             engine, kv, tally, sessions, rank
         self.failures = 0  # saves that raised: logged, counted, never passed on
+        self._told_skipped = EveryInterval()
         self._lock = threading.Lock()  # the saver thread counts failures too
         self.jobs = BackgroundJobs(f"lmcache-ext-save-r{rank}", MAX_PENDING_SAVES, self._failed)
 
@@ -81,8 +90,14 @@ class RankSaves:
         kv, base = self.kv, todo[0].start
         host = kv.host_slots(block_ids, base, todo[-1].end)
         slots = host.to(kv.views[0].k.device, non_blocking=True)
-        for span in todo:
-            buffer = kv.staging.acquire()
+        deadline = None if self.engine.storage.puts_in_memory else \
+            time.monotonic() + IO_TIER_WAIT_S
+        for i, span in enumerate(todo):
+            buffer = kv.staging.acquire() if deadline is None else \
+                kv.staging.acquire_within(deadline - time.monotonic())
+            if buffer is None:
+                self._skip(todo[i:])
+                return
             part = buffer[:, :, :span.num_tokens]  # [layers, 2, tokens, kv_heads, head_dim]
             try:
                 at = slice(span.start - base, span.end - base)
@@ -109,6 +124,17 @@ class RankSaves:
                 self.tally.add("stored_tokens", stored)
                 self.tally.add("store_s", time.perf_counter() - queued)
         return store
+
+    def _skip(self, spans: list[ChunkSpan]) -> None:
+        """``spans`` found no staging buffer in time (the first tier's writes are slow): not
+        saved, counted (rank 0: every rank skips alike), logged once an interval."""
+        tokens = sum(s.num_tokens for s in spans)
+        if self.rank == 0:
+            self.tally.add("skipped_save_tokens", tokens)
+        if self._told_skipped.due():
+            log.warning("lmcache-ext: %d tokens not saved: every staging buffer is still being "
+                        "written to the %s tier after %.2f s (put a CPU tier in front to save "
+                        "them all)", tokens, self.engine.storage.tiers[0].name, IO_TIER_WAIT_S)
 
     def _failed(self) -> None:
         with self._lock:

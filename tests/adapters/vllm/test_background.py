@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from lmcache_ext.adapters.vllm.background import BackgroundJobs
+from lmcache_ext.adapters.vllm.worker_saves import IO_TIER_WAIT_S
+from lmcache_ext.testing.redis_server import RedisServer, redis_server_binary
+from lmcache_ext.testing.slow_proxy import SlowProxy
 from tests.adapters.vllm.rig import make_request
 from tests.adapters.vllm.test_connector import (
     LAYOUTS,
@@ -53,6 +56,62 @@ def test_the_step_waits_for_the_copy_out_only(tmp_path, layout, backend, monkeyp
     assert engine.retrieve(PROMPT_A, stored) == 96
     want = expected_kv(PROMPT_A, range(96)).permute(1, 2, 0, 3, 4)
     assert torch.equal(stored.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.fixture
+def slow_redis_url(tmp_path):
+    """A real redis-server behind a link that holds each call ``PUT_S``."""
+    redis_server_binary()  # a missing redis-server fails with the fix, never a skip
+    server = RedisServer(tmp_path / "redis").start()
+    link = SlowProxy("127.0.0.1", server.port, PUT_S).start()
+    yield link.url()
+    link.stop()
+    server.stop()
+
+
+def save_a_through_one_buffer(rig, backend: str) -> float:
+    """A's 3 chunks saved in one step with one staging buffer; the step's save time."""
+    rig.scheduler.add_request(make_request("a", PROMPT_A))
+    output = rig.scheduler.schedule()
+    rig.worker.bind_connector_metadata(output.kv_connector_metadata)
+    rig.worker.start_load_kv(None)
+    FakeForward(rig, backend, {"a": PROMPT_A})(output)
+    began = time.perf_counter()
+    rig.worker.wait_for_save()
+    in_step = time.perf_counter() - began
+    rig.worker.worker.saves.jobs.join()
+    rig.last_stats = rig.worker.get_kv_connector_stats()
+    rig.worker.clear_connector_metadata()
+    return in_step
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_a_slow_redis_alone_costs_the_step_a_bounded_wait_then_skipped_chunks(
+        tmp_path, layout, backend, slow_redis_url):
+    """Scenario: the only tier is Redis, each call held 0.5 s, one staging buffer. A's first
+    chunk goes to the saver; the next finds the buffer still being written, the step waits
+    IO_TIER_WAIT_S and saves no more: 64 tokens skipped and counted, the first chunk stored
+    (it used to wait out each write: over a second in the step)."""
+    rig = rig_for(tmp_path, layout, backend, local_cpu=False, remote_url=slow_redis_url,
+                  staging_chunks=1)
+    in_step = save_a_through_one_buffer(rig, backend)
+    assert rig.last_stats.data.get("skipped_save_tokens") == 64, rig.last_stats.data
+    assert rig.worker.engine.lookup(PROMPT_A) == 32
+    assert in_step < PUT_S, f"the step waited {in_step:.3f} s for Redis"
+    print(f"\nthe step's save: {in_step * 1000:.0f} ms (bound {IO_TIER_WAIT_S * 1000:.0f} ms of "
+          f"waiting; a Redis call takes {PUT_S * 1000:.0f} ms)")
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_with_the_cpu_tier_in_front_the_step_waits_for_buffers_and_saves_every_chunk(
+        tmp_path, layout, backend, slow_redis_url):
+    """Scenario: as above with the CPU tier in front (the default): the saver's writes are RAM's,
+    the step waits for the buffer between chunks and all 96 tokens are saved; Redis gets them
+    behind it."""
+    rig = rig_for(tmp_path, layout, backend, remote_url=slow_redis_url, staging_chunks=1)
+    save_a_through_one_buffer(rig, backend)
+    assert "skipped_save_tokens" not in rig.last_stats.data, rig.last_stats.data
+    assert rig.worker.engine.lookup(PROMPT_A) == 96
 
 
 def test_a_full_queue_makes_the_caller_wait_and_jobs_run_in_order():
