@@ -127,7 +127,9 @@ class RankSaves:
 
     def _skip(self, spans: list[ChunkSpan]) -> None:
         """``spans`` found no staging buffer in time (the first tier's writes are slow): not
-        saved, counted (rank 0: every rank skips alike), logged once an interval."""
+        saved, counted (rank 0's count, as ``stored_tokens``; under tensor parallelism a chunk
+        one rank skipped is a miss for all: a lookup takes the ranks' least), logged once an
+        interval."""
         tokens = sum(s.num_tokens for s in spans)
         if self.rank == 0:
             self.tally.add("skipped_save_tokens", tokens)
