@@ -554,7 +554,7 @@ def print_report(report: dict) -> None:
         print(f"  {name:<24} {report[name]!s:<12} target <= {report['targets'][name]}  "
               f"{'met' if met else 'MISSED'}")
     for fd in report["new_fds"]:
-        print(f"  new fd: {fd}")
+        print(f"  more fds of a kind at the end (Redis's included): {fd}")
     for failure in report["failures"]:
         print(f"  failure: {failure}")
 
