@@ -185,7 +185,10 @@ TABLE: tuple[ConfigKey, ...] = (
     ConfigKey("staging_chunks", int, 4,
               "vLLM connector: chunk-sized transfer buffers per worker on the KV's device, "
               "allocated once; every save (and a GPU's loads) moves KV through them, so the "
-              "transfer memory does not grow with the prompt.", "chunks", check=_positive),
+              "transfer memory does not grow with the prompt. With a disk or Redis as the first "
+              "tier (no CPU tier in front) a save waits at most 50 ms for buffers and skips the "
+              "chunks left over: raise it to your longest prompts' chunks there.", "chunks",
+              check=_positive),
     ConfigKey("async_load", str, "slow_tiers",
               "vLLM connector: which hits load in the background while other requests keep "
               "decoding (the request waits in WAITING_FOR_REMOTE_KVS): slow_tiers = a hit with "

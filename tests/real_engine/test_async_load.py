@@ -29,9 +29,13 @@ def test_a_slow_tier_hit_loads_while_another_request_keeps_decoding(engine_facto
     would stall it for the whole load: one token at most), and the hit's output is the cold
     run's."""
     server, proxy = slow_redis
+    # A buffer for each of the prompt's chunks: with Redis as the first tier a save waits in
+    # the step at most 50 ms for one (worker_saves.IO_TIER_WAIT_S), and a chunk across this link
+    # takes longer to write: with the default 4, half the prompt would be skipped.
     engine = engine_factory("async", cache={"chunk_size": CHUNK, "local_cpu": False,
                                             "remote_url": proxy.url(),
-                                            "remote_timeout_s": 10.0})
+                                            "remote_timeout_s": 10.0,
+                                            "staging_chunks": HIT // CHUNK})
     cold = engine.generate(HIT_PROMPT, 1)
     assert cold.cached_tokens == 0
     engine.reset_prefix_cache()
