@@ -93,6 +93,7 @@ ONE_THREAD = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 # the engine. Off, so what the soak sees grow is ours; vLLM's own cache per layer (32 shapes)
 # stays. ``--engine-env ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024`` puts the default back.
 ENGINE_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
+FD_READS, FD_PAUSE_S = 3, 0.2  # a sample's fds: the fewest of each kind over these reads
 TARGETS = {"rss_growth": 0.05, "fd_growth": 0, "redis_connections": MAX_CONNECTIONS,
            "thread_growth": 0, "failed_requests": 0, "budget_overruns": 0,
            "tiers_without_evictions": 0, "tiers_never_loaded_from": 0}  # each: the most allowed
@@ -216,11 +217,26 @@ def engine_processes(pid: int) -> list[dict]:
     out = []
     for process in [root, *root.children(recursive=True)]:
         with suppress(psutil.NoSuchProcess, FileNotFoundError):
+            kinds = steady_fd_kinds(process)
             out.append({"pid": process.pid, "name": process.name(),
                         "rss_bytes": process.memory_info().rss,
-                        "anon_bytes": anon_rss(process.pid), "fds": process.num_fds(),
-                        "fd_kinds": fd_kinds(process), "threads": process.num_threads()})
+                        "anon_bytes": anon_rss(process.pid), "fds": sum(kinds.values()),
+                        "fd_kinds": kinds, "threads": process.num_threads()})
     return out
+
+
+def steady_fd_kinds(process, reads: int = FD_READS, pause_s: float = FD_PAUSE_S) -> dict[str, int]:
+    """``fd_kinds`` read ``reads`` times ``pause_s`` apart, each kind's fewest: the users are
+    held, but the tiers' background threads still write behind and evict, each holding a file
+    or a socket for a moment (one such fd counted once made ``fd_growth`` 1); a leaked fd is in
+    every read."""
+    listings = []
+    for i in range(reads):
+        if i:
+            time.sleep(pause_s)
+        listings.append(fd_kinds(process))
+    return {kind: n for kind in listings[0]
+            if (n := min(listing.get(kind, 0) for listing in listings))}
 
 
 def fd_kinds(process) -> dict[str, int]:

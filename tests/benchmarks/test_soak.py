@@ -56,7 +56,7 @@ def report(tmp_path_factory) -> dict:
 def test_soak_meets_its_targets_and_exits_zero(report):
     assert report["failed_requests"] == 0, report["failures"]
     assert report["budget_overruns"] == 0, [s["overruns"] for s in report["samples"]]
-    assert report["fd_growth"] == 0, (report["new_fds"], report["output"])
+    assert report["fd_growth"] == 0, f"{report['new_fds']}\n{report['output']}"
     assert 0 < report["redis_connections"] <= MAX_CONNECTIONS, report["output"]
     assert report["thread_growth"] == 0, report["output"]
     assert report["tiers_without_evictions"] == [], report["samples"][-1]["tiers"]
