@@ -9,6 +9,11 @@ For each quantized codec (``int8``, ``int4``), beside raw KV:
   through the codec; the prompts are prefilled and decoded in batches of ``batch``, raw and each
   codec's KV side by side: one length, no padding, so each row decodes as it would alone, up
   to float rounding);
+- ``token_agreement`` / ``kl_per_token``: the same 32 positions with teacher forcing (each
+  position fed the raw KV's greedy tokens before it): the share whose top token is the raw one,
+  and the mean KL divergence (nats) of the codec's next-token distribution from raw's. A greedy
+  flip at token k changes every token after it, so ``greedy_agreement`` mostly counts near-ties
+  tipped early; these two count each position once (how far the codec moved the model);
 - ``bf16_rounding`` (top level): the same two figures for raw KV merely rounded to bfloat16 (what
   an engine in bf16 stores anyway): the floor of what any KV change does to greedy tokens;
 - ``bytes_ratio``: a 256-token chunk's bytes in the model's dtype (bfloat16) / its encoded bytes;
@@ -123,16 +128,21 @@ def continuation_nll(model, kv: torch.Tensor, continuation: list[int]) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:-1].float(), targets))
 
 
-def greedy_many(model, kvs: list[torch.Tensor], lasts: list[int],
-                new_tokens: int) -> list[list[int]]:
-    """``new_tokens`` greedy tokens after each (KV, last token) pair, decoded as one batch (KVs
-    of one length: no padding or mask, so each row decodes as it would alone)."""
+def batch_cache(model, kvs: list[torch.Tensor]):
+    """One ``DynamicCache`` whose rows are ``kvs`` (of one length: no padding or mask, so each
+    row attends as it would alone); copies, so decoding into it leaves ``kvs`` as they are."""
     caches = [kv_to_cache(kv, kv.shape[2], model.config) for kv in kvs]
     cache = caches[0]
     for index, layer in enumerate(cache.layers):
         layer.keys = torch.cat([c.layers[index].keys for c in caches])
         layer.values = torch.cat([c.layers[index].values for c in caches])
-    del caches
+    return cache
+
+
+def greedy_many(model, kvs: list[torch.Tensor], lasts: list[int],
+                new_tokens: int) -> list[list[int]]:
+    """``new_tokens`` greedy tokens after each (KV, last token) pair, decoded as one batch."""
+    cache = batch_cache(model, kvs)
     tokens, out = torch.tensor(lasts).unsqueeze(1), []
     with torch.inference_mode():
         for _ in range(new_tokens):
@@ -140,6 +150,16 @@ def greedy_many(model, kvs: list[torch.Tensor], lasts: list[int],
             tokens = logits[:, -1].argmax(dim=-1, keepdim=True)
             out.append(tokens[:, 0])
     return torch.stack(out, dim=1).tolist()
+
+
+def forced_logits(model, kvs: list[torch.Tensor], tokens: list[list[int]]) -> torch.Tensor:
+    """Log-probabilities ``[rows, positions, vocab]`` of the next token at each position of
+    ``tokens[row]`` after ``kvs[row]`` (teacher forcing: every row is fed the same tokens, so one
+    early difference does not change what the later positions see)."""
+    cache = batch_cache(model, kvs)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor(tokens), past_key_values=cache).logits
+    return logits.float().log_softmax(dim=-1)
 
 
 def quality(model, ids: list[int], setting: dict) -> dict[str, dict]:
@@ -156,20 +176,31 @@ def quality(model, ids: list[int], setting: dict) -> dict[str, dict]:
     stride = max(1, (len(ids) - length) // setting["prompts"])
     prompts = [ids[index * stride:index * stride + length] for index in range(setting["prompts"])]
     names = ("raw", *compared)
+    forced = {name: [] for name in compared}
+    divergence = {name: [] for name in compared}
     for first in range(0, len(prompts), setting["batch"]):
         group = prompts[first:first + setting["batch"]]
-        kvs = prefill_many(model, [prompt[:-1] for prompt in group])
-        rows = greedy_many(model, [through(name, kv) for kv in kvs for name in names],
-                           [prompt[-1] for prompt in group for _ in names], new)
-        for index in range(len(group)):
-            want = rows[index * len(names)]
+        kvs = [through(name, kv) for kv in prefill_many(model, [prompt[:-1] for prompt in group])
+               for name in names]
+        rows = greedy_many(model, kvs, [prompt[-1] for prompt in group for _ in names], new)
+        wants = [rows[index * len(names)] for index in range(len(group))]
+        fed = [[prompt[-1], *want[:-1]] for prompt, want in zip(group, wants, strict=True)]
+        logp = forced_logits(model, kvs, [tokens for tokens in fed for _ in names])
+        for index, want in enumerate(wants):
+            raw = logp[index * len(names)]
             for offset, name in enumerate(compared, start=1):
                 got = rows[index * len(names) + offset]
                 agree[name].append(sum(a == b for a, b in zip(got, want, strict=True)) / new)
+                mine = logp[index * len(names) + offset]
+                forced[name].append(float((mine.argmax(-1) == raw.argmax(-1)).float().mean()))
+                divergence[name].append(float((raw.exp() * (raw - mine)).sum(-1).mean()))
+        del kvs, logp
         _progress(f"greedy: {first + len(group)}/{len(prompts)} prompts")
     return {name: {"ppl_delta": float(torch.tensor(nll[name] - nll["raw"]).exp()) - 1,
                    "greedy_agreement": statistics.mean(agree[name]),
                    "greedy_agreement_min": min(agree[name]),
+                   "token_agreement": statistics.mean(forced[name]),
+                   "kl_per_token": statistics.mean(divergence[name]),
                    "ppl": float(torch.tensor(nll[name]).exp()),
                    "ppl_raw": float(torch.tensor(nll["raw"]).exp())}
             for name in compared}
@@ -332,10 +363,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{result['model']}, {result['setting']}: context {result['context']}, continuation "
           f"{result['continuation']}, {result['prompts']} prompts of {result['prompt_tokens']}",
           file=sys.stderr)
-    print(f"{'codec':6} {'ppl_delta':>10} {'greedy':>7} {'bytes_x':>8} {'enc GB/s':>9} "
-          f"{'dec GB/s':>9}", file=sys.stderr)
+    print(f"{'codec':6} {'ppl_delta':>10} {'greedy':>7} {'tokens':>7} {'kl':>9} {'bytes_x':>8} "
+          f"{'enc GB/s':>9} {'dec GB/s':>9}", file=sys.stderr)
     for name, f in result["codecs"].items():
         print(f"{name:6} {f['ppl_delta']:>10.4f} {f['greedy_agreement']:>7.3f} "
+              f"{f['token_agreement']:>7.3f} {f['kl_per_token']:>9.6f} "
               f"{f['bytes_ratio']:>8.2f} {f['encode_gbps']:>9.3f} {f['decode_gbps']:>9.3f}",
               file=sys.stderr)
     for name, f in result["codecs"].items():
@@ -348,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{f['decode_gbps_float32']:.3f} GB/s (one thread)", file=sys.stderr)
     floor = result[YARDSTICK]
     print(f"raw KV rounded to bf16: ppl_delta {floor['ppl_delta']:.4f}, greedy "
-          f"{floor['greedy_agreement']:.3f}", file=sys.stderr)
+          f"{floor['greedy_agreement']:.3f}, tokens {floor['token_agreement']:.3f}, kl "
+          f"{floor['kl_per_token']:.6f}", file=sys.stderr)
     print(f"encrypted_get_vs_raw {result['encrypted_get_vs_raw']:.3f}", file=sys.stderr)
     if args.json == "-":
         print(json.dumps(result, indent=2))

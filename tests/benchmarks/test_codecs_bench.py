@@ -23,7 +23,11 @@ def test_the_smallest_setting_gives_every_figure_for_each_codec():
         assert {"ppl_delta", "greedy_agreement", "bytes_ratio", "encode_gbps",
                 "decode_gbps"} <= set(figures), name
         assert -0.5 < figures["ppl_delta"] < 0.5 and 0 <= figures["greedy_agreement"] <= 1
+        assert 0 <= figures["token_agreement"] <= 1 and figures["kl_per_token"] >= 0
         assert figures["encode_gbps"] > 0 and figures["decode_gbps"] > 0
+    # a coarser codec moves the model's next-token distribution further than a finer one
+    assert result["codecs"]["int4"]["kl_per_token"] > result["codecs"]["int8"]["kl_per_token"]
+    assert result["codecs"]["int8"]["kl_per_token"] > 0
     assert result["codecs"]["int8"]["bytes_ratio"] > 1.7
     assert result["codecs"]["int4"]["bytes_ratio"] > 2.8
     assert result["encrypted_get_vs_raw"] > 0
