@@ -17,7 +17,7 @@ chunk (256 tokens) as a tier stores them. ``bits`` counts codes, scales and outl
     python benchmarks/codec_variants.py [--prompts N] [--layers] [--json PATH]
 
 ``--layers``: also each layer alone with int4 keys (then values), the rest raw (``by_layer``).
-About 3 minutes for 10 prompts on one core (``--layers``: 3 more).
+About 4 minutes for 10 prompts on one core (``--layers``: 2 more).
 """
 
 from __future__ import annotations
@@ -175,18 +175,19 @@ def variants(model) -> dict[str, tuple[float, Callable[[torch.Tensor], torch.Ten
     }
 
 
-def by_layer(layers: int) -> dict[str, tuple[float, Callable[[torch.Tensor], torch.Tensor]]]:
-    """Each layer alone with int4 keys, then with int4 values; the rest raw."""
+def by_layer(layers: int) -> dict[str, tuple[None, Callable[[torch.Tensor], torch.Tensor]]]:
+    """Each layer alone with int4 keys, then with int4 values; the rest raw (no bits: not a
+    codec)."""
     out = {}
     for layer in range(layers):
         out[f"keys int4, layer {layer}"] = (
-            0.0, chunk_by_chunk(group_quant(4, 16, layers=(layer,), other_key_bits=16)))
+            None, chunk_by_chunk(group_quant(4, 16, layers=(layer,), other_key_bits=16)))
     for layer in range(layers):
         def values_only(kv: torch.Tensor, start: int, layer=layer) -> torch.Tensor:
             out = kv.clone()
             out[layer:layer + 1, 1] = quantize(kv[layer:layer + 1, 1], 4, "token", 32, 0.01)
             return out
-        out[f"values int4, layer {layer}"] = (0.0, chunk_by_chunk(values_only))
+        out[f"values int4, layer {layer}"] = (None, chunk_by_chunk(values_only))
     return out
 
 
@@ -219,7 +220,8 @@ def compare(bench, model, prompts: list[list[int]], named: dict, greedy: bool = 
         if greedy:
             figures.update(greedy_agreement=statistics.mean(agree), greedy_agreement_min=min(agree))
         report[name] = figures
-        print(f"{name:40} {stored_bits:5.1f} bits  tokens {figures['token_agreement']:.3f}  kl "
+        shown = f"{stored_bits:5.1f} bits" if stored_bits else " " * 10
+        print(f"{name:40} {shown}  tokens {figures['token_agreement']:.3f}  kl "
               f"{figures['kl_per_token']:.5f}" + (f"  greedy {figures['greedy_agreement']:.3f} "
                                                    f"(least {figures['greedy_agreement_min']:.2f})"
                                                    if greedy else ""),

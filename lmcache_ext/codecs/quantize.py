@@ -404,7 +404,8 @@ INT8_V1 = GroupQuantCodec(id=1, name="int8-v1", bits=8, key_group=64, value_grou
 INT4_V1 = GroupQuantCodec(id=2, name="int4-v1", bits=4, key_group=32, value_group=32)
 LEGACY = (INT8_V1, INT4_V1)
 
-# 1 % exact outliers: greedy agreement int8 0.934 -> 1.000, int4 0.55 -> 0.61 (docs/TIERS.md).
+# 1 % exact outliers: greedy agreement int8 0.934 -> 1.000, int4 0.55 -> 0.61 on the prompts of
+# that time (docs/TIERS.md).
 INT8 = KVQuantCodec(id=3, name="int8", key_bits=8, value_bits=8, key_group=64, value_group=64,
                     outliers_per_mille=10)
 INT4 = KVQuantCodec(id=4, name="int4", key_bits=4, value_bits=4, key_group=32, value_group=32,
