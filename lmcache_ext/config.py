@@ -186,8 +186,9 @@ TABLE: tuple[ConfigKey, ...] = (
               "vLLM connector: chunk-sized transfer buffers per worker on the KV's device, "
               "allocated once; every save (and a GPU's loads) moves KV through them, so the "
               "transfer memory does not grow with the prompt. With a disk or Redis as the first "
-              "tier (no CPU tier in front) a save waits at most 50 ms for buffers and skips the "
-              "chunks left over: raise it to your longest prompts' chunks there.", "chunks",
+              "tier (no CPU tier in front) a save waits at most 50 ms for each buffer to come "
+              "back from the tier's writes and skips the chunks left once one does not.",
+              "chunks",
               check=_positive),
     ConfigKey("async_load", str, "slow_tiers",
               "vLLM connector: which hits load in the background while other requests keep "
