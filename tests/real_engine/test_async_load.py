@@ -30,8 +30,8 @@ def test_a_slow_tier_hit_loads_while_another_request_keeps_decoding(engine_facto
     run's."""
     server, proxy = slow_redis
     # A buffer for each of the prompt's chunks: with Redis as the first tier a save waits in
-    # the step at most 50 ms for one (worker_saves.IO_TIER_WAIT_S), and a chunk across this link
-    # takes longer to write: with the default 4, half the prompt would be skipped.
+    # the step at most 50 ms for each (worker_saves.IO_TIER_WAIT_S), and a chunk across this link
+    # takes longer to write: with the default 4, the chunks after the 4th would be skipped.
     engine = engine_factory("async", cache={"chunk_size": CHUNK, "local_cpu": False,
                                             "remote_url": proxy.url(),
                                             "remote_timeout_s": 10.0,

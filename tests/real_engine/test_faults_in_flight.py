@@ -44,8 +44,9 @@ SLOW_S = 2.0  # Redis "slowed to 2 s a call"
 REMOTE_TIMEOUT_S = 1.0  # the engine's remote_timeout_s: the fallback's bound per call
 HANG_S = 120.0  # a batch that takes longer hangs (no speed target)
 # A staging buffer for each chunk of the two prompts a batch stores: the only tier is Redis or
-# the disk, so a save waits in the step at most 50 ms for a buffer (worker_saves) and a loaded
-# machine's writes could leave chunks unsaved, which these tests' hits need.
+# the disk, so a save waits in the step at most 50 ms for each buffer (worker_saves), and on a
+# loaded machine one write (stretched Redis calls too) may outlast it and leave chunks unsaved,
+# which these tests' hits need.
 BASE = {"chunk_size": CHUNK, "cost_aware_retrieval": False, "local_cpu": False,
         "staging_chunks": 2 * (PROMPT_TOKENS // CHUNK)}
 STATS = {"disable_log_stats": False}  # vLLM's metrics on: the connector's figures in them
