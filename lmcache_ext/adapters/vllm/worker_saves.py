@@ -13,8 +13,8 @@ the step waits for each buffer at most ``io_wait_s`` (50 ms, or the chunk's byte
 ``IO_TIER_FLOOR_BPS`` if longer): a tier that keeps writing at its speed gets every chunk, as
 the CPU tier does; once a buffer is not back in that time (the tier stalled or slowed) the
 chunks left are not saved (``skipped_save_tokens``, a future miss), so a slow Redis cannot
-stall the steps. (A bound on the whole save instead skipped 3 of a 4K prompt's 4 chunks on a
-healthy disk: its 16 writes take longer than 50 ms together.)
+stall the steps. (A bound on the whole save instead skipped 12 of a 4K prompt's 16 chunks on a
+healthy disk: 16 writes through 4 buffers take longer than 50 ms together.)
 """
 
 from __future__ import annotations
