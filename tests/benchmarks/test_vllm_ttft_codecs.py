@@ -4,6 +4,7 @@ the ratios set each codec's hit against its own tier's raw hit."""
 
 from __future__ import annotations
 
+import ttft_report
 import vllm_ttft
 
 from lmcache_ext.config import load_config
@@ -35,7 +36,7 @@ def test_no_two_rows_share_a_disk_directory_or_a_key_prefix():
 def test_ratios_put_each_codec_row_over_its_raw_tier():
     entries = {"ext_redis_mp": {"warm_s": 0.6}, "ext_redis_int4_mp": {"warm_s": 0.3},
                "ext_disk_mp": {"warm_s": 0.4}, "ext_disk_int8_mp": {"warm_s": 0.5}}
-    ratios = vllm_ttft.ratios(entries)
+    ratios = ttft_report.ratios(entries)
     assert ratios["ext_redis_int4_mp_warm_vs_raw_redis_warm"] == 0.5
     assert ratios["ext_disk_int8_mp_warm_vs_raw_disk_warm"] == 1.25
     assert not any("int8_mp_warm_vs_raw_redis" in key for key in ratios)
