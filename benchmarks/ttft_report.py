@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 
 HEADLINE = 4097  # the context the ratios, targets and stages are taken at (whole chunks + 1)
 CODEC_ROW = re.compile(r"ext_(disk|redis)_(\w+)_mp")  # a tier's row with a codec or sealed
@@ -23,6 +24,34 @@ def stage_seconds(before: dict, after: dict, ttft_s: float) -> dict[str, float]:
               for key, name in STAGE_NAMES.items()}
     stages["other_s"] = max(ttft_s - sum(stages.values()), 0.0)
     return stages
+
+
+def median_of_rounds(rounds: list[dict]) -> dict:
+    """One row's figures over ``--rounds`` runs (a fresh engine each): every number the median
+    of the rounds that ran (nested dicts field by field), the rest from the first; with
+    "rounds" (how many ran), "warm_s_rounds" (each round's warm TTFT) and, where some failed,
+    "failed_rounds" (their errors). All rounds failed: the first round's error."""
+    ran = [r for r in rounds if "error" not in r]
+    if not ran:
+        return rounds[0]
+    out = _median_fields(ran)
+    out["rounds"], out["warm_s_rounds"] = len(ran), [r.get("warm_s") for r in ran]
+    if len(ran) < len(rounds):
+        out["failed_rounds"] = [r["error"] for r in rounds if "error" in r]
+    return out
+
+
+def _median_fields(dicts: list[dict]) -> dict:
+    out = {}
+    for key, first in dicts[0].items():
+        values = [d[key] for d in dicts if key in d]
+        if isinstance(first, dict):
+            out[key] = _median_fields([v for v in values if isinstance(v, dict)])
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            out[key] = round(statistics.median(values), 4)
+        else:
+            out[key] = first
+    return out
 
 
 def print_table(report: dict) -> None:

