@@ -6,6 +6,7 @@ and is stopped by its owner. A missing redis-server is an error with the fix, ne
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -58,6 +59,9 @@ class RedisServer:
     port: int = 0
     tls_port: int = 0  # > 0: serve TLS there (and plain TCP nowhere)
     extra_args: tuple[str, ...] = ()
+    # Run the server on these CPUs only (None: wherever the kernel puts it): a benchmark keeps
+    # a loopback server off the core an engine computes on, as a remote server would be.
+    cpus: frozenset[int] | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +84,8 @@ class RedisServer:
         self.process = subprocess.Popen(self.args(), stdout=log, stderr=subprocess.STDOUT,
                                         cwd=self.workdir)
         log.close()
+        if self.cpus is not None:
+            os.sched_setaffinity(self.process.pid, self.cpus)
         if ready:
             self.wait_ready()
         return self

@@ -3,6 +3,7 @@ never a skip)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,13 @@ def test_a_test_that_needs_redis_fails_with_the_fix_and_is_never_skipped(tmp_pat
     # The fixture fails, so pytest reports an error in set-up: a failure either way, not a skip.
     assert "1 error" in done.stdout and "skipped" not in done.stdout, done.stdout
     assert MISSING in done.stdout
+
+
+def test_a_server_given_cpus_runs_on_those_only(tmp_path):
+    cpu = max(os.sched_getaffinity(0))
+    server = RedisServer(tmp_path / "redis", cpus=frozenset({cpu})).start()
+    try:
+        assert os.sched_getaffinity(server.process.pid) == {cpu}
+        assert server.client().ping()
+    finally:
+        server.stop()
