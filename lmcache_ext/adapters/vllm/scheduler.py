@@ -110,6 +110,13 @@ class SchedulerSide:
                                                   state.num_prompt, first))
         self.stats.add("lookup_timeouts", self.caches.timeouts - timeouts)
         state.pin_id = pin_id if answer.chunks > first else 0  # it replaced any earlier pin
+        if state.session is None:
+            # What every rank holds now need not be saved again: its KV is not gathered out of
+            # the blocks (a store without an in-memory tier, Redis alone, cannot tell the step
+            # so itself: a 4K prompt's hit gathered all 189 MB again, ~50 ms). A session's
+            # saves are planned whole: they pin its conversation.
+            held = min(answer.chunks * self.chunk_size, self._save_end(state, state.num_prompt))
+            state.saved_until = max(state.saved_until, held)
         chunks = self._worth_loading(answer, first)
         if chunks <= first:
             self._release(request.request_id, state)

@@ -180,6 +180,22 @@ def test_second_request_loads_the_shared_prefix_bit_exactly(tmp_path, layout, ba
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_what_the_store_holds_at_the_lookup_is_not_gathered_again(tmp_path, layout, backend):
+    """Scenario: A is saved; a prompt starting with A's 3 chunks and one new chunk hits those
+    3. Its save plans only the chunk the store lacked at the lookup, so a store without an
+    in-memory tier (Redis alone), which the step cannot ask, does not copy the hit's KV out of
+    vLLM's blocks again."""
+    rig = rig_for(tmp_path, layout, backend)
+    forward = save_prompt_a(rig, backend)
+    longer = PROMPT_A[:96] + list(range(5000, 5040))  # 3 held chunks, 1 new, 8 more tokens
+    rig.scheduler.add_request(make_request("c", longer))
+    output = rig.scheduler.schedule()
+    saves = [op for op in output.kv_connector_metadata.saves if op.req_id == "c"]
+    assert [(op.start, op.end) for op in saves] == [(96, 128)]
+    del forward
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
 def test_full_hit_recomputes_the_last_block_and_vllm_own_hits_come_first(tmp_path, layout,
                                                                           backend):
     rig = rig_for(tmp_path, layout, backend, prefix_caching=True)
