@@ -233,8 +233,10 @@ class LMCacheExtConnector(KVConnectorBase_V1):
         return self.scheduler.finished(request, block_ids), None
 
     def update_connector_output(self, connector_output: Any) -> None:
-        """The workers' figures of a step (summed over ranks) feed the cost model."""
+        """The workers' figures of a step (summed over ranks) feed the cost model; blocks they
+        could not load are saved again once recomputed."""
         super().update_connector_output(connector_output)
+        self.scheduler.load_errors(set(getattr(connector_output, "invalid_block_ids", ())))
         self.scheduler.loads_finished(set(connector_output.finished_recving or ()))
         stats = getattr(connector_output, "kv_connector_stats", None)
         if isinstance(stats, LMCacheExtStats):

@@ -178,6 +178,18 @@ class SchedulerSide:
                 request.request_id, state, start, end, pin_id=state.pin_id, background=True))
             state.num_external, state.loading = 0, True
 
+    def load_errors(self, block_ids: set[int]) -> None:
+        """Blocks the workers could not fill (vLLM recomputes them): their chunks were gone
+        from the store after all, so they are saved again, from the chunk holding the first
+        such block."""
+        if not block_ids:
+            return
+        for state in self._requests.values():
+            failed = next((i for i, b in enumerate(state.block_ids) if b in block_ids), None)
+            if failed is not None:
+                start = failed * self.block_size
+                state.saved_until = min(state.saved_until, start - start % self.chunk_size)
+
     def loads_finished(self, req_ids: set[str]) -> None:
         """The workers finished these background loads (vLLM reports them to its scheduler)."""
         for req_id in req_ids:

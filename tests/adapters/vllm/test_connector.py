@@ -269,6 +269,30 @@ def test_a_load_that_finds_its_chunks_gone_is_reported_never_used(tmp_path, layo
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
+def test_a_chunk_a_load_missed_is_saved_again_once_recomputed(tmp_path, layout, backend):
+    """Scenario: B's lookup finds 2 chunks, so its save plans only the chunk after them; the
+    second vanishes before the load. vLLM recomputes from it, and that recompute saves it
+    again: the next lookup finds all of B's chunks."""
+    rig = rig_for(tmp_path, layout, backend)
+    save_prompt_a(rig, backend)
+    rig.scheduler.add_request(make_request("b", PROMPT_B))
+    output = rig.scheduler.schedule()
+    assert [(s.start, s.end) for s in output.kv_connector_metadata.saves] == [(64, 96)]
+    engine = rig.worker.engine
+    key = engine.spans(PROMPT_B)[1].key
+    tier = engine.storage.tiers[0]
+    tier._index[key].pins = 0  # drop our pin's hold so the chunk can go
+    assert tier.remove(key)
+    _, errors = complete(rig, output)
+    assert errors  # blocks 2 and 3: vLLM recomputes from token 32
+    output = rig.scheduler.schedule()
+    assert [(s.start, s.end) for s in output.kv_connector_metadata.saves] == [(32, 96)]
+    complete(rig, output)
+    rig.worker.worker.saves.jobs.join()
+    assert engine.lookup(PROMPT_B) == 96
+
+
+@pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
 def test_lora_and_cache_salt_separate_the_keys(tmp_path, layout, backend):
     from vllm.lora.request import LoRARequest
     rig = rig_for(tmp_path, layout, backend)
@@ -386,8 +410,15 @@ def test_a_background_load_that_finds_a_chunk_gone_is_recomputed_from_there(tmp_
     assert tier.remove(key)
     _, errors = complete(rig, output)
     assert errors == {op.block_ids[2], op.block_ids[3]}
-    (new,) = rig.scheduler.schedule().scheduled_new_reqs
+    output = rig.scheduler.schedule()
+    (new,) = output.scheduled_new_reqs
     assert (new.req_id, new.num_computed_tokens) == ("b", 32)
+    # The chunk the load missed is recomputed and saved again, from where it was lost.
+    assert [(s.start, s.end) for s in output.kv_connector_metadata.saves] == [(32, 96)]
+    complete(rig, output)
+    rig.worker.wait_for_save()
+    rig.worker.worker.saves.jobs.join()
+    assert engine.lookup(PROMPT_B) == 96
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
