@@ -122,6 +122,15 @@ def pinned_chunks(rig: Rig) -> int:
                for entry in getattr(tier, "_index", {}).values())
 
 
+def drop_chunk(rig: Rig, prompt: list[int], index: int) -> None:
+    """Remove chunk ``index`` of ``prompt`` from the first tier, pinned or not (as an eviction
+    or a deletion between a lookup and its load would)."""
+    key = rig.worker.engine.spans(prompt)[index].key
+    tier = rig.worker.engine.storage.tiers[0]
+    tier._index[key].pins = 0  # drop our pin's hold so the chunk can go
+    assert tier.remove(key)
+
+
 def rig_for(tmp_path, layout: str, backend: str, prefix_caching: bool = False,
             over_ipc: bool = False, **extra) -> Rig:
     config = vllm_config(tmp_path, layout, prefix_caching, **extra)
@@ -256,11 +265,7 @@ def test_a_load_that_finds_its_chunks_gone_is_reported_never_used(tmp_path, layo
     rig.scheduler.add_request(make_request("b", PROMPT_B))
     output = rig.scheduler.schedule()
     blocks = list(output.scheduled_new_reqs[0].block_ids[0])
-    engine = rig.worker.engine
-    spans = engine.spans(PROMPT_B)
-    tier = engine.storage.tiers[0]
-    tier._index[spans[1].key].pins = 0  # drop our pin's hold so the chunk can go
-    assert tier.remove(spans[1].key)
+    drop_chunk(rig, PROMPT_B, 1)
     rig.worker.bind_connector_metadata(output.kv_connector_metadata)
     rig.worker.start_load_kv(None)
     # Tokens 32..63 (blocks 2 and 3) are missing: both reported, the first chunk was loaded.
@@ -278,18 +283,14 @@ def test_a_chunk_a_load_missed_is_saved_again_once_recomputed(tmp_path, layout, 
     rig.scheduler.add_request(make_request("b", PROMPT_B))
     output = rig.scheduler.schedule()
     assert [(s.start, s.end) for s in output.kv_connector_metadata.saves] == [(64, 96)]
-    engine = rig.worker.engine
-    key = engine.spans(PROMPT_B)[1].key
-    tier = engine.storage.tiers[0]
-    tier._index[key].pins = 0  # drop our pin's hold so the chunk can go
-    assert tier.remove(key)
+    drop_chunk(rig, PROMPT_B, 1)
     _, errors = complete(rig, output)
     assert errors  # blocks 2 and 3: vLLM recomputes from token 32
     output = rig.scheduler.schedule()
     assert [(s.start, s.end) for s in output.kv_connector_metadata.saves] == [(32, 96)]
     complete(rig, output)
     rig.worker.worker.saves.jobs.join()
-    assert engine.lookup(PROMPT_B) == 96
+    assert rig.worker.engine.lookup(PROMPT_B) == 96
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
@@ -403,11 +404,7 @@ def test_a_background_load_that_finds_a_chunk_gone_is_recomputed_from_there(tmp_
     rig.scheduler.add_request(make_request("b", PROMPT_B))
     output = rig.scheduler.schedule()
     (op,) = output.kv_connector_metadata.loads
-    engine = rig.worker.engine
-    key = engine.spans(PROMPT_B)[1].key
-    tier = engine.storage.tiers[0]
-    tier._index[key].pins = 0  # drop our pin's hold so the chunk can go
-    assert tier.remove(key)
+    drop_chunk(rig, PROMPT_B, 1)
     _, errors = complete(rig, output)
     assert errors == {op.block_ids[2], op.block_ids[3]}
     output = rig.scheduler.schedule()
@@ -418,7 +415,7 @@ def test_a_background_load_that_finds_a_chunk_gone_is_recomputed_from_there(tmp_
     complete(rig, output)
     rig.worker.wait_for_save()
     rig.worker.worker.saves.jobs.join()
-    assert engine.lookup(PROMPT_B) == 96
+    assert rig.worker.engine.lookup(PROMPT_B) == 96
 
 
 @pytest.mark.parametrize(("layout", "backend"), LAYOUTS[:1])
