@@ -2,11 +2,13 @@
 with (named in the chunk header), whether the value is sealed (encrypted), and how it is checked.
 
 ``ChunkStage.encode`` turns KV into one stored value; ``ChunkStage.decode`` turns any value this
-stage can read back into KV. Reading does not depend on the codec the reader writes with: a raw
-chunk loads in a tier configured for ``int4`` and the reverse, because the header names the
-codec. A codec id this reader does not know is ``ChunkUnknownCodec`` (a counted miss, never a
-guess). Registry: ``CODECS`` by name (what a config selects), ``CODEC_IDS`` by header id (what a
-reader decodes: these and the ``LEGACY`` layouts of ids 1 and 2 that earlier versions wrote as
+stage can read back into KV; ``ChunkStage.open`` checks it the same way but leaves a codec's
+payload undecoded (``CodedKV``), so a loader can decode it straight into vLLM's blocks
+(``paged_decode``). Reading does not depend on the codec the reader writes with: a raw chunk
+loads in a tier configured for ``int4`` and the reverse, because the header names the codec.
+A codec id this reader does not know is ``ChunkUnknownCodec`` (a counted miss, never a guess).
+Registry: ``CODECS`` by name (what a config selects), ``CODEC_IDS`` by header id (what a reader
+decodes: these and the ``LEGACY`` layouts of ids 1 and 2 that earlier versions wrote as
 ``int8`` / ``int4``); ``raw`` (id 0) is the KV's own bytes.
 """
 
@@ -41,14 +43,28 @@ from lmcache_ext.codecs.quantize import (
 from lmcache_ext.codecs.seal import SEAL_OVERHEAD, ChunkSealer, is_sealed
 from lmcache_ext.keys import ChunkKey
 
-__all__ = ["CODECS", "CODEC_IDS", "ChunkSealer", "ChunkStage", "Codec", "CodecUnfit",
-           "GroupQuantCodec", "KVQuantCodec", "RAW"]
+__all__ = ["CODECS", "CODEC_IDS", "ChunkSealer", "ChunkStage", "CodedKV", "Codec",
+           "CodecUnfit", "GroupQuantCodec", "KVQuantCodec", "RAW"]
 
 RAW = "raw"
 CODECS: dict[str, Codec | None] = {RAW: None, INT8.name: INT8, INT4.name: INT4}
 # What a reader decodes: the codecs written now and the layouts earlier versions wrote.
 CODEC_IDS: dict[int, Codec] = {c.id: c for c in (*CODECS.values(), *LEGACY) if c is not None}
 assert RAW_CODEC not in CODEC_IDS and len(CODEC_IDS) == len(CODECS) - 1 + len(LEGACY)
+
+
+@dataclass(frozen=True)
+class CodedKV:
+    """A checked codec payload (a view into the value read) and the KV it decodes to. Decoded
+    when asked (``decode``), or straight into a serving engine's blocks
+    (``paged_decode.decode_into``) without the decoded chunk ever existing."""
+
+    codec: Codec
+    meta: ChunkMeta
+    payload: torch.Tensor  # flat uint8, ``codec.encoded_size(meta)`` bytes
+
+    def decode(self) -> torch.Tensor:
+        return self.codec.decode(self.payload, self.meta)
 
 
 @dataclass(frozen=True)
@@ -85,9 +101,16 @@ class ChunkStage:
 
     def decode(self, key: ChunkKey, data: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """(KV, whether it is a view into ``data``) of a stored value (flat uint8, maybe padded).
-        Raises ``ChunkForged`` (an unsealed value where sealing is on, a value that does not
-        open, a failed tag), ``ChunkUnknownCodec``, or ``ChunkCorrupt`` (anything else,
-        including a sealed value where this stage holds no sealing key)."""
+        Raises as ``open``."""
+        kv, is_view = self.open(key, data)
+        return (kv.decode(), False) if isinstance(kv, CodedKV) else (kv, is_view)
+
+    def open(self, key: ChunkKey, data: torch.Tensor) -> tuple[torch.Tensor | CodedKV, bool]:
+        """(KV, or a codec's checked payload not yet decoded; whether it is a view into
+        ``data``) of a stored value (flat uint8, maybe padded). Raises ``ChunkForged`` (an
+        unsealed value where sealing is on, a value that does not open, a failed tag),
+        ``ChunkUnknownCodec``, or ``ChunkCorrupt`` (anything else, including a sealed value
+        where this stage holds no sealing key)."""
         sealed = is_sealed(data)
         if self.sealer is not None:
             if not sealed:
@@ -103,12 +126,14 @@ class ChunkStage:
             raise ChunkUnknownCodec(f"codec id {codec_id} is unknown to this reader")
         try:
             expected = codec.encoded_size(meta)
+            if payload.numel() != expected:
+                raise ChunkCorrupt(f"{codec.name} payload of {payload.numel()} bytes, its "
+                                   f"meta needs {expected}")
+            if isinstance(codec, KVQuantCodec):
+                codec.check(payload, meta)
         except CodecUnfit as exc:
             raise ChunkCorrupt(str(exc)) from exc
-        if payload.numel() != expected:
-            raise ChunkCorrupt(f"{codec.name} payload of {payload.numel()} bytes, its meta "
-                               f"needs {expected}")
-        return codec.decode(payload, meta), False
+        return CodedKV(codec, meta, payload), not sealed
 
     def _payload(self, kv: torch.Tensor, meta: ChunkMeta) -> tuple[torch.Tensor, int]:
         codec = CODECS[self.codec]

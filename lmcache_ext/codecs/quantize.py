@@ -228,6 +228,22 @@ class KVQuantCodec:
     def _parts(self, payload: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
         return _split(payload, self._sizes(plan))
 
+    def sections(self, payload: torch.Tensor, meta: ChunkMeta) -> list[torch.Tensor]:
+        """The ten sections of a payload of ``encoded_size(meta)`` bytes (module docstring),
+        views into it."""
+        return self._parts(payload, self.plan(meta))
+
+    def check(self, payload: torch.Tensor, meta: ChunkMeta) -> None:
+        """Raise ``CodecUnfit`` unless every exact outlier's index lies inside its section (a
+        payload of the right length whose indices do not would write outside the KV)."""
+        plan = self.plan(meta)
+        parts = self._parts(payload, plan)
+        for index, count in ((parts[3], plan.key_codes), (parts[8], plan.value_codes)):
+            if index.numel():
+                index = _as(index, torch.int32, [-1])
+                if int(index.min()) < 0 or int(index.max()) >= count:
+                    raise CodecUnfit(f"{self.name}: an outlier index outside its section")
+
     def decode(self, payload: torch.Tensor, meta: ChunkMeta) -> torch.Tensor:
         """Flat uint8 of ``encoded_size(meta)`` bytes -> KV of ``meta``'s dtype and shape (a new
         tensor on ``payload``'s device). The caller checks the length."""

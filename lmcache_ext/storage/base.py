@@ -22,18 +22,34 @@ from dataclasses import dataclass
 import torch
 
 from lmcache_ext.chunk import ChunkMeta
+from lmcache_ext.codecs import CodedKV
 from lmcache_ext.keys import ChunkKey
 
 
-@dataclass(frozen=True)
 class Chunk:
-    """KV of one chunk: ``kv`` is ``[layers, 2, tokens, kv_heads, head_dim]`` (may be strided)."""
+    """KV of one chunk: ``kv`` is ``[layers, 2, tokens, kv_heads, head_dim]`` (may be strided).
 
-    kv: torch.Tensor
+    A chunk read from a tier that stores it encoded may hold the checked payload instead
+    (``coded``): ``kv`` then decodes it on first use (within the lease: the payload may view the
+    tier's buffer), and a loader that can decode it straight into its destination uses
+    ``coded`` and never asks for ``kv``. One consumer at a time, as a lease is."""
+
+    __slots__ = ("coded", "_kv")
+
+    def __init__(self, kv: torch.Tensor | CodedKV):
+        self.coded = kv if isinstance(kv, CodedKV) else None
+        self._kv = None if isinstance(kv, CodedKV) else kv
+
+    @property
+    def kv(self) -> torch.Tensor:
+        if self._kv is None:
+            assert self.coded is not None
+            self._kv = self.coded.decode()
+        return self._kv
 
     @property
     def meta(self) -> ChunkMeta:
-        return ChunkMeta.of(self.kv)
+        return self.coded.meta if self.coded is not None else ChunkMeta.of(self.kv)
 
 
 class ChunkLease:

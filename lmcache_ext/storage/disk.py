@@ -129,12 +129,12 @@ class DiskTier(StorageTier):
             return None
         buffer, nbytes = data
         try:
-            kv, is_view = self.stage.decode(key, buffer.tensor[:nbytes])
+            kv, is_view = self.stage.open(key, buffer.tensor[:nbytes])
         except ChunkCorrupt as exc:
             self._buffers.give_back(buffer)
             self._drop(name, entry, str(exc), forged=isinstance(exc, ChunkForged))
             return None
-        if not is_view:  # decoded or opened into memory of its own: the buffer is free again
+        if not is_view:  # opened into memory of its own: the buffer is free again
             self._buffers.give_back(buffer)
             return ChunkLease(Chunk(kv))
         return ChunkLease(Chunk(kv), lambda: self._buffers.give_back(buffer))

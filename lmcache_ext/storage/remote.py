@@ -246,7 +246,7 @@ class RemoteTier(StorageTier):
         try:
             if len(data) < HEADER_SIZE:  # frombuffer refuses b""; decode would say "short" too
                 raise ChunkCorrupt(f"{len(data)} bytes is shorter than a header")
-            kv, _ = self._stage.decode(key, torch.frombuffer(data, dtype=torch.uint8))
+            kv, _ = self._stage.open(key, torch.frombuffer(data, dtype=torch.uint8))
         except ChunkCorrupt as exc:
             forged = isinstance(exc, ChunkForged)
             (self._counters.forged if forged else self._counters.corrupt).inc()
@@ -257,7 +257,7 @@ class RemoteTier(StorageTier):
                             LOG_INTERVAL_S)
             self._call(lambda c: c.delete(name))
             return None
-        return ChunkLease(Chunk(kv))  # nothing to pin: the bytes are ours
+        return ChunkLease(Chunk(kv))  # nothing to pin: the bytes (a codec's: undecoded) are ours
 
     def put(self, key: ChunkKey, chunk: Chunk) -> bool:
         try:

@@ -92,6 +92,36 @@ def test_an_encoded_payload_of_the_wrong_length_is_a_counted_miss(place):
     assert counter(metrics, place.kind, "corrupt") == 1
 
 
+def test_an_outlier_index_outside_its_section_is_a_counted_miss(place):
+    """Scenario: an unkeyed store handed a well-formed, checksummed payload whose exact
+    outliers point past the KV: refused when read (a miss), never written anywhere."""
+    metrics = EngineMetrics()
+    tier = place.tier("int4", metrics=metrics)
+    tier.put(key(1), Chunk(kv(1)))
+    meta = ChunkMeta.of(kv(1))
+    payload = INT4.encode(kv(1))
+    index = INT4.sections(payload, meta)[3]  # the keys' outlier indices (int32 bytes)
+    index[:4] = torch.tensor([1 << 30], dtype=torch.int32).view(torch.uint8)
+    value = encode_header(key(1), meta, payload, codec=INT4.id)
+    place.plant(tier, 1, value + payload.numpy().tobytes())
+    assert tier.get(key(1)) is None
+    assert counter(metrics, place.kind, "corrupt") == 1
+
+
+def test_a_coded_chunk_is_handed_over_undecoded_and_decodes_on_first_use(place):
+    """A loader that decodes straight into its blocks gets the checked payload; one that asks
+    for the KV gets it decoded once."""
+    tier = place.tier("int8")
+    tier.put(key(1), Chunk(kv(1)))
+    with tier.get(key(1)) as lease:
+        chunk = lease.chunk
+        assert chunk.coded is not None and chunk.coded.codec is INT8
+        assert chunk.meta == ChunkMeta.of(kv(1))
+        assert chunk.kv is chunk.kv  # decoded once
+        assert torch.equal(chunk.kv, INT8.decode(chunk.coded.payload, chunk.meta))
+        verify_close(chunk.kv, 1, "int8")
+
+
 def test_kv_a_codec_cannot_describe_is_stored_raw_and_bit_exact(place):
     """Scenario: KV with an inf (no codec describes it; a huge finite value is an exact outlier)
     or short chunks the codec would make larger: stored raw, which every reader reads exactly."""

@@ -3,7 +3,8 @@
 scatter stream that waits for that copy's event). While the GPU copies and scatters chunk i, the
 host reads and queues chunk i+1; it waits only for chunk i-1's copy (to give back its tier lease)
 and scatter (to reuse its staging buffer). On a CPU there is no staging: each chunk is scattered
-straight from the tier's buffer, synchronously, and its lease given back at once.
+straight from the tier's buffer (a quantized one decoded straight into the blocks),
+synchronously, and its lease given back at once.
 
 Ownership: ``push`` takes the chunk's lease; ``finish`` (call it in a ``finally``) waits for
 every copy still in flight and gives every lease and staging buffer back, whatever failed. A
@@ -22,6 +23,7 @@ import torch
 
 from lmcache_ext import kernels
 from lmcache_ext.adapters.vllm.staging import StagingArea
+from lmcache_ext.codecs import paged_decode
 from lmcache_ext.kernels.streams import SideStream
 from lmcache_ext.storage import ChunkLease
 
@@ -92,12 +94,16 @@ class LoadPipeline:
 
     def _scatter_from_tier(self, kept: ChunkLease, lo: int, hi: int, at: int) -> None:
         """On the host: scatter straight from the tier's buffer (a copy into a staging buffer
-        first would move every byte twice: ~19 ms more for a 4K-token SmolLM2 hit here), then
-        give the lease back; the copy is synchronous there."""
+        first would move every byte twice: ~19 ms more for a 4K-token SmolLM2 hit here), or
+        decode a quantized chunk straight into the blocks (``paged_decode``), then give the
+        lease back; the copy is synchronous there."""
+        slots = self._slots[at:at + hi - lo]
         try:
-            kernels.scatter(kept.chunk.kv[:, :, lo:hi], self._views,
-                            self._slots[at:at + hi - lo],
-                            host_slots=self._host_slots[at:at + hi - lo])
+            coded = kept.chunk.coded
+            if coded is None or not paged_decode.decode_into(
+                    coded.codec, coded.payload, coded.meta, lo, hi, self._views, slots):
+                kernels.scatter(kept.chunk.kv[:, :, lo:hi], self._views, slots,
+                                host_slots=self._host_slots[at:at + hi - lo])
         finally:
             kept.release()
 

@@ -19,9 +19,11 @@ from lmcache_ext.adapters.vllm.load_pipeline import LoadPipeline, LoadStreams
 from lmcache_ext.adapters.vllm.staging import StagingArea, StagingTimeout
 from lmcache_ext.adapters.vllm.stats import STAGES
 from lmcache_ext.chunk import KVLayout
+from lmcache_ext.codecs import ChunkStage
 from lmcache_ext.kernels.streams import StreamOrder
 from lmcache_ext.keys import ChunkKey
-from lmcache_ext.storage import Chunk, CPUTier
+from lmcache_ext.metrics import EngineMetrics
+from lmcache_ext.storage import Chunk, CPUTier, DiskTier
 from tests.adapters.vllm.rig import CHUNK, make_request, step
 from tests.adapters.vllm.test_connector import (
     LAYOUTS,
@@ -242,6 +244,34 @@ def test_on_the_host_a_load_scatters_from_the_tier_buffer_and_gives_the_lease_ba
     back = torch.empty_like(kv)
     kernels.gather(views, slots, back)
     assert torch.equal(back, kv)
+
+
+def test_on_the_host_a_quantized_chunk_is_decoded_straight_into_the_blocks(tmp_path):
+    """Scenario: a CPU load of a chunk a disk tier stores as int8. The blocks hold exactly
+    what decoding and scattering would write there, tokens [3, CHUNK) of it at the load's
+    slots, the decoded chunk is never built, and the tier's buffer goes back."""
+    layout = KVLayout(2, 2, 8, torch.float32)
+    tier = DiskTier(str(tmp_path), 1 << 24, "ns", False, EngineMetrics().for_tier("disk"),
+                    stage=ChunkStage("int8"))
+    key = ChunkKey("ns", b"q" * 32)
+    assert tier.put(key, Chunk(torch.randn(layout.shape(CHUNK))))
+    caches = [torch.zeros(CHUNK // 4 + 1, 2, 4, 16) for _ in range(2)]  # blocked, block 4
+    views = kernels.paged_kv_layers(caches, kernels.PagedLayout.CPU_BLOCKED, 2, 8)
+    staging = StagingArea(layout, CHUNK, torch.device("cpu"), 2)
+    order = StreamOrder(torch.device("cpu"))
+    slots = torch.arange(4, 4 + CHUNK - 3)
+    pipeline = LoadPipeline(staging, views, LoadStreams(order.side(), order.side()), slots,
+                            None)
+    lease = tier.get(key)
+    chunk = lease.chunk
+    pipeline.push(lease, 3, CHUNK, 0)
+    pipeline.finish()
+    assert chunk._kv is None  # never decoded into a chunk of its own
+    expected = [torch.zeros_like(c) for c in caches]
+    kernels.scatter(chunk.coded.decode()[:, :, 3:], kernels.paged_kv_layers(
+        expected, kernels.PagedLayout.CPU_BLOCKED, 2, 8), slots)
+    assert all(torch.equal(a, b) for a, b in zip(caches, expected, strict=True))
+    assert tier._buffers._count == 1  # the read buffer went back for reuse
 
 
 def test_the_stage_clock_times_a_hits_lookup_pin_read_scatter_and_the_rest(tmp_path):
