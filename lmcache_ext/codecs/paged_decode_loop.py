@@ -62,9 +62,18 @@ def _straddling_row(packed, half, first, scale, shift_by, per_channel, group, ro
         row[d] = _bf16(value) if bf16 else value
 
 
-@numba.njit(**_JIT)
 def decode_section(packed, bits, steps, minima, by_token, group, layers, codes_tokens, heads,
                    dim, slots, dests, strides, bf16, outlier_index, outlier_value):
+    """``_section`` compiled for this section's kind (keys or values) and the cache's dtype:
+    the flags are constants there, so each loop is specialized."""
+    kernel = _SPECIALIZED[(bool(by_token), bool(bf16))]
+    kernel(packed, bits, steps, minima, group, layers, codes_tokens, heads, dim, slots, dests,
+           strides, outlier_index, outlier_value)
+
+
+@numba.njit(**_INLINE)
+def _section(packed, bits, steps, minima, by_token, group, layers, codes_tokens, heads,
+             dim, slots, dests, strides, bf16, outlier_index, outlier_value):
     """One section into ``dests`` (a tuple: per layer, its memory as a flat array from its
     first element; an element's offset is ``block * strides[0] + position * strides[1] +
     head * strides[2] + channel``, the same in every layer; ``strides[3]``: the block size).
@@ -147,3 +156,35 @@ def _by_layer(index, per_layer, layers):
         order[starts[layer]] = k
         starts[layer] += 1
     return order
+
+
+@numba.njit(**_JIT)
+def _keys_float32(packed, bits, steps, minima, group, layers, codes_tokens, heads, dim, slots,
+                  dests, strides, outlier_index, outlier_value):
+    _section(packed, bits, steps, minima, True, group, layers, codes_tokens, heads, dim, slots,
+             dests, strides, False, outlier_index, outlier_value)
+
+
+@numba.njit(**_JIT)
+def _values_float32(packed, bits, steps, minima, group, layers, codes_tokens, heads, dim, slots,
+                    dests, strides, outlier_index, outlier_value):
+    _section(packed, bits, steps, minima, False, group, layers, codes_tokens, heads, dim, slots,
+             dests, strides, False, outlier_index, outlier_value)
+
+
+@numba.njit(**_JIT)
+def _keys_bfloat16(packed, bits, steps, minima, group, layers, codes_tokens, heads, dim, slots,
+                   dests, strides, outlier_index, outlier_value):
+    _section(packed, bits, steps, minima, True, group, layers, codes_tokens, heads, dim, slots,
+             dests, strides, True, outlier_index, outlier_value)
+
+
+@numba.njit(**_JIT)
+def _values_bfloat16(packed, bits, steps, minima, group, layers, codes_tokens, heads, dim,
+                     slots, dests, strides, outlier_index, outlier_value):
+    _section(packed, bits, steps, minima, False, group, layers, codes_tokens, heads, dim, slots,
+             dests, strides, True, outlier_index, outlier_value)
+
+
+_SPECIALIZED = {(True, False): _keys_float32, (False, False): _values_float32,
+                (True, True): _keys_bfloat16, (False, True): _values_bfloat16}
