@@ -10,15 +10,13 @@ at the token's slot, converted to the cache's dtype; the exact outliers are writ
 Bit-identical to ``KVQuantCodec.decode`` followed by ``kernels.scatter`` (tested). Covers
 ``KVQuantCodec`` payloads into float32 or bfloat16 CPU caches whose rows are contiguous (every
 layout vLLM hands us on the CPU); anything else answers False and the caller decodes and
-scatters. The loop is compiled by numba on first use (about a second, then cached on disk);
-without numba it answers False too (logged once).
+scatters. The loops (``paged_decode_loop``) are compiled by numba on first use (a few seconds,
+then cached on disk); without numba it answers False too (``kernels.paged_rows`` logs it once).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,12 +24,10 @@ import torch
 
 from lmcache_ext.chunk import ChunkMeta
 from lmcache_ext.codecs.quantize import KVQuantCodec, _as
-from lmcache_ext.kernels.layouts import LayerSetMemo, PagedKV
+from lmcache_ext.kernels.layouts import PagedKV
+from lmcache_ext.kernels.paged_rows import loops, paged_rows
 
-log = logging.getLogger(__name__)
-
-_DTYPES = {torch.float32: torch.float32, torch.bfloat16: torch.int16}  # cache dtype -> as stored
-_kernels: Any = None  # the compiled section decoder, or False when numba is missing
+_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def decode_into(codec: Any, payload: torch.Tensor, meta: ChunkMeta, lo: int, hi: int,
@@ -43,9 +39,10 @@ def decode_into(codec: Any, payload: torch.Tensor, meta: ChunkMeta, lo: int, hi:
     the cache or KV that does not match the views (as ``kernels.scatter``)."""
     if not (isinstance(codec, KVQuantCodec) and views and _fits(views, meta)):
         return False
-    kernel = _compiled()
-    if not kernel:
+    rows = paged_rows(views)
+    if rows is None or loops() is None:
         return False
+    from lmcache_ext.codecs import paged_decode_loop  # numba is importable: loops() says so
     if slots.numel() != hi - lo or not 0 <= lo <= hi <= meta.shape[2]:
         raise ValueError(f"{slots.numel()} slots for tokens [{lo}, {hi})")
     if slots.numel() and int(slots.max()) >= views[0].num_slots:
@@ -55,73 +52,25 @@ def decode_into(codec: Any, payload: torch.Tensor, meta: ChunkMeta, lo: int, hi:
     full = torch.full((tokens,), -1, dtype=torch.int64)
     full[lo:hi] = slots
     parts = codec.sections(payload, meta)
-    dests = _MEMO.get(views)
     bf16 = meta.dtype == torch.bfloat16
     for section, arrays, strides, bits, group, by_token, codes in (
-            (parts[0:5], dests.keys, dests.key_strides, codec.key_bits, plan.key_group, True,
+            (parts[0:5], rows.keys, rows.key_strides, codec.key_bits, plan.key_group, True,
              plan.padded_tokens),
-            (parts[5:10], dests.values, dests.value_strides, codec.value_bits,
+            (parts[5:10], rows.values, rows.value_strides, codec.value_bits,
              plan.value_group, False, tokens)):
+        if not bf16:  # float32 written as float32 values (the rows are seen as their bits)
+            arrays = tuple(a.view(np.float32) for a in arrays)
         steps = _as(section[1], torch.float16, [-1]).float().numpy()
         minima = _as(section[2], torch.float16, [-1]).float().numpy()
         index = _as(section[3], torch.int32, [-1]).long().numpy()
         exact = _as(section[4], torch.float32, [-1]).numpy()
-        kernel(section[0].numpy(), bits, steps, minima, by_token, group, layers, codes, heads,
-               dim, full.numpy(), arrays, strides, bf16, index, exact)
+        paged_decode_loop.decode_section(
+            section[0].numpy(), bits, steps, minima, by_token, group, layers, codes, heads,
+            dim, full.numpy(), arrays, strides, bf16, index, exact)
     return True
 
 
 def _fits(views: Sequence[PagedKV], meta: ChunkMeta) -> bool:
     view = views[0].k
-    return (view.device.type == "cpu" and meta.dtype in _DTYPES and view.dtype == meta.dtype
-            and len(views) == meta.shape[0] and tuple(view.shape[2:]) == tuple(meta.shape[3:])
-            and _MEMO.get(views) is not None)
-
-
-@dataclass(frozen=True)
-class _Dests:
-    """Every layer's K (and V) memory as flat numpy arrays from the view's first element
-    (bfloat16 as int16), and the element strides shared by every layer's view: block,
-    position, head, then the block size."""
-
-    keys: tuple[np.ndarray, ...]
-    values: tuple[np.ndarray, ...]
-    key_strides: np.ndarray
-    value_strides: np.ndarray
-
-
-def _dests(views: Sequence[PagedKV]) -> _Dests | None:
-    """None unless every layer's K views share one stride set, every V view one, and rows
-    are contiguous. Memoized: the arrays keep the cache's tensors alive until another layer
-    set replaces them (a worker registers its caches once)."""
-    stored = _DTYPES.get(views[0].k.dtype)
-    if stored is None:
-        return None
-    found = []
-    for side in ([v.k for v in views], [v.v for v in views]):
-        strides = side[0].stride()
-        if strides[-1] != 1 or any(t.stride() != strides for t in side):
-            return None
-        extent = 1 + sum((n - 1) * s for n, s in zip(side[0].shape, strides, strict=True))
-        found.append((tuple(t.as_strided((extent,), (1,)).view(stored).numpy() for t in side),
-                      np.array([*strides[:3], side[0].shape[1]], dtype=np.int64)))
-    (keys, key_strides), (values, value_strides) = found
-    return _Dests(keys, values, key_strides, value_strides)
-
-
-_MEMO = LayerSetMemo(_dests)
-
-
-def _compiled() -> Any:
-    global _kernels
-    if _kernels is None:
-        try:
-            from lmcache_ext.codecs import paged_decode_loop
-        except ImportError as exc:
-            log.warning("lmcache-ext: numba is not importable (%s): quantized chunks are "
-                        "decoded, then copied into vLLM's blocks (slower)", exc)
-            _kernels = False
-        else:
-            _kernels = paged_decode_loop.decode_section
-    return _kernels
-
+    return (meta.dtype in _DTYPES and view.dtype == meta.dtype
+            and len(views) == meta.shape[0] and tuple(view.shape[2:]) == tuple(meta.shape[3:]))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
+from lmcache_ext.kernels.paged_rows_loop import JIT as _JIT
+
 _INLINE = {**_JIT, "inline": "always"}
 
 

@@ -1,17 +1,17 @@
-"""A quantized chunk decoded straight into paged blocks (``paged_decode``) equals decoding it and
-scattering the KV (``KVQuantCodec.decode`` + ``kernels.scatter``) bit for bit, in every layout
-and cache dtype, for whole and partial chunks, and writes nothing else; what it does not cover
-it declines with nothing written."""
+"""A quantized chunk decoded straight into paged blocks (``paged_decode``) equals decoding it
+and scattering the KV (``KVQuantCodec.decode`` + the per-token ``reference.scatter``) bit for
+bit, in every layout and cache dtype, for whole and partial chunks, and writes nothing else;
+what it does not cover it declines with nothing written."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmcache_ext import kernels
 from lmcache_ext.chunk import ChunkMeta
 from lmcache_ext.codecs.paged_decode import decode_into
 from lmcache_ext.codecs.quantize import INT4, INT4_V1, INT8, KVQuantCodec
+from lmcache_ext.kernels import reference
 from tests.kernels.test_block_copy import DIM, HEADS, LAYERS, all_caches, random_slots
 
 CODECS = [INT4, INT8, KVQuantCodec(90, "k8v4", 8, 4, 16, 4, outliers_per_mille=30)]
@@ -43,7 +43,7 @@ def test_equals_decode_then_scatter_in_every_layout(codec: KVQuantCodec, dtype: 
         slots = slots_all[lo:hi]
         for cache in all_caches(dtype, BLOCK_SIZE, seed=2):
             expected = cache.clone()
-            kernels.scatter(codec.decode(payload, meta)[:, :, lo:hi], expected.views(), slots)
+            reference.scatter(codec.decode(payload, meta)[:, :, lo:hi], expected.views(), slots)
             assert decode_into(codec, payload, meta, lo, hi, cache.views(), slots), cache.name
             for got, want in zip(_bits(cache.buffers), _bits(expected.buffers), strict=True):
                 assert torch.equal(got, want), (cache.name, lo, hi)
@@ -58,7 +58,7 @@ def test_a_4_bit_section_with_an_odd_code_count_decodes_its_straddling_row():
     slots = torch.arange(13, dtype=torch.int64) + 2 * BLOCK_SIZE
     cache = all_caches(torch.float32, BLOCK_SIZE, seed=4)[0]
     expected = cache.clone()
-    kernels.scatter(INT4.decode(payload, meta), expected.views(), slots)
+    reference.scatter(INT4.decode(payload, meta), expected.views(), slots)
     assert decode_into(INT4, payload, meta, 0, 13, cache.views(), slots)
     assert all(torch.equal(a, b) for a, b in zip(_bits(cache.buffers), _bits(expected.buffers),
                                                 strict=True))

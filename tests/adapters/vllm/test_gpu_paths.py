@@ -20,6 +20,7 @@ from lmcache_ext.adapters.vllm.staging import StagingArea, StagingTimeout
 from lmcache_ext.adapters.vllm.stats import STAGES
 from lmcache_ext.chunk import KVLayout
 from lmcache_ext.codecs import ChunkStage
+from lmcache_ext.kernels import reference
 from lmcache_ext.kernels.streams import StreamOrder
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics
@@ -268,7 +269,7 @@ def test_on_the_host_a_quantized_chunk_is_decoded_straight_into_the_blocks(tmp_p
     pipeline.finish()
     assert chunk._kv is None  # never decoded into a chunk of its own
     expected = [torch.zeros_like(c) for c in caches]
-    kernels.scatter(chunk.coded.decode()[:, :, 3:], kernels.paged_kv_layers(
+    reference.scatter(chunk.coded.decode()[:, :, 3:], kernels.paged_kv_layers(
         expected, kernels.PagedLayout.CPU_BLOCKED, 2, 8), slots)
     assert all(torch.equal(a, b) for a, b in zip(caches, expected, strict=True))
     assert tier._buffers._count == 1  # the read buffer went back for reuse
