@@ -173,7 +173,8 @@ class CacheEngine:
         return self.retrieve_spans(spans, copy)
 
     def retrieve_spans(self, spans: Sequence[ChunkSpan],
-                       copy: Callable[[ChunkSpan, ChunkLease], None]) -> int:
+                       copy: Callable[[ChunkSpan, ChunkLease], None],
+                       decoded: bool = True) -> int:
         """Hand each leading cached chunk of ``spans`` (consecutive, in order) to ``copy(span,
         lease)`` (``lease.chunk.kv``: ``layout.shape(span.num_tokens)``). The lease is released
         when ``copy`` returns, unless ``copy`` took it (``lease.hand_over()``, e.g. to keep the
@@ -181,10 +182,11 @@ class CacheEngine:
         or corrupt in every tier, or the first ``copy`` that raises (the exception propagates).
         Returns the end of the last chunk handed over (``spans[0].start`` if none): what was
         copied up to there is valid. Chunks in slower tiers are read ahead in parallel;
-        ``copy`` sees them in order."""
+        ``copy`` sees them in order. ``decoded=False``: a chunk a tier stores encoded reaches
+        ``copy`` undecoded (``lease.chunk.coded``; ``kv`` still decodes it)."""
         done = spans[0].start if spans else 0
         with self.metrics.retrieve_seconds.time():
-            with closing(self.storage.get_prefix([s.key for s in spans])) as leases:
+            with closing(self.storage.get_prefix([s.key for s in spans], decoded)) as leases:
                 for span, lease in zip(spans, leases, strict=False):  # leases stop at a miss
                     with lease:
                         copy(span, lease)

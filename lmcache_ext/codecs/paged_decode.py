@@ -17,20 +17,19 @@ then cached on disk); without numba it answers False too (``kernels.paged_rows``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
 from lmcache_ext.chunk import ChunkMeta
-from lmcache_ext.codecs.quantize import KVQuantCodec, _as
+from lmcache_ext.codecs.quantize import Codec, KVQuantCodec, _as
 from lmcache_ext.kernels.layouts import PagedKV
 from lmcache_ext.kernels.paged_rows import loops, paged_rows
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
-def decode_into(codec: Any, payload: torch.Tensor, meta: ChunkMeta, lo: int, hi: int,
+def decode_into(codec: Codec, payload: torch.Tensor, meta: ChunkMeta, lo: int, hi: int,
                 views: Sequence[PagedKV], slots: torch.Tensor) -> bool:
     """Write tokens [lo, hi) of the chunk ``payload`` encodes (``meta``'s shape, length
     checked by the caller) into ``views`` at ``slots`` (host int64, ``hi - lo`` of them,

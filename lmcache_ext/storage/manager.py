@@ -93,43 +93,48 @@ class TieredStore:
         """A lease on the chunk from the fastest tier that has it; promotes slower hits."""
         return self._get_from(key, 0)
 
-    def get_prefix(self, keys: Sequence[ChunkKey]) -> Iterator[ChunkLease]:
+    def get_prefix(self, keys: Sequence[ChunkKey], decoded: bool = True) -> Iterator[ChunkLease]:
         """Leases on ``keys`` in order, stopping at the first miss; the caller releases each.
 
         Chunks not in the first tier are read up to ``read_threads`` at a time, ahead of the
-        caller, so one request's disk reads overlap. Close the iterator (``contextlib.closing``)
-        when stopping early: leases read ahead are then released.
+        caller, so one request's disk reads overlap, and a chunk a tier stores encoded is
+        decoded there too; ``decoded=False`` leaves it encoded (``Chunk.coded``) for a caller
+        that decodes it straight into its destination. Close the iterator
+        (``contextlib.closing``) when stopping early: leases read ahead are then released.
         """
         pending: deque[Future[ChunkLease | None]] = deque()
         ahead = iter(keys)
         try:
-            self._read_ahead_into(pending, ahead)
+            self._read_ahead_into(pending, ahead, decoded)
             while pending:
                 lease = pending.popleft().result()
                 if lease is None:
                     return
-                self._read_ahead_into(pending, ahead)
+                self._read_ahead_into(pending, ahead, decoded)
                 yield lease
         finally:
             for future in pending:
                 if not future.cancel() and (lease := future.result()) is not None:
                     lease.release()
 
-    def _read_ahead_into(self, pending: deque, keys: Iterator[ChunkKey]) -> None:
+    def _read_ahead_into(self, pending: deque, keys: Iterator[ChunkKey], decoded: bool) -> None:
         """Start gets until ``read_ahead`` are pending (bounding the leases held ahead of the
         caller); in-memory first-tier hits are taken inline, the rest go to the reader threads."""
         inline = self._inline
         while len(pending) < self._read_ahead and (key := next(keys, None)) is not None:
             lease = self._get_from(key, 0, last=inline - 1) if inline else None
             if lease is None and self._readers is not None:
-                pending.append(self._readers.submit(self._get_from, key, inline))
+                pending.append(self._readers.submit(self._get_from, key, inline, None, decoded))
                 continue
             future: Future[ChunkLease | None] = Future()
-            future.set_result(lease if lease is not None else self._get_from(key, inline))
+            future.set_result(lease if lease is not None
+                              else self._get_from(key, inline, None, decoded))
             pending.append(future)
 
-    def _get_from(self, key: ChunkKey, first: int, last: int | None = None) -> ChunkLease | None:
-        """``get`` looking only in tiers ``first`` to ``last`` (all the rest when None)."""
+    def _get_from(self, key: ChunkKey, first: int, last: int | None = None,
+                  decoded: bool = True) -> ChunkLease | None:
+        """``get`` looking only in tiers ``first`` to ``last`` (all the rest when None); an
+        encoded chunk decoded unless ``decoded`` is False (see ``get_prefix``)."""
         stop = len(self.tiers) if last is None else last + 1
         for level in range(first, stop):
             tier = self.tiers[level]
@@ -137,6 +142,8 @@ class TieredStore:
             lease = tier.get(key)
             if lease is None:
                 continue
+            if decoded and lease.chunk.coded is not None:
+                lease.chunk.kv  # noqa: B018 (decoded here, on this reader thread)
             nbytes = lease.chunk.meta.nbytes
             counters = self._counters[tier.name]
             counters.hits.inc()

@@ -4,6 +4,7 @@ stores, that any reader loads any codec it knows, and that the rest is a counted
 from __future__ import annotations
 
 import logging
+from contextlib import closing
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from lmcache_ext.chunk import FIELDS_SIZE, HEADER_SIZE, ChunkMeta, encode_header
 from lmcache_ext.codecs.quantize import INT4, INT8
 from lmcache_ext.config import load_config
 from lmcache_ext.metrics import EngineMetrics
-from lmcache_ext.storage import Chunk, build_tiers
+from lmcache_ext.storage import Chunk, TieredStore, build_tiers
 from lmcache_ext.storage.remote import RemoteSettings, RemoteTier
 from tests.codecs.tiers import KINDS, NAMESPACE, Place, counter
 from tests.helpers import key
@@ -120,6 +121,24 @@ def test_a_coded_chunk_is_handed_over_undecoded_and_decodes_on_first_use(place):
         assert chunk.kv is chunk.kv  # decoded once
         assert torch.equal(chunk.kv, INT8.decode(chunk.coded.payload, chunk.meta))
         verify_close(chunk.kv, 1, "int8")
+
+
+@pytest.mark.parametrize("decoded", [True, False])
+def test_a_prefix_read_decodes_on_the_reader_threads_unless_asked_not_to(place, decoded):
+    """A staged (GPU) load wants KV: the store's reader threads decode each chunk while the
+    loader copies the one before. A CPU load decodes straight into vLLM's blocks: the store
+    hands the chunks over encoded."""
+    tier = place.tier("int4")
+    for n in range(4):
+        tier.put(key(n), Chunk(kv(n)))
+    store = TieredStore([tier], EngineMetrics(), read_threads=2)
+    with closing(store.get_prefix([key(n) for n in range(4)], decoded)) as leases:
+        for n, lease in enumerate(leases):
+            with lease:
+                assert lease.chunk.coded is not None
+                assert (lease.chunk._kv is not None) == decoded
+                verify_close(lease.chunk.kv, n, "int4")
+    store.close()
 
 
 def test_kv_a_codec_cannot_describe_is_stored_raw_and_bit_exact(place):

@@ -67,6 +67,13 @@ class LoadPipeline:
         self._staged = views[0].k.device.type != "cpu" if staged is None else staged
         self.last: Any = None  # the last scatter's event: the blocks hold the KV after it
 
+    @property
+    def wants_decoded(self) -> bool:
+        """Whether ``push`` needs a quantized chunk's KV decoded (a staged copy: the tier's
+        reader threads decode it, in parallel); on the host it is decoded straight into the
+        blocks, so the tier should hand it over encoded."""
+        return self._staged
+
     def push(self, lease: ChunkLease, lo: int, hi: int, at: int) -> None:
         """Queue tokens [lo, hi) of the lease's chunk into the load's positions [at, at + hi -
         lo). Takes the lease (given back by ``finish`` at the latest)."""

@@ -150,7 +150,8 @@ class RankLoads:
                 pushed = time.perf_counter()
                 pipeline.push(lease, lo - span.start, hi - span.start, lo - op.start)
                 spent["scatter"] += time.perf_counter() - pushed
-            loaded = min(self.engine.retrieve_spans(spans, copy), op.end)
+            loaded = min(self.engine.retrieve_spans(spans, copy, pipeline.wants_decoded),
+                         op.end)
         finally:
             pipeline.finish()
             spent["read"] = time.perf_counter() - began - spent["scatter"]
