@@ -159,6 +159,9 @@ def _by_layer(index, per_layer, layers):
     return order
 
 
+# One entry point per (section kind, cache dtype): the flags are constants inside each, so its
+# loops compile specialized (with them as arguments a 4K int4 hit decoded in 74 ms, not 50), and
+# each caches on disk under its own name.
 @numba.njit(**_JIT)
 def _keys_float32(packed, bits, steps, minima, group, layers, codes_tokens, heads, dim, slots,
                   dests, strides, outlier_index, outlier_value):
