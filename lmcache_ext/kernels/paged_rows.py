@@ -8,7 +8,8 @@ element strides every layer's view shares; a layer set whose views differ in str
 rows are not contiguous, has none (the torch path in ``block_copy`` copies those).
 
 The loops are compiled on first use (about a second per loop, then cached on disk); without
-numba (``loops()`` is None, logged once) callers keep the torch path.
+numba, or where it cannot be set up (``loops()`` is None, logged once), callers keep the torch
+path.
 """
 
 from __future__ import annotations
@@ -72,15 +73,16 @@ _loops: ModuleType | bool | None = None
 
 
 def loops() -> ModuleType | None:
-    """``paged_rows_loop`` (the compiled loops), or None where numba cannot be imported."""
+    """``paged_rows_loop`` (the compiled loops), or None where numba cannot be imported or
+    set up (it raises at import when no cache directory is writable)."""
     global _loops
     if _loops is None:
         try:
             from lmcache_ext.kernels import paged_rows_loop
-        except ImportError as exc:
-            log.warning("lmcache-ext: numba is not importable (%s): chunks are copied into "
-                        "vLLM's CPU blocks by torch, and quantized ones decoded first (slower)",
-                        exc)
+        except Exception as exc:  # ImportError, or numba's RuntimeError for its cache
+            log.warning("lmcache-ext: the compiled CPU copy loops are unavailable (%s: %s): "
+                        "chunks are copied into vLLM's CPU blocks by torch, and quantized ones "
+                        "decoded first (slower)", type(exc).__name__, exc)
             _loops = False
         else:
             _loops = paged_rows_loop

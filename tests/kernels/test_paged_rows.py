@@ -4,6 +4,11 @@ block size, slot mapping and a strided chunk; what it does not cover it declines
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -69,3 +74,36 @@ def test_declines_layers_that_differ_and_rows_that_are_not_contiguous():
     for a, b in zip(want, mixed, strict=True):
         verify_same_bytes(a.k, b.k, "mixed layers: K")
         verify_same_bytes(a.v, b.v, "mixed layers: V")
+
+
+def test_without_numba_the_torch_path_copies_and_says_so_once():
+    """Scenario: an image whose Python has no numba (or cannot set it up). Scatter and a
+    quantized load still land bit-exact through torch, and one warning says why."""
+    script = textwrap.dedent("""
+        import logging, sys
+        sys.modules["numba"] = None  # `import numba` now raises ModuleNotFoundError
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        import torch
+        from lmcache_ext import kernels
+        from lmcache_ext.chunk import ChunkMeta
+        from lmcache_ext.codecs.paged_decode import decode_into
+        from lmcache_ext.codecs.quantize import INT8
+        from lmcache_ext.kernels import PagedLayout, paged_rows, reference
+        caches = [torch.zeros(4, 2, 16, 16) for _ in range(3)]
+        views = kernels.paged_kv_layers(caches, PagedLayout.CPU_BLOCKED, 2, 8)
+        want = [torch.zeros(4, 2, 16, 16) for _ in range(3)]
+        chunk, slots = torch.randn(3, 2, 20, 2, 8), torch.arange(5, 25)
+        kernels.scatter(chunk, views, slots)
+        reference.scatter(chunk, kernels.paged_kv_layers(want, PagedLayout.CPU_BLOCKED, 2, 8),
+                          slots)
+        assert all(torch.equal(a, b) for a, b in zip(caches, want))
+        assert not paged_rows.scatter_rows(chunk, views, slots)
+        assert not decode_into(INT8, INT8.encode(chunk), ChunkMeta.of(chunk), 0, 20, views,
+                               slots)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert done.stderr.count("compiled CPU copy loops are unavailable (ModuleNotFoundError") == 1
