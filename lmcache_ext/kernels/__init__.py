@@ -1,8 +1,8 @@
 """Moving KV between a serving engine's paged cache and chunk buffers (gather on store, scatter
 on load), by slot mapping. ``gather``/``scatter`` pick the Triton kernel for CUDA tensors and the
 block-wise torch path (``block_copy.py``) otherwise; on the CPU ``scatter`` first tries the
-compiled row loop (``paged_rows.py``: ~1.6x faster than the torch path here). All give results
-bit-identical to the per-token definition in ``reference.py`` (tested)."""
+compiled row loop (``paged_rows.py``: at memcpy speed in ``benchmarks/kernel_bench.py``). All
+give results bit-identical to the per-token definition in ``reference.py`` (tested)."""
 
 from __future__ import annotations
 
