@@ -16,10 +16,13 @@ does not retry (this tier decides), and after ``ERRORS_BEFORE_BACKOFF`` consecut
 tier stops calling the server for ``remote_backoff_s``, then tries again by itself. Entering and
 leaving back-off are logged once each per outage.
 
-Copies: a put sends the 128-byte header and the payload as one SET value without joining them
-(the RESP bulk string is written in pieces); a get wraps the bytes hiredis returns with
-``torch.frombuffer`` (no copy). Such a chunk's KV is backed by an immutable ``bytes``: readers copy
-out of it (the tiered store and the engine do), nobody writes to it.
+Copies (``remote_wire``): a put sends the 128-byte header and the payload as one SET value
+without joining them; a get reads the value from the socket straight into a reused, pre-faulted
+buffer (one copy, where redis-py makes three) that the lease holds until released, as the disk
+tier does. A raw chunk's KV views that buffer: readers copy out of it within the lease (the tiered
+store and the engine do) and nobody writes to it; a codec's or a sealed value opens into memory
+of its own and its buffer is reused at once. A value a cluster redirect sends elsewhere is read
+by redis-py (which follows the redirect).
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ from lmcache_ext.codecs import RAW, ChunkSealer, ChunkStage
 from lmcache_ext.config import ConfigError, EngineConfig, default_of
 from lmcache_ext.keys import ChunkKey
 from lmcache_ext.metrics import EngineMetrics, TierCounters
+from lmcache_ext.storage import remote_wire
 from lmcache_ext.storage.auth import chunk_auth, chunk_sealer
 from lmcache_ext.storage.base import Chunk, ChunkLease, StorageTier, TierUsage
+from lmcache_ext.storage.direct_io import AlignedBuffer, BufferCache
 from lmcache_ext.storage.log_every import LOG_INTERVAL_S, EveryInterval
 from lmcache_ext.storage.redis_url import RedisTarget, parse_redis_url
 
@@ -70,10 +75,11 @@ UNKNOWN = -1  # used_bytes / num_chunks when the server cannot be asked
 
 
 def _silence_frombuffer_warning() -> None:
-    """The bytes hiredis returns are immutable and torch warns that a tensor over them is not
-    writable. Chunks from this tier are only read (see the module docstring), so that is noise.
-    torch gives that warning once per process (TORCH_WARN_ONCE): spend it here, at import, out of
-    sight, rather than install a filter (pytest and others reset filters) or copy every value."""
+    """The bytes hiredis returns (a value read after a cluster redirect) are immutable and torch
+    warns that a tensor over them is not writable. Chunks from this tier are only read (see the
+    module docstring), so that is noise. torch gives that warning once per process
+    (TORCH_WARN_ONCE): spend it here, at import, out of sight, rather than install a filter
+    (pytest and others reset filters) or copy every value."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.frombuffer(b"\0", dtype=torch.uint8)
@@ -159,30 +165,6 @@ class _Breaker:
             log.warning("remote tier %s: reachable again", self._what)
 
 
-def _set_command(name: bytes, header: bytes, payload: memoryview, ttl_ms: int) -> list:
-    """RESP ``SET name <header+payload> [PX ttl]`` in pieces, so the payload is sent, not copied."""
-    tail_args = [b"PX", b"%d" % ttl_ms] if ttl_ms else []
-    head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (
-        3 + len(tail_args), len(name), name, len(header) + payload.nbytes)
-    tail = b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in tail_args)
-    return [head + header, payload, tail]
-
-
-def _send(pool: Any, command: list) -> Any:
-    """One pre-packed command on a pooled connection; a connection that failed is dropped."""
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command(command, check_health=False)
-        return conn.read_response()
-    except redis.ResponseError:
-        raise  # the connection is fine; the server answered with an error
-    except BaseException:
-        conn.disconnect()  # half-sent or half-read: the stream is out of step
-        raise
-    finally:
-        pool.release(conn)
-
-
 class RemoteTier(StorageTier):
     """Thread-safe; every method returns a miss / False on any failure and never hangs longer
     than about ``timeout_s`` (one call) or at all while backing off."""
@@ -204,6 +186,7 @@ class RemoteTier(StorageTier):
         self._ttl_ms = int(settings.ttl_s * 1000)
         self._bad_value_log = EveryInterval(LOG_INTERVAL_S)
         self._stage = ChunkStage(settings.codec, settings.auth, settings.sealer)
+        self._buffers = BufferCache()  # values read, recycled when their leases end
         target = settings.target
         log.info("remote tier: %s (cluster: %s, TLS: %s, timeout %.2f s, back-off %.1f s, "
                  "TTL %s, namespace %s, chunks %s, codec %s, %s)", target.display(),
@@ -240,14 +223,16 @@ class RemoteTier(StorageTier):
 
     def get(self, key: ChunkKey) -> ChunkLease | None:
         name = self.key_name(key)
-        ok, data = self._call(lambda c: c.get(name))
-        if not ok or data is None:
+        ok, value = self._call(lambda c: self._get(c, name))
+        if not ok or value is None:
             return None
+        data, buffer = value
         try:
-            if len(data) < HEADER_SIZE:  # frombuffer refuses b""; decode would say "short" too
-                raise ChunkCorrupt(f"{len(data)} bytes is shorter than a header")
-            kv, _ = self._stage.open(key, torch.frombuffer(data, dtype=torch.uint8))
+            if data.numel() < HEADER_SIZE:
+                raise ChunkCorrupt(f"{data.numel()} bytes is shorter than a header")
+            kv, is_view = self._stage.open(key, data)
         except ChunkCorrupt as exc:
+            self._give_back(buffer)
             forged = isinstance(exc, ChunkForged)
             (self._counters.forged if forged else self._counters.corrupt).inc()
             if self._bad_value_log.due():
@@ -257,7 +242,10 @@ class RemoteTier(StorageTier):
                             LOG_INTERVAL_S)
             self._call(lambda c: c.delete(name))
             return None
-        return ChunkLease(Chunk(kv))  # nothing to pin: the bytes (a codec's: undecoded) are ours
+        if not is_view or buffer is None:  # nothing to give back when the lease ends
+            self._give_back(buffer)
+            return ChunkLease(Chunk(kv))
+        return ChunkLease(Chunk(kv), lambda: self._give_back(buffer))
 
     def put(self, key: ChunkKey, chunk: Chunk) -> bool:
         try:
@@ -322,17 +310,39 @@ class RemoteTier(StorageTier):
             return self._client
 
     def _set(self, client: Any, name: bytes, header: bytes, payload: memoryview) -> None:
-        command = _set_command(name, header, payload, self._ttl_ms)
-        if not self.settings.target.cluster:
-            _send(client.connection_pool, command)
-            return
+        command = remote_wire.set_command(name, header, payload, self._ttl_ms)
         try:
-            node = client.get_node_from_key(name)
-            _send(client.get_redis_connection(node).connection_pool, command)
+            remote_wire.send(self._pool_for(client, name), command)
         except (MovedError, AskError):
             # Slots moved: let the cluster client follow the redirect and refresh its map.
             # Rare, so one join of the value is fine here.
             client.set(name, b"".join([header, payload]), px=self._ttl_ms or None)
+
+    def _get(self, client: Any, name: bytes) -> tuple[torch.Tensor, AlignedBuffer | None] | None:
+        """The value of ``name`` as flat bytes and the reused buffer holding them (None when
+        redis-py read them), or None when the store has no such key."""
+        try:
+            read = remote_wire.get_into(self._pool_for(client, name), name, self._buffers.take)
+        except (MovedError, AskError):  # as in ``_set``: redis-py follows the redirect
+            data = client.get(name)
+            if data is None:
+                return None
+            return (torch.frombuffer(data, dtype=torch.uint8) if data
+                    else torch.empty(0, dtype=torch.uint8)), None
+        if read is None:
+            return None
+        buffer, nbytes = read
+        return buffer.tensor[:nbytes], buffer
+
+    def _pool_for(self, client: Any, name: bytes) -> Any:
+        """The connection pool of the server that holds ``name`` (a cluster: its slot's node)."""
+        if not self.settings.target.cluster:
+            return client.connection_pool
+        return client.get_redis_connection(client.get_node_from_key(name)).connection_pool
+
+    def _give_back(self, buffer: AlignedBuffer | None) -> None:
+        if buffer is not None:
+            self._buffers.give_back(buffer)
 
     @staticmethod
     def _exists_each(client: Any, names: list[bytes]) -> list[int]:

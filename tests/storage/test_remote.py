@@ -118,6 +118,21 @@ def test_a_strided_chunk_is_stored_as_its_values(redis_server):
         assert torch.equal(lease.chunk.kv, part)
 
 
+
+def test_a_hit_is_read_into_a_buffer_its_lease_holds_then_reused(redis_server):
+    tier = tier_for(redis_server.url)
+    for n in (1, 2, 3):
+        tier.put(key(n), chunk(n))
+    first, second = tier.get(key(1)), tier.get(key(2))
+    held = {first.chunk.kv.data_ptr(), second.chunk.kv.data_ptr()}
+    assert len(held) == 2  # two leases held: two buffers
+    first.release()
+    with tier.get(key(3)) as third:  # read into the buffer the first lease gave back
+        assert third.chunk.kv.data_ptr() in held
+        verify_chunk(third.chunk, 3)
+        verify_chunk(second.chunk, 2)  # the lease still held was not read into
+    second.release()
+
 def test_prefix_length_counts_consecutive_keys_in_one_batch(redis_server):
     tier = tier_for(redis_server.url)
     for n in (0, 1, 2, 4):
