@@ -52,12 +52,17 @@ def _rows(views: Sequence[PagedKV]) -> PagedRows | None:
         if strides[-1] != 1 or any(t.stride() != strides or t.dtype != first.dtype
                                    for t in side):
             return None
-        extent = 1 + sum((n - 1) * s for n, s in zip(side[0].shape, strides, strict=True))
-        arrays = tuple(t.as_strided((extent,), (1,)).view(_BITS[first.element_size()]).numpy()
-                       for t in side)
+        arrays = tuple(flat_bits(t) for t in side)
         found.append((arrays, np.array([*strides[:3], side[0].shape[1]], dtype=np.int64)))
     (keys, key_strides), (values, value_strides) = found
     return PagedRows(keys, values, key_strides, value_strides)
+
+
+def flat_bits(tensor: torch.Tensor) -> np.ndarray:
+    """The memory ``tensor`` spans (strides >= 0), from its first element to its last, as one
+    flat array of the integer its element size copies as (``tensor``'s dtype: 2 or 4 bytes)."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
+    return tensor.as_strided((extent,), (1,)).view(_BITS[tensor.element_size()]).numpy()
 
 
 _MEMO = LayerSetMemo(_rows)
@@ -100,11 +105,8 @@ def scatter_rows(chunk: torch.Tensor, views: Sequence[PagedKV], slots: torch.Ten
         return False
     if not chunk.numel():
         return True  # no tokens: nothing to write
-    bits = _BITS[chunk.element_size()]
-    extent = 1 + sum((n - 1) * s for n, s in zip(chunk.shape, chunk.stride(), strict=True))
-    flat = chunk.as_strided((extent,), (1,)).view(bits).numpy()
-    layers, _, tokens, heads, dim = chunk.shape
-    compiled.scatter_rows(flat, np.array(chunk.stride()[:4], dtype=np.int64), layers, heads,
-                          dim, slots.numpy(), rows.keys, rows.key_strides, rows.values,
-                          rows.value_strides)
+    layers, _, _, heads, dim = chunk.shape
+    compiled.scatter_rows(flat_bits(chunk), np.array(chunk.stride()[:4], dtype=np.int64),
+                          layers, heads, dim, slots.numpy(), rows.keys, rows.key_strides,
+                          rows.values, rows.value_strides)
     return True
