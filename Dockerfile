@@ -26,7 +26,7 @@ COPY pyproject.toml README.md /opt/lmcache-ext/src/
 COPY lmcache_ext /opt/lmcache-ext/src/lmcache_ext
 RUN ${PYTHON} -m pip install --no-cache-dir --no-deps /opt/lmcache-ext/src \
     && ${PYTHON} -m pip install --no-cache-dir "pyyaml>=6.0" "xxhash>=3.4" \
-         "prometheus-client>=0.20" "redis>=5.0" "hiredis>=3.0" \
+         "prometheus-client>=0.20" "redis>=5.3" "hiredis>=3.0" \
     && ${PYTHON} -c "import lmcache_ext.container.entrypoint" \
     && ${PYTHON} -c "from importlib.metadata import entry_points as e; \
 assert 'lmcache_ext' in e(group='vllm.general_plugins').names, 'vLLM plugin not registered'"

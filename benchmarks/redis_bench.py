@@ -5,10 +5,10 @@ For 256-token chunks shaped like a 7B model's KV and like SmolLM2-135M's, each r
 tier put, keyed tier put, raw GET, tier get and keyed tier get of the same values (header +
 payload, so the same byte count), in that order; rounds are interleaved so noise hits all six
 alike, and each figure is the median over rounds. The tier's get includes the checksum check (the
-keyed tier's: the BLAKE3 keyed tag) and the zero-copy ``torch.frombuffer`` wrap; raw GET ends with
-the bytes. Headline figures are the 7B shape's. It also times the candidate tags over one 7B
-chunk (14.7 MB) in the same run: BLAKE3 keyed (what the keyed tier uses), HMAC-SHA256, and the
-unkeyed xxh3-64 checksum for reference.
+keyed tier's: the BLAKE3 keyed tag), read straight into a reused buffer (``remote_wire``); raw
+GET ends with the bytes redis-py returns. Headline figures are the 7B shape's. It also times the
+candidate tags over one 7B chunk (14.7 MB) in the same run: BLAKE3 keyed (what the keyed tier
+uses), HMAC-SHA256, and the unkeyed xxh3-64 checksum for reference.
 
     python benchmarks/redis_bench.py [--quick] [--json PATH] [--redis-url URL]
 
@@ -86,7 +86,7 @@ def bench_shape(url: str, name: str, layout: KVLayout, num_chunks: int, rounds: 
     def tier_get(which: RemoteTier) -> None:
         for k in keys:
             with which.get(k) as lease:
-                assert lease.chunk.kv.numel()  # the wrapped tensor, not yet copied anywhere
+                assert lease.chunk.kv.numel()  # the read buffer's view, not yet copied anywhere
 
     steps = {
         "raw_put": lambda: [raw.set(n, v) for n, v in zip(raw_names, values, strict=True)],
