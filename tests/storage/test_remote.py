@@ -118,7 +118,6 @@ def test_a_strided_chunk_is_stored_as_its_values(redis_server):
         assert torch.equal(lease.chunk.kv, part)
 
 
-
 def test_a_hit_is_read_into_a_buffer_its_lease_holds_then_reused(redis_server):
     tier = tier_for(redis_server.url)
     for n in (1, 2, 3):
@@ -132,6 +131,7 @@ def test_a_hit_is_read_into_a_buffer_its_lease_holds_then_reused(redis_server):
         verify_chunk(third.chunk, 3)
         verify_chunk(second.chunk, 2)  # the lease still held was not read into
     second.release()
+
 
 def test_prefix_length_counts_consecutive_keys_in_one_batch(redis_server):
     tier = tier_for(redis_server.url)
@@ -317,6 +317,37 @@ def test_cluster_put_get_and_prefix_length(redis_cluster):
     assert sum(held) == 7 and sum(1 for h in held if h) >= 2  # keys spread over the nodes
     assert tier.usage().num_chunks == 7
     tier.close()
+
+
+def test_a_value_whose_slot_moved_is_read_through_the_redirect(redis_cluster):
+    """Scenario: a slot moves to another node (resharding) after the tier learned the map: the
+    old node answers MOVED, the tier lets redis-py follow it; gets and puts still hit."""
+    tier = tier_for(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}")
+    assert tier.put(key(1), chunk(1))
+    name = tier.key_name(key(1))
+    _move_slot_of(name, redis_cluster)
+    with tier.get(key(1)) as lease:  # the tier still maps the slot to the old node
+        verify_chunk(lease.chunk, 1)
+    assert tier.put(key(1), chunk(2))
+    with tier.get(key(1)) as lease:
+        verify_chunk(lease.chunk, 2)
+    tier.close()
+
+
+def _move_slot_of(name: bytes, servers) -> None:
+    clients = [server.client() for server in servers]
+    slot = clients[0].execute_command("CLUSTER", "KEYSLOT", name)
+    source = next(c for c in clients if c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot))
+    target = next(c for c in clients if c is not source)
+    source_id, target_id = (c.execute_command("CLUSTER", "MYID") for c in (source, target))
+    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    port = target.connection_pool.connection_kwargs["port"]
+    source.execute_command("MIGRATE", "127.0.0.1", port, name, 0, 5000)
+    for client in clients:
+        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    held = [c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) for c in (source, target)]
+    assert held == [0, 1]
 
 
 def test_tls_round_trip_with_a_private_ca(redis_tls_server):

@@ -1,6 +1,6 @@
 """The remote tier's own GET read (``remote_wire``): values read whole into reused buffers from a
 real redis-server, replies that break the protocol or stop half-way from the other end of a real
-socket, a cluster slot moved under a client that still maps it to the old node."""
+socket. (A cluster redirect through the tier: ``test_remote.py``.)"""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import redis
 
 from lmcache_ext.storage import remote_wire
 from lmcache_ext.storage.direct_io import BufferCache
-from tests.helpers import chunk, key, verify_chunk
-from tests.storage.test_remote import tier_for
 
 # Around the first read's 4 KiB, the buffers' page padding, and a 2 MiB (huge page) buffer.
 SIZES = [0, 1, 100, 4000, 4094, 4095, 4096, 4097, 8192, 2 * 1024 * 1024, 3 * 1024 * 1024 + 7]
@@ -78,34 +76,3 @@ def test_a_reply_cut_short_is_an_error_and_a_stalled_one_times_out():
             expected = redis.ConnectionError if close else TimeoutError
             with pytest.raises(expected):
                 remote_wire.read_bulk(ours, BufferCache().take)
-
-
-def test_a_value_whose_slot_moved_is_read_through_the_redirect(redis_cluster):
-    """Scenario: a slot moves to another node (resharding) after the tier learned the map: the
-    old node answers MOVED, the tier lets redis-py follow it; gets and puts still hit."""
-    tier = tier_for(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}")
-    assert tier.put(key(1), chunk(1))
-    name = tier.key_name(key(1))
-    _move_slot_of(name, redis_cluster)
-    with tier.get(key(1)) as lease:  # the tier still maps the slot to the old node
-        verify_chunk(lease.chunk, 1)
-    assert tier.put(key(1), chunk(2))
-    with tier.get(key(1)) as lease:
-        verify_chunk(lease.chunk, 2)
-    tier.close()
-
-
-def _move_slot_of(name: bytes, servers) -> None:
-    clients = [server.client() for server in servers]
-    slot = clients[0].execute_command("CLUSTER", "KEYSLOT", name)
-    source = next(c for c in clients if c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot))
-    target = next(c for c in clients if c is not source)
-    source_id, target_id = (c.execute_command("CLUSTER", "MYID") for c in (source, target))
-    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-    port = target.connection_pool.connection_kwargs["port"]
-    source.execute_command("MIGRATE", "127.0.0.1", port, name, 0, 5000)
-    for client in clients:
-        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-    held = [c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) for c in (source, target)]
-    assert held == [0, 1]
